@@ -1,0 +1,8 @@
+"""Callbacks shared by every method: sample grids, prediction files, data health, W&B."""
+
+from .data_health import SkippedSamplesLogger
+from .prediction_writer import PromptImageWriter
+from .sample_grid import SampleGrid
+from .wandb_logger import AutoOfflineWandbLogger
+
+__all__ = ["AutoOfflineWandbLogger", "PromptImageWriter", "SampleGrid", "SkippedSamplesLogger"]

@@ -1,0 +1,62 @@
+"""Logs a captioned grid of samples for fixed prompts, from rank zero."""
+
+from __future__ import annotations
+
+import os
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import WandbLogger
+
+from .images import captioned_grid
+
+
+class SampleGrid(Callback):
+    """Every ``every_n_steps`` training steps and at the end of validation, generate images
+    for ``prompts`` with a fixed seed, write ``<run dir>/samples/step_<n>.png`` and log the
+    grid to W&B under ``samples`` with the prompts as captions.
+
+    Args:
+        prompts: the fixed prompts (one image each).
+        every_n_steps: step interval (0 disables step-based logging).
+        seed: sampling seed, so that grids of different steps are comparable.
+        columns: grid columns.
+        sampling: keyword arguments passed to ``generate`` (steps, guidance scale, ...).
+    """
+
+    def __init__(
+        self,
+        prompts: list[str],
+        every_n_steps: int = 1000,
+        seed: int = 0,
+        columns: int = 4,
+        sampling: dict | None = None,
+    ):
+        self.prompts, self.every_n_steps, self.seed = prompts, every_n_steps, seed
+        self.columns, self.sampling = columns, sampling or {}
+        self._last_step = -1
+
+    def log_grid(self, trainer: Trainer, pl_module: LightningModule) -> str | None:
+        if not trainer.is_global_zero or trainer.global_step == self._last_step or not self.prompts:
+            return None
+        self._last_step = trainer.global_step
+        was_training = pl_module.training
+        pl_module.eval()
+        images = pl_module.generate(list(self.prompts), seed=self.seed, **self.sampling)
+        pl_module.train(was_training)
+        grid = captioned_grid(images, self.prompts, self.columns)
+        out_dir = os.path.join(trainer.default_root_dir, "samples")
+        os.makedirs(out_dir, exist_ok=True)
+        path = os.path.join(out_dir, f"step_{trainer.global_step:07d}.png")
+        grid.save(path)
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_image(key="samples", images=[grid], caption=[" | ".join(self.prompts)], step=trainer.global_step)
+        return path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0 and trainer.global_step > 0:
+            self.log_grid(trainer, pl_module)
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self.log_grid(trainer, pl_module)

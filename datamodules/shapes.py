@@ -1,0 +1,449 @@
+"""The synthetic shapes dataset and its analytic scorer.
+
+Scenes of coloured shapes on a plain background, rendered locally and deterministically
+from a seed, with plain-English captions and the attributes in ``.json``:
+
+- ``single``: one object with a colour, a shape, a size and a position
+  ("a small red circle on the left");
+- ``relation``: two objects of different colours and a spatial relation
+  ("a blue square to the left of a yellow triangle");
+- ``count``: two to four objects of one colour and shape ("three green triangles").
+
+Some single-object attribute combinations (``HELDOUT``) never appear in training data; they
+are the held-out prompts that measure compositional generalisation.
+
+The scorer reads an image back with no learned model: it segments pixels by their nearest
+palette colour, labels connected components and measures each one's extent, fill ratio
+(square ~1, circle ~0.79, triangle ~0.5) and box centre, then checks each attribute of the
+prompt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import itertools
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw
+from scipy import ndimage
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 190, 60),
+    "blue": (50, 90, 235),
+    "yellow": (235, 215, 40),
+    "purple": (165, 60, 215),
+    "white": (240, 240, 240),
+}
+BACKGROUND = (40, 40, 40)
+SHAPES = ("circle", "square", "triangle")
+SIZES = {"small": 0.25, "large": 0.45}  # object extent as a fraction of the image side
+POSITIONS = {
+    "left": (0.27, 0.5),
+    "right": (0.73, 0.5),
+    "top": (0.5, 0.27),
+    "bottom": (0.5, 0.73),
+    "center": (0.5, 0.5),
+}
+POSITION_PHRASES = {
+    "left": "on the left",
+    "right": "on the right",
+    "top": "at the top",
+    "bottom": "at the bottom",
+    "center": "in the center",
+}
+RELATIONS = {"left of": "to the left of", "right of": "to the right of", "above": "above", "below": "below"}
+COUNT_WORDS = {2: "two", 3: "three", 4: "four"}
+RELATION_EXTENT = 0.3
+COUNT_EXTENT = 0.2
+SUPERSAMPLE = 4
+
+
+def _single_combos() -> list[tuple[str, str, str, str]]:
+    return list(itertools.product(COLOURS, SHAPES, SIZES, POSITIONS))
+
+
+def _is_heldout(colour: str, shape: str, size: str, position: str) -> bool:
+    c, s = list(COLOURS).index(colour), SHAPES.index(shape)
+    z, p = list(SIZES).index(size), list(POSITIONS).index(position)
+    return (c + 2 * s + 3 * z + p) % 7 == 0
+
+
+# Single-object combinations that never appear in the training shards (about one in seven).
+HELDOUT: frozenset[tuple[str, str, str, str]] = frozenset(c for c in _single_combos() if _is_heldout(*c))
+
+
+@dataclass(frozen=True)
+class ShapeObject:
+    colour: str
+    shape: str
+    cx: float  # box centre, fraction of width
+    cy: float  # box centre, fraction of height
+    extent: float  # box side, fraction of the image side
+
+
+def _draw(draw: ImageDraw.ImageDraw, obj: ShapeObject, side: int) -> None:
+    half = obj.extent * side / 2
+    x0, y0 = obj.cx * side - half, obj.cy * side - half
+    x1, y1 = obj.cx * side + half, obj.cy * side + half
+    fill = COLOURS[obj.colour]
+    if obj.shape == "circle":
+        draw.ellipse([x0, y0, x1, y1], fill=fill)
+    elif obj.shape == "square":
+        draw.rectangle([x0, y0, x1, y1], fill=fill)
+    else:
+        draw.polygon([(obj.cx * side, y0), (x1, y1), (x0, y1)], fill=fill)
+
+
+def render(objects: Sequence[ShapeObject], resolution: int) -> Image.Image:
+    """Render objects at ``resolution`` (drawn 4x larger, then box-filtered for smooth edges)."""
+    side = resolution * SUPERSAMPLE
+    img = Image.new("RGB", (side, side), BACKGROUND)
+    draw = ImageDraw.Draw(img)
+    for obj in objects:
+        _draw(draw, obj, side)
+    return img.resize((resolution, resolution), Image.BOX)
+
+
+def _caption_single(a: dict, rng: np.random.Generator) -> list[str]:
+    o, pos = a["objects"][0], POSITION_PHRASES[a["objects"][0]["position"]]
+    return [
+        f"a {o['size']} {o['colour']} {o['shape']} {pos}",
+        f"{pos}, a {o['size']} {o['colour']} {o['shape']}",
+    ]
+
+
+def _caption_relation(a: dict, rng: np.random.Generator) -> list[str]:
+    o1, o2 = a["objects"]
+    rel = RELATIONS[a["relation"]]
+    return [f"a {o1['colour']} {o1['shape']} {rel} a {o2['colour']} {o2['shape']}"]
+
+
+def _caption_count(a: dict, rng: np.random.Generator) -> list[str]:
+    o = a["objects"][0]
+    return [f"{COUNT_WORDS[a['count']]} {o['colour']} {o['shape']}s"]
+
+
+def caption(attrs: dict, rng: np.random.Generator | None = None) -> list[str]:
+    """Plain-English captions for a scene; the first is the canonical one."""
+    rng = rng or np.random.default_rng(0)
+    return {"single": _caption_single, "relation": _caption_relation, "count": _caption_count}[attrs["kind"]](
+        attrs, rng
+    )
+
+
+def single_attrs(colour: str, shape: str, size: str, position: str) -> dict:
+    return {
+        "kind": "single",
+        "objects": [{"colour": colour, "shape": shape, "size": size, "position": position}],
+        "count": 1,
+    }
+
+
+def _objects_single(a: dict, rng: np.random.Generator) -> list[ShapeObject]:
+    o = a["objects"][0]
+    cx, cy = POSITIONS[o["position"]]
+    jitter = rng.uniform(-0.04, 0.04, size=2)
+    extent = SIZES[o["size"]] * rng.uniform(0.92, 1.08)
+    return [ShapeObject(o["colour"], o["shape"], cx + jitter[0], cy + jitter[1], extent)]
+
+
+def _objects_relation(a: dict, rng: np.random.Generator) -> list[ShapeObject]:
+    o1, o2 = a["objects"]
+    near, far = rng.uniform(0.24, 0.32), rng.uniform(0.68, 0.76)
+    side1, side2 = rng.uniform(0.4, 0.6, size=2)
+    first, second = {
+        "left of": ((near, side1), (far, side2)),
+        "right of": ((far, side1), (near, side2)),
+        "above": ((side1, near), (side2, far)),
+        "below": ((side1, far), (side2, near)),
+    }[a["relation"]]
+    return [
+        ShapeObject(o1["colour"], o1["shape"], *first, RELATION_EXTENT),
+        ShapeObject(o2["colour"], o2["shape"], *second, RELATION_EXTENT),
+    ]
+
+
+def _objects_count(a: dict, rng: np.random.Generator) -> list[ShapeObject]:
+    o = a["objects"][0]
+    slots = [(x, y) for x in (0.2, 0.5, 0.8) for y in (0.2, 0.5, 0.8)]  # a 3x3 grid keeps objects apart
+    chosen = rng.choice(len(slots), size=a["count"], replace=False)
+    out = []
+    for i in chosen:
+        jitter = rng.uniform(-0.03, 0.03, size=2)
+        out.append(ShapeObject(o["colour"], o["shape"], slots[i][0] + jitter[0], slots[i][1] + jitter[1], COUNT_EXTENT))
+    return out
+
+
+def objects_for(attrs: dict, rng: np.random.Generator) -> list[ShapeObject]:
+    return {"single": _objects_single, "relation": _objects_relation, "count": _objects_count}[attrs["kind"]](
+        attrs, rng
+    )
+
+
+def sample_attrs(
+    rng: np.random.Generator,
+    kinds: dict[str, float] | None = None,
+    heldout: str = "exclude",
+) -> dict:
+    """Draw a random scene's attributes.
+
+    ``heldout``: ``exclude`` never draws a HELDOUT single-object combination (training data),
+    ``only`` draws only those (held-out prompts), ``any`` ignores the split.
+    """
+    kinds = kinds or {"single": 0.6, "relation": 0.25, "count": 0.15}
+    names = list(kinds)
+    probs = np.asarray([kinds[k] for k in names], dtype=float)
+    kind = names[rng.choice(len(names), p=probs / probs.sum())]
+    if kind == "single":
+        combos = _single_combos()
+        if heldout == "exclude":
+            combos = [c for c in combos if c not in HELDOUT]
+        elif heldout == "only":
+            combos = sorted(HELDOUT)
+        return single_attrs(*combos[rng.integers(len(combos))])
+    colours = list(COLOURS)
+    if kind == "relation":
+        c1, c2 = rng.choice(len(colours), size=2, replace=False)
+        s1, s2 = rng.integers(len(SHAPES), size=2)
+        rel = list(RELATIONS)[rng.integers(len(RELATIONS))]
+        return {
+            "kind": "relation",
+            "objects": [
+                {"colour": colours[c1], "shape": SHAPES[s1]},
+                {"colour": colours[c2], "shape": SHAPES[s2]},
+            ],
+            "relation": rel,
+            "count": 2,
+        }
+    n = int(rng.integers(2, 5))
+    return {
+        "kind": "count",
+        "objects": [{"colour": colours[rng.integers(len(colours))], "shape": SHAPES[rng.integers(len(SHAPES))]}],
+        "count": n,
+    }
+
+
+def make_sample(rng: np.random.Generator, resolution: int, **kw) -> tuple[Image.Image, list[str], dict]:
+    attrs = sample_attrs(rng, **kw)
+    return render(objects_for(attrs, rng), resolution), caption(attrs, rng), attrs
+
+
+def heldout_prompts() -> list[tuple[str, dict]]:
+    """Every held-out single-object combination as ``(caption, attrs)``, in a fixed order."""
+    out = []
+    for combo in sorted(HELDOUT):
+        a = single_attrs(*combo)
+        out.append((caption(a)[0], a))
+    return out
+
+
+# ----------------------------------------------------------------------------- scorer
+
+
+@dataclass
+class Blob:
+    colour: str
+    area: float  # fraction of the image
+    cx: float
+    cy: float
+    extent: float  # longer box side, fraction of the image side
+    fill: float  # area / box area
+
+    @property
+    def shape(self) -> str:
+        if self.fill > 0.88:
+            return "square"
+        return "circle" if self.fill > 0.72 else "triangle"
+
+
+_PALETTE = np.asarray([BACKGROUND, *COLOURS.values()], dtype=np.float32)
+_NAMES = ["background", *COLOURS]
+
+
+def to_uint8(image) -> np.ndarray:
+    """(3, h, w) tensor in [-1, 1], or (h, w, 3) uint8 array / PIL image -> (h, w, 3) uint8."""
+    if isinstance(image, Image.Image):
+        return np.asarray(image.convert("RGB"))
+    if hasattr(image, "detach"):
+        arr = image.detach().float().cpu().clamp(-1, 1).add(1).mul(127.5).round().byte().permute(1, 2, 0).numpy()
+        return arr
+    return np.asarray(image, dtype=np.uint8)
+
+
+def find_blobs(image, max_distance: float = 90.0, min_area: float = 0.006) -> list[Blob]:
+    """Connected regions of each palette colour, largest first.
+
+    Pixels are labelled by their nearest palette colour. Extent and fill are measured on soft
+    coverage (each pixel's position between background and the blob's colour), so that
+    anti-aliased edges of small shapes still tell a circle from a square.
+    """
+    arr = to_uint8(image).astype(np.float32)
+    h, w, _ = arr.shape
+    dist = np.linalg.norm(arr[:, :, None, :] - _PALETTE[None, None], axis=-1)  # (h, w, k)
+    label = dist.argmin(-1)
+    label[dist.min(-1) > max_distance] = 0
+    offset = arr - _PALETTE[0]
+    blobs = []
+    for idx in range(1, len(_NAMES)):
+        components, n = ndimage.label(label == idx)
+        if n == 0:
+            continue
+        direction = _PALETTE[idx] - _PALETTE[0]
+        alpha = np.clip(offset @ direction / float(direction @ direction), 0.0, 1.0)  # (h, w) coverage
+        for comp in range(1, n + 1):
+            mask = components == comp
+            ys, xs = np.nonzero(mask)
+            if len(xs) / (h * w) < min_area or len(xs) < 3:
+                continue
+            region = ndimage.binary_dilation(mask) & ((label == idx) | (label == 0))
+            soft = alpha * region
+            area = soft.sum()
+            width, height = soft.max(0).sum(), soft.max(1).sum()  # soft box sides
+            blobs.append(
+                Blob(
+                    colour=_NAMES[idx],
+                    area=area / (h * w),
+                    cx=(xs.min() + xs.max() + 1) / 2 / w,
+                    cy=(ys.min() + ys.max() + 1) / 2 / h,
+                    extent=max(width / w, height / h),
+                    fill=float(area / max(width * height, 1e-6)),
+                )
+            )
+    return sorted(blobs, key=lambda b: -b.area)
+
+
+def _largest(blobs: list[Blob], colour: str) -> Blob | None:
+    return next((b for b in blobs if b.colour == colour), None)
+
+
+def score(image, attrs: dict) -> dict[str, bool]:
+    """Which attributes of ``attrs`` the image satisfies; ``all`` is their conjunction."""
+    blobs = find_blobs(image)
+    result: dict[str, bool] = {}
+    if attrs["kind"] == "single":
+        o = attrs["objects"][0]
+        b = _largest(blobs, o["colour"])
+        result["colour"] = b is not None
+        result["shape"] = b is not None and b.shape == o["shape"]
+        result["size"] = b is not None and (b.extent > 0.35) == (o["size"] == "large")
+        if b is not None:
+            nearest = min(POSITIONS, key=lambda p: (POSITIONS[p][0] - b.cx) ** 2 + (POSITIONS[p][1] - b.cy) ** 2)
+        result["position"] = b is not None and nearest == o["position"]
+        result["count"] = len(blobs) == 1
+    elif attrs["kind"] == "relation":
+        (o1, o2), rel = attrs["objects"], attrs["relation"]
+        b1, b2 = _largest(blobs, o1["colour"]), _largest(blobs, o2["colour"])
+        result["colour"] = b1 is not None and b2 is not None
+        result["shape"] = result["colour"] and b1.shape == o1["shape"] and b2.shape == o2["shape"]
+        ok = False
+        if result["colour"]:
+            dx, dy = b1.cx - b2.cx, b1.cy - b2.cy
+            ok = {
+                "left of": dx < 0 and abs(dx) > abs(dy),
+                "right of": dx > 0 and abs(dx) > abs(dy),
+                "above": dy < 0 and abs(dy) > abs(dx),
+                "below": dy > 0 and abs(dy) > abs(dx),
+            }[rel]
+        result["relation"] = ok
+        result["count"] = len(blobs) == 2
+    else:
+        o = attrs["objects"][0]
+        mine = [b for b in blobs if b.colour == o["colour"]]
+        result["colour"] = bool(mine)
+        result["shape"] = bool(mine) and sum(b.shape == o["shape"] for b in mine) * 2 > len(mine)
+        result["count"] = len(mine) == attrs["count"] and len(blobs) == attrs["count"]
+    result["all"] = all(result.values())
+    return result
+
+
+def score_batch(images, attrs: Sequence[dict]) -> dict[str, float]:
+    """Mean rate of each attribute (over the prompts that have it) and of ``all``."""
+    totals: dict[str, list[bool]] = {}
+    for img, a in zip(images, attrs):
+        for k, v in score(img, a).items():
+            totals.setdefault(k, []).append(v)
+    return {k: float(np.mean(v)) for k, v in totals.items()}
+
+
+# ----------------------------------------------------------------------------- shards
+
+SPLITS = {"train": 0, "val": 1}
+
+
+def write_shapes_shards(
+    root: str,
+    resolution: int = 32,
+    num_train: int = 20000,
+    num_val: int = 512,
+    seed: int = 0,
+    shard_size: int = 1000,
+    progress: bool = False,
+) -> dict:
+    """Render the dataset into ``root/train`` and ``root/val`` tar shards (PNG + txt + json).
+
+    Deterministic in ``seed``. Writes ``root/heldout.jsonl`` (held-out prompts) and, last,
+    ``root/manifest.json`` with the parameters; a root whose manifest matches is left alone.
+    """
+    params = {
+        "resolution": resolution,
+        "num_train": num_train,
+        "num_val": num_val,
+        "seed": seed,
+        "shard_size": shard_size,
+        "version": 1,
+    }
+    manifest = os.path.join(root, "manifest.json")
+    if os.path.exists(manifest):
+        with open(manifest) as f:
+            if json.load(f) == params:
+                return params
+        raise FileExistsError(
+            f"{root} holds a shapes dataset made with other parameters (see {manifest}); "
+            "choose another root or delete it"
+        )
+    from .shards import ShardWriter
+
+    for split, n in (("train", num_train), ("val", num_val)):
+        with ShardWriter(os.path.join(root, split), prefix="shapes", max_count=shard_size) as writer:
+            indices = range(n)
+            if progress:
+                from tqdm import tqdm
+
+                indices = tqdm(indices, desc=f"shapes {split}", unit="img")
+            for i in indices:
+                rng = np.random.default_rng([seed, SPLITS[split], i])
+                img, caps, attrs = make_sample(rng, resolution)
+                buf = io.BytesIO()
+                img.save(buf, format="PNG")
+                writer.write(f"{split}{i:08d}", {"png": buf.getvalue(), "txt": "\n".join(caps), "json": attrs})
+    with open(os.path.join(root, "heldout.jsonl"), "w") as f:
+        for cap, attrs in heldout_prompts():
+            f.write(json.dumps({"caption": cap, "attrs": attrs}) + "\n")
+    with open(manifest, "w") as f:
+        json.dump(params, f)
+    return params
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Render the synthetic shapes dataset into tar shards.")
+    p.add_argument("root", help="output folder (gets train/, val/, heldout.jsonl, manifest.json)")
+    p.add_argument("--resolution", type=int, default=32)
+    p.add_argument("--num-train", type=int, default=20000)
+    p.add_argument("--num-val", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shard-size", type=int, default=1000)
+    a = p.parse_args(argv)
+    params = write_shapes_shards(
+        a.root, a.resolution, a.num_train, a.num_val, a.seed, a.shard_size, progress=True
+    )
+    print(f"shapes dataset ready in {a.root}: {params}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""The embedded default data: the synthetic shapes set, rendered into shards on first use."""
+
+from __future__ import annotations
+
+import os
+
+from lightning.pytorch.utilities import rank_zero_info
+
+from .shapes import heldout_prompts, write_shapes_shards
+from .text_image import TextImageDataModule
+
+
+class ShapesDataModule(TextImageDataModule):
+    """TextImageDataModule over the shapes dataset in ``root``, generated there if absent.
+
+    Args:
+        root: folder of the rendered shards (``train/``, ``val/``, ``heldout.jsonl``).
+        resolution: rendered image side (16, 32 or 64 are the usual choices).
+        num_train: training images to render.
+        num_val: validation images to render.
+        data_seed: seed of the rendering (the same seed gives the same dataset, byte for byte).
+        shard_size: images per shard.
+        image_size: training image side; None means ``resolution``.
+        val_samples: validation samples; None means ``num_val``.
+        **kwargs: the TextImageDataModule arguments (batch size, workers, epoch length, ...).
+    """
+
+    def __init__(
+        self,
+        root: str = "data/shapes32",
+        resolution: int = 32,
+        num_train: int = 20000,
+        num_val: int = 256,
+        data_seed: int = 0,
+        shard_size: int = 500,
+        image_size: int | None = None,
+        val_samples: int | None = None,
+        **kwargs,
+    ):
+        super().__init__(
+            train_shards=os.path.join(root, "train"),
+            val_shards=os.path.join(root, "val"),
+            image_size=image_size or resolution,
+            val_samples=val_samples or num_val,
+            **kwargs,
+        )
+        self.root, self.resolution = root, resolution
+        self.num_train, self.num_val, self.data_seed, self.shard_size = num_train, num_val, data_seed, shard_size
+
+    def prepare_data(self) -> None:
+        """Render the dataset once (local rank zero; the other ranks wait at a barrier)."""
+        if not os.path.exists(os.path.join(self.root, "manifest.json")):
+            rank_zero_info(f"rendering the shapes dataset into {self.root} ({self.num_train} + {self.num_val} images)")
+        write_shapes_shards(self.root, self.resolution, self.num_train, self.num_val, self.data_seed, self.shard_size)
+
+    @staticmethod
+    def heldout() -> list[tuple[str, dict]]:
+        """Held-out prompts (attribute combinations absent from training) with their attributes."""
+        return heldout_prompts()

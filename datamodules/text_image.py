@@ -1,0 +1,355 @@
+"""The text-image datamodule shared by every method.
+
+Batches are dicts: ``image`` (b, 3, h, w) float in [-1, 1], ``caption`` list[str],
+``key`` list[str], ``meta`` list[dict].
+
+Training reads an endless stream: the shard list is split explicitly by rank and by
+worker, each worker reshuffles its shards every pass, and the loader hands out exactly
+``train_batches_per_epoch`` batches per epoch on every rank, so DDP ranks never disagree on
+the batch count. Validation is a fixed, deterministic set of ``val_samples`` samples dealt
+round-robin to ranks and workers, the same count on every rank.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import warnings
+from collections.abc import Iterator
+from typing import Literal
+
+import torch
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torchvision.transforms import v2
+
+from .shards import IMAGE_EXTENSIONS, SampleError, SkipCounter, decode_image, expand_urls, iter_tar_groups, parse_captions, parse_meta
+
+SKIPS_KEY = "_skips"  # private batch entry carrying a worker's skip counts; removed before transfer
+
+
+def build_transform(image_size: int, crop: str = "center", hflip: bool = False) -> v2.Compose:
+    """PIL image -> (3, image_size, image_size) float tensor in [-1, 1]."""
+    steps = [
+        v2.ToImage(),
+        v2.Resize(image_size, antialias=True),
+        v2.RandomCrop(image_size) if crop == "random" else v2.CenterCrop(image_size),
+    ]
+    if hflip:
+        steps.append(v2.RandomHorizontalFlip())
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize([0.5] * 3, [0.5] * 3)]
+    return v2.Compose(steps)
+
+
+class ShardStream(IterableDataset):
+    """Decoded samples from tar shards, split by rank and worker, with skipped samples counted.
+
+    ``mode="train"``: an endless, reshuffled stream; ``mode="val"``: exactly
+    ``ceil(val_samples / (world_size * workers))`` samples per worker, dealt round-robin.
+    """
+
+    def __init__(
+        self,
+        urls: list[str],
+        transform,
+        mode: Literal["train", "val"],
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        val_samples: int = 256,
+        shuffle_buffer: int = 512,
+        max_pixels: int = 16_000_000,
+        image_size: int | None = None,
+    ):
+        self.urls, self.transform, self.mode = list(urls), transform, mode
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.val_samples, self.shuffle_buffer = val_samples, shuffle_buffer
+        self.max_pixels, self.image_size = max_pixels, image_size
+        self.start_step = 0  # set by the datamodule so a resumed run continues on a fresh stream
+
+    def _worker(self) -> tuple[int, int]:
+        info = get_worker_info()
+        return (info.id, info.num_workers) if info is not None else (0, 1)
+
+    def decode(self, key: str, members: dict[str, bytes], skips: SkipCounter, rng: random.Random) -> dict | None:
+        try:
+            if "__too_large__" in members:
+                raise SampleError("too_large")
+            image_ext = next((e for e in IMAGE_EXTENSIONS if e in members), None)
+            if image_ext is None:
+                raise SampleError("no_image")
+            if "txt" not in members:
+                raise SampleError("no_caption")
+            captions = parse_captions(members["txt"])
+            meta = parse_meta(members.get("json"))
+            image = decode_image(members[image_ext], self.max_pixels, self.image_size)
+        except SampleError as err:
+            skips.add(err.reason)
+            return None
+        caption = rng.choice(captions) if self.mode == "train" else captions[0]
+        return {"image": self.transform(image), "caption": caption, "key": key, "meta": meta}
+
+    def _samples(self, urls: list[str], skips: SkipCounter, rng: random.Random, keep=None) -> Iterator[dict]:
+        index = 0
+        for url in urls:
+            for key, members in iter_tar_groups(url, skips):
+                mine = keep is None or keep(index)
+                index += 1
+                if mine:
+                    sample = self.decode(key, members, skips, rng)
+                    if sample is not None:
+                        yield sample
+
+    def __iter__(self) -> Iterator[dict]:
+        worker, num_workers = self._worker()
+        slot, slots = self.rank * num_workers + worker, self.world_size * num_workers
+        skips = SkipCounter()
+        rng = random.Random(f"{self.seed}/{slot}/{self.start_step}/{self.mode}")  # str seeds are stable across runs
+        if self.mode == "val":
+            stream = self._val_stream(slot, slots, skips, rng)
+        else:
+            stream = self._train_stream(slot, slots, skips, rng)
+        for sample in stream:
+            sample[SKIPS_KEY] = (f"{self.mode}/{slot}", dict(skips.counts))
+            yield sample
+
+    def _val_stream(self, slot: int, slots: int, skips: SkipCounter, rng: random.Random) -> Iterator[dict]:
+        quota = math.ceil(self.val_samples / slots)
+        produced = 0
+        while produced < quota:  # cycle through the set if it is smaller than asked for
+            before = produced
+            for sample in self._samples(self.urls, skips, rng, keep=lambda i: i % slots == slot):
+                yield sample
+                produced += 1
+                if produced == quota:
+                    return
+            if produced == before:
+                raise RuntimeError(
+                    f"validation worker {slot} found no readable sample in {len(self.urls)} shard(s) "
+                    f"({dict(skips.counts)}); check data.val_shards"
+                )
+
+    def _train_stream(self, slot: int, slots: int, skips: SkipCounter, rng: random.Random) -> Iterator[dict]:
+        urls = self.urls[slot::slots] if len(self.urls) >= slots else list(self.urls)
+        buffer: list[dict] = []
+        while True:
+            rng.shuffle(urls)
+            produced = 0
+            for sample in self._samples(urls, skips, rng):
+                produced += 1
+                if len(buffer) < self.shuffle_buffer:
+                    buffer.append(sample)
+                    continue
+                i = rng.randrange(len(buffer))
+                buffer[i], sample = sample, buffer[i]
+                yield sample
+            if produced == 0:
+                raise RuntimeError(
+                    f"training worker {slot} found no readable sample in its {len(urls)} shard(s) "
+                    f"({dict(skips.counts)}); check data.train_shards"
+                )
+            rng.shuffle(buffer)
+            while len(buffer) > self.shuffle_buffer // 2:
+                yield buffer.pop()
+
+
+def collate(samples: list[dict]) -> dict:
+    batch = {
+        "image": torch.stack([s["image"] for s in samples]),
+        "caption": [s["caption"] for s in samples],
+        "key": [s["key"] for s in samples],
+        "meta": [s["meta"] for s in samples],
+    }
+    if SKIPS_KEY in samples[-1]:
+        batch[SKIPS_KEY] = samples[-1][SKIPS_KEY]
+    return batch
+
+
+class FixedLengthLoader:
+    """Hands out exactly ``length`` batches per epoch from one long-lived iterator of ``loader``."""
+
+    def __init__(self, loader: DataLoader, length: int, on_new_iterator=None):
+        self.loader, self.length, self.on_new_iterator = loader, length, on_new_iterator
+        self._iterator = None
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self) -> Iterator[dict]:
+        for _ in range(self.length):
+            if self._iterator is None:
+                if self.on_new_iterator is not None:
+                    self.on_new_iterator()
+                self._iterator = iter(self.loader)
+            yield next(self._iterator)
+
+
+def _prompt_collate(items: list[dict]) -> dict:
+    return {k: [it[k] for it in items] for k in items[0]}
+
+
+def load_prompts(prompts: str | list[str] | None) -> list[str]:
+    """A list of prompts, a path to a text file (one prompt a line), or one prompt."""
+    if prompts is None:
+        return []
+    if isinstance(prompts, str):
+        if os.path.isfile(prompts):
+            with open(prompts, encoding="utf-8") as f:
+                return [line.strip() for line in f if line.strip()]
+        return [prompts]
+    return [p for p in prompts if p.strip()]
+
+
+class TextImageDataModule(LightningDataModule):
+    """img2dataset-format shards -> batches of the data contract.
+
+    Args:
+        train_shards: brace range (``data/{00000..00009}.tar``), directory, glob, ``pipe:``
+            command or http URL; several joined by ``::``.
+        val_shards: the same for validation; None disables validation.
+        image_size: side of the square output image.
+        crop: ``center`` or ``random`` crop after resizing the shorter side.
+        hflip: random horizontal flips (off by default: they break "left"/"right" captions).
+        batch_size: per-process batch size.
+        num_workers: loader processes per rank (each gets a disjoint part of the shards).
+        train_batches_per_epoch: batches each rank yields per training epoch.
+        val_samples: size of the fixed validation set (split evenly across ranks).
+        seed: base seed of shard order, caption choice and shuffling.
+        max_pixels: images with more pixels are skipped (decompression bombs).
+        predict_prompts: prompts for ``predict``: a list, a text file (one a line) or one prompt.
+        predict_seeds: each prompt is generated once per seed.
+    """
+
+    def __init__(
+        self,
+        train_shards: str | list[str] | None = None,
+        val_shards: str | list[str] | None = None,
+        image_size: int = 64,
+        crop: Literal["center", "random"] = "center",
+        hflip: bool = False,
+        batch_size: int = 32,
+        num_workers: int = 2,
+        train_batches_per_epoch: int = 1000,
+        val_samples: int = 256,
+        shuffle_buffer: int = 512,
+        seed: int = 0,
+        max_pixels: int = 16_000_000,
+        predict_prompts: str | list[str] | None = None,
+        predict_seeds: list[int] | None = None,
+    ):
+        super().__init__()
+        self.train_shards, self.val_shards = train_shards, val_shards
+        self.image_size, self.crop, self.hflip = image_size, crop, hflip
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.train_batches_per_epoch, self.val_samples = train_batches_per_epoch, val_samples
+        self.shuffle_buffer, self.seed, self.max_pixels = shuffle_buffer, seed, max_pixels
+        self.predict_prompts, self.predict_seeds = predict_prompts, predict_seeds or [0]
+        self._skips: dict[str, dict[str, int]] = {}
+        self._train_loader = None
+
+    # -- distributed context, read from the trainer rather than environment variables
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0, 1
+        return trainer.global_rank, trainer.world_size
+
+    def _urls(self, spec, what: str) -> list[str]:
+        urls = expand_urls(spec)
+        if not urls:
+            raise FileNotFoundError(
+                f"data.{what}={spec!r} matches no shard; give a brace range, directory, glob or URL of .tar shards"
+            )
+        local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
+        missing = [u for u in local if not os.path.exists(u)]
+        if missing and len(missing) == len(urls):
+            raise FileNotFoundError(f"data.{what}: none of the {len(urls)} shard(s) exist, e.g. {missing[0]}")
+        return urls
+
+    def setup(self, stage: str | None = None) -> None:
+        rank, world = self._rank_world()
+        if stage in (None, "fit") and self.train_shards is not None:
+            urls = self._urls(self.train_shards, "train_shards")
+            slots = world * max(self.num_workers, 1)
+            if len(urls) < slots:
+                rank_zero_warn(
+                    f"{len(urls)} training shard(s) for {world} rank(s) x {max(self.num_workers, 1)} worker(s): "
+                    "every worker resamples from all shards (samples repeat across workers within an epoch). "
+                    "Write more, smaller shards for disjoint reading."
+                )
+            self.train_stream = ShardStream(
+                urls, build_transform(self.image_size, self.crop, self.hflip), "train", rank, world,
+                self.seed, shuffle_buffer=self.shuffle_buffer, max_pixels=self.max_pixels, image_size=self.image_size,
+            )  # fmt: skip
+        if stage in (None, "fit", "validate", "test") and self.val_shards is not None:
+            self.val_stream = ShardStream(
+                self._urls(self.val_shards, "val_shards"), build_transform(self.image_size, "center", False), "val",
+                rank, world, self.seed, val_samples=self.val_samples, max_pixels=self.max_pixels,
+                image_size=self.image_size,
+            )  # fmt: skip
+
+    def _loader(self, stream: ShardStream, persistent: bool) -> DataLoader:
+        return DataLoader(
+            stream,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            collate_fn=collate,
+            persistent_workers=persistent and self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self):
+        if self._train_loader is None:
+
+            def restart():  # a resumed run starts a stream of its own rather than replaying the first one
+                trainer = getattr(self, "trainer", None)
+                self.train_stream.start_step = trainer.global_step if trainer is not None else 0
+
+            self._train_loader = FixedLengthLoader(
+                self._loader(self.train_stream, persistent=False), self.train_batches_per_epoch, restart
+            )
+        return self._train_loader
+
+    def val_dataloader(self):
+        if self.val_shards is None:
+            return []
+        return self._loader(self.val_stream, persistent=False)
+
+    def test_dataloader(self):
+        return self.val_dataloader()
+
+    def predict_dataloader(self):
+        prompts = load_prompts(self.predict_prompts)
+        if not prompts:
+            raise ValueError(
+                "predict needs prompts: pass --data.init_args.predict_prompts with a prompt, a list or a text file"
+            )
+        items = [{"caption": p, "seed": s, "index": i} for i, p in enumerate(prompts) for s in self.predict_seeds]
+        return DataLoader(items, batch_size=self.batch_size, collate_fn=_prompt_collate)
+
+    # -- skipped-sample accounting
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        if isinstance(batch, dict) and SKIPS_KEY in batch:
+            worker, counts = batch.pop(SKIPS_KEY)
+            self._skips[worker] = counts
+        return batch
+
+    def skipped(self, split: str = "train") -> dict[str, int]:
+        """Samples skipped so far on this rank, by reason (counts of the workers' latest reports)."""
+        total: dict[str, int] = {}
+        for worker, counts in self._skips.items():
+            if worker.startswith(split + "/"):
+                for reason, n in counts.items():
+                    total[reason] = total.get(reason, 0) + n
+        return total
+
+    def state_dict(self) -> dict:
+        return {"skipped": self._skips}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._skips = {}
+        if state.get("skipped"):
+            warnings.warn(f"data skipped before resuming: {state['skipped']}", stacklevel=2)
+

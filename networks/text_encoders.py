@@ -1,0 +1,175 @@
+"""Text encoders: captions in, ``TextEncoding`` (tokens, mask, pooled) out.
+
+Every encoder is an ``nn.Module`` whose ``forward(captions: list[str])`` returns
+``TextEncoding(tokens=(b, n, d), mask=(b, n) bool with True on real tokens, pooled=(b, d))``
+and whose ``dim`` attribute is ``d``. Two kinds:
+
+- ``TransformerTextEncoder``: trained from scratch, with a tokenizer that ships inside an
+  installed package (open_clip's bundled BPE vocabulary) or plain UTF-8 bytes;
+- ``PretrainedTextEncoder``: a frozen Hugging Face encoder (T5, CLIP text, BERT-like)
+  loaded from a local directory, never downloaded.
+
+Tokenizer libraries are imported lazily inside the constructors so that this package keeps
+to torch and einops at import time.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class TextEncoding(NamedTuple):
+    tokens: Tensor  # (b, n, d)
+    mask: Tensor  # (b, n) bool, True where a real token is
+    pooled: Tensor  # (b, d)
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens: 0 pad, 1 start, 2 end, byte value + 3."""
+
+    vocab_size = 259
+
+    def __call__(self, texts: list[str], max_length: int) -> Tensor:
+        out = torch.zeros(len(texts), max_length, dtype=torch.long)
+        for i, text in enumerate(texts):
+            ids = [1] + [b + 3 for b in text.encode("utf-8")][: max_length - 2] + [2]
+            out[i, : len(ids)] = torch.tensor(ids)
+        return out
+
+
+class BPETokenizer:
+    """open_clip's bundled BPE vocabulary (49,408 tokens), read from the installed package."""
+
+    def __init__(self):
+        from open_clip.tokenizer import SimpleTokenizer  # ships its vocabulary file, no download
+
+        self.tok = SimpleTokenizer()
+        self.vocab_size = len(self.tok.encoder)
+        self.sot, self.eot = self.tok.all_special_ids[:2]
+
+    def __call__(self, texts: list[str], max_length: int) -> Tensor:
+        out = torch.zeros(len(texts), max_length, dtype=torch.long)
+        for i, text in enumerate(texts):
+            ids = [self.sot] + self.tok.encode(text)[: max_length - 2] + [self.eot]
+            out[i, : len(ids)] = torch.tensor(ids)
+        return out
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm self-attention + MLP block over (b, n, d) with a key padding mask (b, n)."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])  # (b, heads, n, d/heads)
+        x = x + self.proj(attn.transpose(1, 2).reshape(b, n, d))
+        return x + self.mlp(self.norm2(x))
+
+
+class TransformerTextEncoder(nn.Module):
+    """A small transformer text encoder trained with the method.
+
+    Args:
+        width: token embedding size ``d``.
+        depth: transformer blocks.
+        heads: attention heads.
+        max_length: tokens kept per caption, start and end tokens included.
+        tokenizer: ``bpe`` (open_clip's bundled vocabulary) or ``byte`` (UTF-8 bytes).
+    """
+
+    def __init__(
+        self,
+        width: int = 256,
+        depth: int = 4,
+        heads: int = 4,
+        max_length: int = 32,
+        tokenizer: Literal["bpe", "byte"] = "bpe",
+    ):
+        super().__init__()
+        self.tokenizer = BPETokenizer() if tokenizer == "bpe" else ByteTokenizer()
+        self.dim, self.max_length = width, max_length
+        self.embed = nn.Embedding(self.tokenizer.vocab_size, width)
+        self.pos = nn.Parameter(torch.randn(max_length, width) * 0.02)
+        self.blocks = nn.ModuleList(TransformerBlock(width, heads) for _ in range(depth))
+        self.norm = nn.LayerNorm(width)
+
+    def forward(self, captions: list[str]) -> TextEncoding:
+        ids = self.tokenizer(list(captions), self.max_length).to(self.pos.device)  # (b, n)
+        mask = ids != 0
+        x = self.embed(ids) + self.pos  # (b, n, d)
+        for block in self.blocks:
+            x = block(x, mask)
+        x = self.norm(x)
+        pooled = (x * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)  # (b, d) mean over real tokens
+        return TextEncoding(x, mask, pooled)
+
+
+class PretrainedTextEncoder(nn.Module):
+    """A frozen Hugging Face text encoder read from a local directory (Imagen-style conditioning).
+
+    Args:
+        path: directory holding the model's config, weights and tokenizer files
+            (``save_pretrained`` output). Nothing is downloaded.
+        max_length: tokens kept per caption.
+        pooling: ``mean`` of real tokens, ``first`` token, or the model's own ``pooler_output``.
+    """
+
+    def __init__(self, path: str, max_length: int = 77, pooling: Literal["mean", "first", "model"] = "mean"):
+        super().__init__()
+        if not path or not os.path.isdir(path):
+            raise FileNotFoundError(
+                f"text encoder path {path!r} is not a directory. Set "
+                "model.init_args.text_encoder.init_args.path to a local folder made with "
+                "`save_pretrained` (T5, CLIP text or BERT-like); weights are never downloaded."
+            )
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        if config.model_type in ("t5", "mt5", "umt5"):
+            from transformers import T5EncoderModel
+
+            model = T5EncoderModel.from_pretrained(path, local_files_only=True)
+        elif config.model_type == "clip":
+            from transformers import CLIPTextModel
+
+            model = CLIPTextModel.from_pretrained(path, local_files_only=True)
+        else:
+            model = AutoModel.from_pretrained(path, local_files_only=True)
+        self.model = model.eval().requires_grad_(False)
+        self.dim = getattr(config, "hidden_size", None) or config.d_model
+        self.max_length, self.pooling = max_length, pooling
+
+    def train(self, mode: bool = True) -> PretrainedTextEncoder:
+        super().train(mode)
+        self.model.eval()  # frozen: dropout stays off
+        return self
+
+    @torch.no_grad()
+    def forward(self, captions: list[str]) -> TextEncoding:
+        enc = self.tokenizer(
+            list(captions), padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        device = next(self.model.parameters()).device
+        ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device).bool()
+        out = self.model(input_ids=ids, attention_mask=mask.long())
+        tokens = out.last_hidden_state  # (b, n, d)
+        if self.pooling == "model" and getattr(out, "pooler_output", None) is not None:
+            pooled = out.pooler_output
+        elif self.pooling == "first":
+            pooled = tokens[:, 0]
+        else:
+            pooled = (tokens * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
+        return TextEncoding(tokens.float(), mask, pooled.float())
