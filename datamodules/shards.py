@@ -107,7 +107,7 @@ def iter_tar_groups(
     """
     key, members = None, {}
     try:
-        with _open_url(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+        with _open_url(url) as raw, tarfile.open(fileobj=(stream := _TailReader(raw)), mode="r|*") as tar:
             for info in tar:
                 if not info.isfile():
                     continue
@@ -122,11 +122,34 @@ def iter_tar_groups(
                     members["__too_large__"] = b""
                     continue
                 members[ext] = tar.extractfile(info).read()
+            if not stream.ends_cleanly(tar.offset):
+                raise tarfile.ReadError("no end-of-archive marker: the shard is truncated")
         if key is not None:
             yield key, members
     except (tarfile.TarError, OSError, EOFError, ValueError) as err:
         skips.add("unreadable_shard")
         warnings.warn(f"shard {url!r} is unreadable or truncated ({err}); skipping the rest of it", stacklevel=2)
+
+
+class _TailReader:
+    """A read-only stream wrapper that remembers the last bytes read, to check the tar's end marker."""
+
+    def __init__(self, raw, keep: int = 1 << 16):
+        self.raw, self.keep, self.total, self.tail = raw, keep, 0, b""
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read(n)
+        self.total += len(data)
+        self.tail = (self.tail + data)[-self.keep :]
+        return data
+
+    def ends_cleanly(self, offset: int) -> bool:
+        """Whether the archive's last member ends at ``offset`` followed by two zero blocks."""
+        while self.read(1 << 16):  # drain what tarfile has not read (padding up to the record size)
+            pass
+        start = offset - (self.total - len(self.tail))
+        marker = self.tail[start : start + 1024] if start >= 0 else b""
+        return len(marker) == 1024 and not marker.strip(b"\0")
 
 
 class SampleError(ValueError):

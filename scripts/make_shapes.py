@@ -1,0 +1,6 @@
+"""Render the synthetic shapes dataset: ``python scripts/make_shapes.py data/shapes32 --resolution 32``."""
+
+from datamodules.shapes import main
+
+if __name__ == "__main__":
+    main()

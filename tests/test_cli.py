@@ -1,0 +1,88 @@
+"""The real entry point, run as a user runs it: fit, resume, predict, W&B offline files."""
+
+import glob
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "tests", "configs", "tiny.yaml")
+
+
+def run_cli(args, cwd, timeout=300):
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests")])}
+    env.pop("SLURM_JOB_ID", None)
+    env.pop("T2I_RUN_NAME", None)
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+def _common(shapes16, runs):
+    return [
+        "--trainer", os.path.join(ROOT, "configs", "trainer", "cpu.yaml"),
+        "--data", os.path.join(ROOT, "configs", "data", "shapes16.yaml"),
+        "--config", TINY,
+        "--data.init_args.root", shapes16, "--data.init_args.num_train", "600", "--data.init_args.num_val", "64",
+        "--data.init_args.shard_size", "100", "--data.init_args.num_workers", "0",
+        "--data.init_args.train_batches_per_epoch", "5", "--data.init_args.batch_size", "8",
+        "--trainer.default_root_dir", runs, "--trainer.enable_progress_bar", "false",
+    ]  # fmt: skip
+
+
+def test_fit_resume_predict_and_offline_wandb(shapes16, tmp_path):
+    runs = str(tmp_path / "runs")
+    grid = ["--trainer.callbacks+=callbacks.SampleGrid", "--trainer.callbacks.prompts=[a red circle,two blue squares]",
+            "--trainer.callbacks.every_n_steps=5"]  # fmt: skip
+    run_cli(["fit", *_common(shapes16, runs), "--trainer.max_epochs", "2", "--run_name", "first", *grid], tmp_path)
+    run_dir = os.path.join(runs, "first")
+    assert os.path.exists(os.path.join(run_dir, "config.yaml"))
+    assert len(glob.glob(os.path.join(run_dir, "samples", "step_*.png"))) >= 2
+    ckpt = torch.load(os.path.join(run_dir, "checkpoints", "last.ckpt"), map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 10
+    offline = glob.glob(os.path.join(run_dir, "wandb", "offline-run-*"))
+    assert len(offline) == 1
+    records = open(glob.glob(os.path.join(offline[0], "*.wandb"))[0], "rb").read()
+    assert b"train/loss" in records and b"val/loss" in records and b"data/skipped" in records
+    assert glob.glob(os.path.join(offline[0], "files", "media", "images", "*.png"))
+
+    # resume: --ckpt_path last finds the newest run and continues its step count
+    run_cli(["fit", *_common(shapes16, runs), "--trainer.max_epochs", "3", "--ckpt_path", "last"], tmp_path)
+    ckpt = torch.load(os.path.join(run_dir, "checkpoints", "last.ckpt"), map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 15
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n\na large blue square on the left\n")
+    run_cli(["predict", *_common(shapes16, runs), "--ckpt_path", os.path.join(run_dir, "checkpoints", "last.ckpt"),
+             "--data.init_args.predict_prompts", str(prompts), "--data.init_args.predict_seeds", "[0, 1]",
+             "--run_name", "pred"], tmp_path)  # fmt: skip
+    pngs = sorted(os.listdir(os.path.join(runs, "pred", "predictions")))
+    assert len([p for p in pngs if "seed" in p]) == 4 and "grid.png" in pngs
+
+
+def test_bad_config_fails_before_any_work(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests")])}
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "fit", "--config", TINY,
+                           "--data", "datamodules.ShapesDataModule", "--data.init_args.resolutoin", "16"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode != 0 and "resolutoin" in proc.stderr
+    assert not os.path.exists(tmp_path / "runs") and not os.path.exists(tmp_path / "data")
+
+
+@pytest.mark.parametrize(
+    "config", sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True)), ids=os.path.basename
+)
+def test_every_config_parses(config, tmp_path):
+    rel = os.path.relpath(config, os.path.join(ROOT, "configs"))
+    if rel.startswith("data" + os.sep):
+        args = ["--config", TINY, "--data", config]
+    elif rel.startswith("trainer" + os.sep):
+        args = ["--config", TINY, "--trainer", config]
+    else:
+        args = ["--config", config]
+    proc = run_cli(["fit", *args, "--print_config"], tmp_path, timeout=120)
+    assert "class_path" in proc.stdout

@@ -1,0 +1,64 @@
+import numpy as np
+import pytest
+import torch
+
+from datamodules import shapes as S
+
+
+@pytest.mark.parametrize("resolution", [32, 64])
+def test_scorer_reads_rendered_scenes_back(resolution):
+    results = []
+    for i in range(150):
+        img, _, attrs = S.make_sample(np.random.default_rng([11, i]), resolution, heldout="any")
+        results.append(S.score(img, attrs)["all"])
+    assert np.mean(results) >= 0.97
+
+
+def test_scorer_at_16px_is_mostly_right_on_single_objects():
+    results = []
+    for i in range(150):
+        img, _, attrs = S.make_sample(np.random.default_rng([12, i]), 16, kinds={"single": 1.0})
+        results.append(S.score(img, attrs)["all"])
+    assert np.mean(results) >= 0.9
+
+
+def test_noise_scores_near_zero_and_wrong_prompts_near_chance():
+    rng = np.random.default_rng(0)
+    noise = [S.score(torch.rand(3, 32, 32) * 2 - 1, S.sample_attrs(rng))["all"] for _ in range(100)]
+    assert np.mean(noise) <= 0.05
+    # An image of one single-object scene scored against another random single-object prompt:
+    # each attribute should be right about as often as chance (1/6 colours, 1/3 shapes, 1/5 positions).
+    colour, shape, position = [], [], []
+    for i in range(300):
+        img, _, _ = S.make_sample(np.random.default_rng([13, i]), 32, kinds={"single": 1.0})
+        other = S.sample_attrs(np.random.default_rng([14, i]), kinds={"single": 1.0}, heldout="any")
+        r = S.score(img, other)
+        colour.append(r["colour"]), shape.append(r["shape"] and r["colour"]), position.append(r["position"])
+    assert abs(np.mean(colour) - 1 / 6) < 0.08
+    assert np.mean(position) < 0.2 + 0.1
+    assert np.mean(shape) < 0.15
+
+
+def test_scorer_distinguishes_each_attribute():
+    attrs = S.single_attrs("red", "circle", "large", "left")
+    img = S.render(S.objects_for(attrs, np.random.default_rng(0)), 32)
+    assert S.score(img, attrs)["all"]
+    for field, other in [("colour", "blue"), ("shape", "square"), ("size", "small"), ("position", "right")]:
+        wrong = S.single_attrs(**{**attrs["objects"][0], field: other})
+        r = S.score(img, wrong)
+        assert not r[field] and not r["all"], field
+
+
+def test_generation_is_deterministic_and_excludes_heldout(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    S.write_shapes_shards(str(a), 16, num_train=50, num_val=8, seed=3, shard_size=25)
+    S.write_shapes_shards(str(b), 16, num_train=50, num_val=8, seed=3, shard_size=25)
+    for name in ("train/shapes-00000.tar", "train/shapes-00001.tar", "val/shapes-00000.tar"):
+        assert (a / name).read_bytes() == (b / name).read_bytes()
+    with pytest.raises(FileExistsError):
+        S.write_shapes_shards(str(a), 16, num_train=51, num_val=8, seed=3, shard_size=25)
+    rng = np.random.default_rng(0)
+    drawn = [S.sample_attrs(rng, kinds={"single": 1.0}) for _ in range(2000)]
+    combos = {tuple(d["objects"][0].values()) for d in drawn}
+    assert not combos & S.HELDOUT
+    assert len(S.heldout_prompts()) == len(S.HELDOUT) > 10
