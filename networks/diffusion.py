@@ -1,0 +1,193 @@
+"""Diffusion maths, kept apart from any network: noise schedules, target conversions,
+guidance-ready denoisers and samplers as short functions.
+
+Notation: ``x_t = alpha_t * x_0 + sigma_t * eps`` with ``alpha_t = sqrt(abar_t)`` and
+``sigma_t = sqrt(1 - abar_t)``; ``t`` is an integer timestep in ``[0, T)``.
+
+A *denoise function* maps ``(x_t (b, c, h, w), t (b,) long) -> (x0, eps)``; every sampler
+takes one, so guidance, thresholding and the network's prediction target are settled before
+the sampler sees them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+DenoiseFn = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+Prediction = Literal["eps", "x0", "v"]
+
+
+def linear_betas(timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
+    """DDPM's linear schedule (Ho et al. 2020)."""
+    return torch.linspace(beta_start, beta_end, timesteps, dtype=torch.float64)
+
+
+def cosine_betas(timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> Tensor:
+    """The cosine schedule of Nichol & Dhariwal (2021), betas clipped at ``max_beta``."""
+
+    def abar(u: float) -> float:
+        return math.cos((u + s) / (1 + s) * math.pi / 2) ** 2
+
+    return torch.tensor(
+        [min(1 - abar((i + 1) / timesteps) / abar(i / timesteps), max_beta) for i in range(timesteps)],
+        dtype=torch.float64,
+    )
+
+
+class NoiseSchedule(nn.Module):
+    """A discrete-time variance-preserving schedule; all tables are float64 buffers.
+
+    Args:
+        timesteps: number of training timesteps ``T``.
+        kind: ``linear`` or ``cosine``.
+    """
+
+    def __init__(self, timesteps: int = 1000, kind: Literal["linear", "cosine"] = "cosine"):
+        super().__init__()
+        betas = linear_betas(timesteps) if kind == "linear" else cosine_betas(timesteps)
+        self.timesteps, self.kind = timesteps, kind
+        self.register_buffer("betas", betas, persistent=False)
+        self.register_buffer("alphas_cumprod", torch.cumprod(1 - betas, 0), persistent=False)
+
+    def abar(self, t: Tensor) -> Tensor:
+        """``abar_t`` for integer ``t``; ``t = -1`` means the clean image (``abar = 1``)."""
+        table = torch.cat([self.alphas_cumprod.new_ones(1), self.alphas_cumprod])
+        return table[t.long() + 1]
+
+    def alpha_sigma(self, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
+        """``(alpha_t, sigma_t)`` shaped (b, 1, 1, 1) in the dtype of ``like``."""
+        abar = self.abar(t).view(-1, *([1] * (like.dim() - 1)))
+        return abar.sqrt().to(like.dtype), (1 - abar).sqrt().to(like.dtype)
+
+    def snr(self, t: Tensor) -> Tensor:
+        abar = self.abar(t)
+        return abar / (1 - abar)
+
+    def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        alpha, sigma = self.alpha_sigma(t, x0)
+        return alpha * x0 + sigma * noise
+
+    def target(self, prediction: Prediction, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        """What a network predicting ``prediction`` is trained to output."""
+        if prediction == "eps":
+            return noise
+        if prediction == "x0":
+            return x0
+        alpha, sigma = self.alpha_sigma(t, x0)
+        return alpha * noise - sigma * x0
+
+    def to_x0_eps(self, prediction: Prediction, output: Tensor, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """Convert a network output to ``(x0, eps)`` at ``x_t``."""
+        alpha, sigma = self.alpha_sigma(t, x)
+        if prediction == "eps":
+            return (x - sigma * output) / alpha, output
+        if prediction == "x0":
+            return output, (x - alpha * output) / sigma.clamp(min=1e-8)
+        return alpha * x - sigma * output, sigma * x + alpha * output
+
+    def loss_weight(self, prediction: Prediction, t: Tensor, min_snr_gamma: float | None) -> Tensor:
+        """Min-SNR-gamma weights (Hang et al. 2023) for the MSE on ``prediction``; ones if gamma is None."""
+        if min_snr_gamma is None:
+            return torch.ones_like(t, dtype=torch.float32)
+        snr = self.snr(t)
+        clipped = snr.clamp(max=min_snr_gamma)
+        weight = {"eps": clipped / snr, "x0": clipped, "v": clipped / (snr + 1)}[prediction]
+        return weight.float()
+
+
+def dynamic_threshold(x0: Tensor, percentile: float = 0.995) -> Tensor:
+    """Imagen's dynamic thresholding: clip to the per-sample percentile ``s >= 1`` of |x0|, divide by s."""
+    s = torch.quantile(x0.flatten(1).abs().float(), percentile, dim=1).clamp(min=1.0).to(x0.dtype)
+    s = s.view(-1, *([1] * (x0.dim() - 1)))
+    return x0.clamp(-s, s) / s
+
+
+def trailing_timesteps(total: int, steps: int) -> list[int]:
+    """``steps`` timesteps from ``total - 1`` down, evenly spaced, ending near 0 ("trailing" spacing)."""
+    return [int(round(v)) - 1 for v in torch.arange(total, 0, -total / steps, dtype=torch.float64).tolist()]
+
+
+def _full(t: int, x: Tensor) -> Tensor:
+    return torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+
+
+def _randn(x: Tensor, generator: torch.Generator | None) -> Tensor:
+    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
+@torch.no_grad()
+def sample_ddpm(
+    denoise: DenoiseFn, schedule: NoiseSchedule, noise: Tensor, steps: int | None = None, generator=None, **_
+) -> Tensor:
+    """Ancestral sampling with the posterior variance (DDPM, "fixed small"); ``steps`` may skip timesteps."""
+    ts = trailing_timesteps(schedule.timesteps, steps or schedule.timesteps)
+    x = noise
+    for i, t in enumerate(ts):
+        prev = ts[i + 1] if i + 1 < len(ts) else -1
+        tt = _full(t, x)
+        x0, _ = denoise(x, tt)
+        abar_t, abar_prev = schedule.abar(tt)[0].item(), schedule.abar(_full(prev, x))[0].item()
+        alpha_t, beta_t = abar_t / abar_prev, 1 - abar_t / abar_prev
+        mean = (abar_prev**0.5 * beta_t / (1 - abar_t)) * x0 + (alpha_t**0.5 * (1 - abar_prev) / (1 - abar_t)) * x
+        if t > 0:
+            variance = max(beta_t * (1 - abar_prev) / (1 - abar_t), 1e-20)
+            mean = mean + variance**0.5 * _randn(x, generator)
+        x = mean
+    return x
+
+
+@torch.no_grad()
+def sample_ddim(
+    denoise: DenoiseFn, schedule: NoiseSchedule, noise: Tensor, steps: int = 50, eta: float = 0.0, generator=None, **_
+) -> Tensor:
+    """DDIM (Song et al. 2021); ``eta = 0`` is deterministic, ``eta = 1`` is DDPM-like."""
+    ts = trailing_timesteps(schedule.timesteps, steps)
+    x = noise
+    for i, t in enumerate(ts):
+        prev = ts[i + 1] if i + 1 < len(ts) else -1
+        x0, eps = denoise(x, _full(t, x))
+        abar_t, abar_prev = schedule.abar(_full(t, x))[0].item(), schedule.abar(_full(prev, x))[0].item()
+        sigma = eta * ((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)) ** 0.5
+        x = abar_prev**0.5 * x0 + max(1 - abar_prev - sigma**2, 0.0) ** 0.5 * eps
+        if eta > 0:
+            x = x + sigma * _randn(x, generator)
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(
+    denoise: DenoiseFn, schedule: NoiseSchedule, noise: Tensor, steps: int = 20, generator=None, **_
+) -> Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022), multistep, second order, first order at the first and last step."""
+    ts = trailing_timesteps(schedule.timesteps, steps)
+    x, previous, h_previous = noise, None, None
+
+    def alpha_sigma_lambda(t: int) -> tuple[float, float, float]:
+        abar = schedule.abar(_full(t, x))[0].item()
+        alpha, sigma = abar**0.5, (1 - abar) ** 0.5
+        return alpha, sigma, (math.log(alpha) - math.log(sigma)) if sigma > 0 else math.inf
+
+    for i, t in enumerate(ts):
+        prev = ts[i + 1] if i + 1 < len(ts) else -1
+        x0, _ = denoise(x, _full(t, x))
+        _, sigma_s, lambda_s = alpha_sigma_lambda(t)
+        alpha_t, sigma_t, lambda_t = alpha_sigma_lambda(prev)
+        h = lambda_t - lambda_s
+        phi = -math.expm1(-h)  # 1 - e^{-h}; 1 at the final (sigma = 0) step
+        if previous is None or prev == -1:
+            d = x0
+        else:
+            r = h_previous / h
+            d = x0 + (x0 - previous) / (2 * r)
+        x = (sigma_t / sigma_s) * x + alpha_t * phi * d
+        previous, h_previous = x0, h
+    return x
+
+
+SAMPLERS: dict[str, Callable[..., Tensor]] = {"ddpm": sample_ddpm, "ddim": sample_ddim, "dpmpp_2m": sample_dpmpp_2m}
+Sampler = Literal["ddpm", "ddim", "dpmpp_2m"]
