@@ -25,7 +25,16 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.transforms import v2
 
-from .shards import IMAGE_EXTENSIONS, SampleError, SkipCounter, decode_image, expand_urls, iter_tar_groups, parse_captions, parse_meta
+from .shards import (
+    IMAGE_EXTENSIONS,
+    SampleError,
+    SkipCounter,
+    decode_image,
+    expand_urls,
+    iter_tar_groups,
+    parse_captions,
+    parse_meta,
+)
 
 SKIPS_KEY = "_skips"  # private batch entry carrying a worker's skip counts; removed before transfer
 

@@ -1,17 +1,16 @@
 """Two CPU processes (gloo) train the tiny module on shapes shards; each writes what it read."""
 
 import json
-import os
 import sys
 from datetime import timedelta
 
 import torch
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.strategies import DDPStrategy
+from tiny_module import TinyRegression
 
 from datamodules import ShapesDataModule
 from networks.text_encoders import TransformerTextEncoder
-from tiny_module import TinyRegression
 
 
 class Record(Callback):

@@ -1,0 +1,276 @@
+"""Text-conditional diffusion: DDPM training with classifier-free guidance, EMA, fast samplers,
+Imagen-style frozen text encoders, and a super-resolution stage for cascades."""
+
+from __future__ import annotations
+
+import copy
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+
+from networks.diffusion import SAMPLERS, NoiseSchedule, Prediction, Sampler, dynamic_threshold
+from networks.text_encoders import TextEncoding
+
+from .base import TextToImageModule
+
+
+def _adamw(params):
+    return torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0)
+
+
+class TextToImageDiffusion(TextToImageModule):
+    """A denoiser trained to reverse a noise schedule, conditioned on a text encoder.
+
+    Args:
+        denoiser: network ``(x_t, t, TextEncoding, ...) -> prediction`` (e.g. ``networks.unet.UNet``).
+        text_encoder: trainable (trained with the denoiser) or frozen (no trainable parameters).
+        image_size: side of generated images.
+        timesteps: training timesteps ``T``.
+        schedule: ``linear`` or ``cosine``.
+        prediction: the network's target: ``eps``, ``x0`` or ``v``.
+        min_snr_gamma: min-SNR-gamma loss weighting; None for the plain MSE.
+        cond_drop_prob: probability of replacing a caption by "" (classifier-free guidance).
+        ema_decay: decay of the EMA of the denoiser (and of a trainable text encoder).
+        optimizer: optimizer factory for the trainable parameters.
+        lr_scheduler: optional scheduler factory, stepped every training step.
+        sampler: default sampler of ``generate``: ``ddpm``, ``ddim`` or ``dpmpp_2m``.
+        sample_steps: default number of sampling steps.
+        guidance_scale: default classifier-free guidance scale (1 = conditional only).
+        dynamic_threshold: Imagen dynamic-thresholding percentile (e.g. 0.995); None disables.
+    """
+
+    def __init__(
+        self,
+        denoiser: nn.Module,
+        text_encoder: nn.Module,
+        image_size: int = 32,
+        timesteps: int = 1000,
+        schedule: Literal["linear", "cosine"] = "cosine",
+        prediction: Prediction = "eps",
+        min_snr_gamma: float | None = 5.0,
+        cond_drop_prob: float = 0.1,
+        ema_decay: float = 0.999,
+        optimizer: OptimizerCallable = _adamw,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        sampler: Sampler = "dpmpp_2m",
+        sample_steps: int = 20,
+        guidance_scale: float = 3.0,
+        dynamic_threshold: float | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["denoiser", "text_encoder"])
+        self.denoiser, self.text_encoder = denoiser, text_encoder
+        self.schedule = NoiseSchedule(timesteps, schedule)
+        self.image_size, self.prediction, self.min_snr_gamma = image_size, prediction, min_snr_gamma
+        self.cond_drop_prob, self.ema_decay = cond_drop_prob, ema_decay
+        self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
+        self.sampling_defaults = {
+            "sampler": sampler,
+            "steps": sample_steps,
+            "guidance_scale": guidance_scale,
+            "dynamic_threshold": dynamic_threshold,
+        }
+        self.text_trainable = any(p.requires_grad for p in text_encoder.parameters())
+        self.ema_denoiser = copy.deepcopy(denoiser).requires_grad_(False).eval()
+        self.ema_text_encoder = copy.deepcopy(text_encoder).requires_grad_(False).eval() if self.text_trainable else None
+
+    # ------------------------------------------------------------------ training
+    def conditioning(self, batch: dict) -> dict:
+        """Extra keyword arguments for the denoiser (none here; super-resolution adds its image)."""
+        return {}
+
+    def encode(self, captions: list[str], ema: bool = False) -> TextEncoding:
+        encoder = self.ema_text_encoder if ema and self.ema_text_encoder is not None else self.text_encoder
+        return encoder(captions)
+
+    def loss(self, batch: dict, cond_drop_prob: float | None = None) -> Tensor:
+        """Weighted MSE between the denoiser's output and its target at random timesteps."""
+        x0 = batch["image"]
+        if x0.shape[-1] != self.image_size:
+            raise ValueError(
+                f"batch images are {x0.shape[-1]} px but the model makes {self.image_size} px; "
+                "set model.init_args.image_size and data image_size to the same value"
+            )
+        b = x0.shape[0]
+        drop = torch.rand(b) < (self.cond_drop_prob if cond_drop_prob is None else cond_drop_prob)
+        captions = ["" if d else c for c, d in zip(batch["caption"], drop.tolist())]
+        text = self.encode(captions)
+        t = torch.randint(0, self.schedule.timesteps, (b,), device=self.device)
+        noise = torch.randn_like(x0)
+        x_t = self.schedule.add_noise(x0, noise, t)
+        output = self.denoiser(x_t, t, text, **self.conditioning(batch))
+        target = self.schedule.target(self.prediction, x0, noise, t)
+        per_sample = (output.float() - target.float()).pow(2).flatten(1).mean(1)
+        return (per_sample * self.schedule.loss_weight(self.prediction, t, self.min_snr_gamma)).mean()
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        loss = self.loss(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["caption"]))
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(batch_idx)  # the same noise and timesteps every validation: comparable losses
+            loss = self.loss(batch, cond_drop_prob=0.0)
+        self.log("val/loss", loss, sync_dist=True, batch_size=len(batch["caption"]))
+
+    @torch.no_grad()
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        step = self.global_step
+        decay = min(self.ema_decay, (1 + step) / (10 + step))  # warm-up: early EMA follows the weights
+        pairs = [(self.ema_denoiser, self.denoiser)]
+        if self.ema_text_encoder is not None:
+            pairs.append((self.ema_text_encoder, self.text_encoder))
+        for ema, live in pairs:
+            ema_params = [p for p in ema.parameters()]
+            live_params = [p.detach() for p in live.parameters()]
+            torch._foreach_lerp_(ema_params, live_params, 1 - decay)
+
+    def configure_optimizers(self):
+        params = [p for p in list(self.denoiser.parameters()) + list(self.text_encoder.parameters()) if p.requires_grad]
+        optimizer = self.optimizer_factory(params)
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.lr_scheduler_factory(optimizer), "interval": "step"}}
+
+    # ------------------------------------------------------------------ sampling
+    def denoise_fn(self, prompts: list[str], guidance_scale: float, threshold: float | None, use_ema: bool, cond: dict):
+        """The ``(x_t, t) -> (x0, eps)`` function the samplers call, with guidance and thresholding."""
+        net = self.ema_denoiser if use_ema else self.denoiser
+        text = self.encode(prompts, ema=use_ema)
+        null = self.encode([""] * len(prompts), ema=use_ema) if guidance_scale != 1.0 else None
+
+        def denoise(x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+            if null is None:
+                out = net(x, t, text, **cond)
+            else:  # one batched pass over conditional and unconditional halves
+                both = TextEncoding(*(torch.cat([a, b]) for a, b in zip(text, null)))
+                extra = {k: torch.cat([v, v]) for k, v in cond.items()}
+                c, u = net(torch.cat([x, x]), torch.cat([t, t]), both, **extra).chunk(2)
+                out = u + guidance_scale * (c - u)
+            x0, eps = self.schedule.to_x0_eps(self.prediction, out.to(x.dtype), x, t)
+            if threshold is not None:
+                x0 = dynamic_threshold(x0, threshold)
+                alpha, sigma = self.schedule.alpha_sigma(t, x)
+                eps = (x - alpha * x0) / sigma.clamp(min=1e-8)
+            return x0, eps
+
+        return denoise
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: list[str],
+        *,
+        seed: int | None = None,
+        sampler: Sampler | None = None,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        eta: float = 0.0,
+        dynamic_threshold: float | None = None,
+        use_ema: bool = True,
+        **cond,
+    ) -> Tensor:
+        """Sample images for ``prompts``: (b, 3, image_size, image_size) in [-1, 1].
+
+        Defaults come from the constructor; ``seed`` fixes the initial noise and every
+        sampler's noise, so the same seed gives the same images.
+        """
+        d = self.sampling_defaults
+        sampler = sampler or d["sampler"]
+        steps = steps or d["steps"]
+        guidance_scale = d["guidance_scale"] if guidance_scale is None else guidance_scale
+        threshold = dynamic_threshold if dynamic_threshold is not None else d["dynamic_threshold"]
+        generator = self.generator(seed, self.device)
+        shape = (len(prompts), 3, self.image_size, self.image_size)
+        noise = torch.randn(shape, generator=generator, device=self.device)
+        denoise = self.denoise_fn(list(prompts), guidance_scale, threshold, use_ema, cond)
+        x = SAMPLERS[sampler](denoise, self.schedule, noise, steps=steps, eta=eta, generator=generator)
+        return x.clamp(-1, 1)
+
+
+class SuperResolutionDiffusion(TextToImageDiffusion):
+    """A cascade stage: diffusion at ``image_size`` conditioned on the text and on a
+    ``low_res_size`` image, upsampled and concatenated to the input. The low-resolution image
+    is noise-augmented during training (Imagen): a random level up to ``max_aug_level`` of
+    the schedule, told to the network; sampling uses ``sample_aug_level``.
+
+    Args:
+        low_res_size: side of the conditioning image.
+        max_aug_level: largest augmentation timestep, as a fraction of ``T``.
+        sample_aug_level: augmentation timestep used when generating, as a fraction of ``T``.
+        **kwargs: the TextToImageDiffusion arguments (the denoiser needs ``cond_channels=3``).
+    """
+
+    def __init__(
+        self,
+        denoiser: nn.Module,
+        text_encoder: nn.Module,
+        low_res_size: int = 16,
+        max_aug_level: float = 0.3,
+        sample_aug_level: float = 0.1,
+        **kwargs,
+    ):
+        super().__init__(denoiser, text_encoder, **kwargs)
+        self.low_res_size, self.max_aug_level, self.sample_aug_level = low_res_size, max_aug_level, sample_aug_level
+
+    def prepare_low_res(self, low_res: Tensor, level: Tensor, generator: torch.Generator | None = None) -> dict:
+        """Noise-augment (b, 3, low, low) at timestep ``level`` (b,) and upsample to ``image_size``."""
+        noise = torch.randn(low_res.shape, generator=generator, device=low_res.device, dtype=low_res.dtype)
+        noisy = torch.where(level.view(-1, 1, 1, 1) > 0, self.schedule.add_noise(low_res, noise, level), low_res)
+        up = F.interpolate(noisy, size=self.image_size, mode="bilinear", align_corners=False)
+        return {"cond_image": up, "aug_level": level}
+
+    def conditioning(self, batch: dict) -> dict:
+        low = F.interpolate(batch["image"], size=self.low_res_size, mode="bilinear", antialias=True, align_corners=False)
+        high = int(self.max_aug_level * self.schedule.timesteps)
+        level = torch.randint(0, max(high, 1), (low.shape[0],), device=low.device)
+        return self.prepare_low_res(low, level)
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], *, low_res: Tensor | None = None, seed: int | None = None, **sampling) -> Tensor:
+        """Upsample ``low_res`` (b, 3, low_res_size, low_res_size) in [-1, 1] guided by ``prompts``."""
+        if low_res is None:
+            raise ValueError("super-resolution needs low_res images; use DiffusionCascade to generate from text alone")
+        level = torch.full((len(prompts),), int(self.sample_aug_level * self.schedule.timesteps), device=self.device)
+        generator = self.generator(None if seed is None else seed + 1, self.device)
+        cond = self.prepare_low_res(low_res.to(self.device), level, generator)
+        return super().generate(prompts, seed=seed, **sampling, **cond)
+
+
+class DiffusionCascade(TextToImageModule):
+    """Base model then super-resolution stage(s), each loaded from its checkpoint; for
+    ``predict`` and evaluation (train each stage with its own config).
+
+    Args:
+        base_checkpoint: checkpoint of a TextToImageDiffusion.
+        sr_checkpoints: checkpoints of SuperResolutionDiffusion stages, in order.
+        base_sampling: ``generate`` options of the base stage.
+        sr_sampling: ``generate`` options of the super-resolution stages.
+    """
+
+    def __init__(
+        self,
+        base_checkpoint: str,
+        sr_checkpoints: list[str],
+        base_sampling: dict | None = None,
+        sr_sampling: dict | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.base = TextToImageDiffusion.load_from_checkpoint(base_checkpoint, map_location="cpu", weights_only=False)
+        self.stages = nn.ModuleList(
+            SuperResolutionDiffusion.load_from_checkpoint(p, map_location="cpu", weights_only=False) for p in sr_checkpoints
+        )
+        self.base_sampling, self.sr_sampling = base_sampling or {}, sr_sampling or {}
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], *, seed: int | None = None, **sampling) -> Tensor:
+        """(b, 3, h, w) in [-1, 1] at the last stage's resolution."""
+        x = self.base.generate(prompts, seed=seed, **{**self.base_sampling, **sampling})
+        for stage in self.stages:
+            x = stage.generate(prompts, low_res=x, seed=seed, **self.sr_sampling)
+        return x
