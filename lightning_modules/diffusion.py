@@ -61,7 +61,7 @@ class TextToImageDiffusion(TextToImageModule):
         dynamic_threshold: float | None = None,
     ):
         super().__init__()
-        self.save_hyperparameters(ignore=["denoiser", "text_encoder"])
+        self.save_hyperparameters()
         self.denoiser, self.text_encoder = denoiser, text_encoder
         self.schedule = NoiseSchedule(timesteps, schedule)
         self.image_size, self.prediction, self.min_snr_gamma = image_size, prediction, min_snr_gamma
