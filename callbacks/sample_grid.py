@@ -6,6 +6,7 @@ import os
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_warn
 
 from .images import captioned_grid
 
@@ -41,8 +42,14 @@ class SampleGrid(Callback):
         self._last_step = trainer.global_step
         was_training = pl_module.training
         pl_module.eval()
-        images = pl_module.generate(list(self.prompts), seed=self.seed, **self.sampling)
-        pl_module.train(was_training)
+        try:
+            images = pl_module.generate(list(self.prompts), seed=self.seed, **self.sampling)
+        except NotImplementedError as err:  # e.g. a super-resolution stage cannot start from text alone
+            rank_zero_warn(f"SampleGrid disabled: {err}")
+            self.prompts = []
+            return None
+        finally:
+            pl_module.train(was_training)
         grid = captioned_grid(images, self.prompts, self.columns)
         out_dir = os.path.join(trainer.default_root_dir, "samples")
         os.makedirs(out_dir, exist_ok=True)

@@ -234,7 +234,9 @@ class SuperResolutionDiffusion(TextToImageDiffusion):
     def generate(self, prompts: list[str], *, low_res: Tensor | None = None, seed: int | None = None, **sampling) -> Tensor:
         """Upsample ``low_res`` (b, 3, low_res_size, low_res_size) in [-1, 1] guided by ``prompts``."""
         if low_res is None:
-            raise ValueError("super-resolution needs low_res images; use DiffusionCascade to generate from text alone")
+            raise NotImplementedError(
+                "super-resolution needs low_res images; use DiffusionCascade to generate from text alone"
+            )
         level = torch.full((len(prompts),), int(self.sample_aug_level * self.schedule.timesteps), device=self.device)
         generator = self.generator(None if seed is None else seed + 1, self.device)
         cond = self.prepare_low_res(low_res.to(self.device), level, generator)

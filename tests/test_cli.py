@@ -86,3 +86,41 @@ def test_every_config_parses(config, tmp_path):
         args = ["--config", config]
     proc = run_cli(["fit", *args, "--print_config"], tmp_path, timeout=120)
     assert "class_path" in proc.stdout
+
+
+def _tiny_bert(path):
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "circle"]
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "vocab.txt"), "w") as f:
+        f.write("\n".join(vocab))
+    BertTokenizer(os.path.join(path, "vocab.txt")).save_pretrained(path)
+    BertModel(BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32)).save_pretrained(path)  # fmt: skip
+
+
+@pytest.mark.parametrize("config", ["diffusion/shapes.yaml", "diffusion/shapes_sr.yaml", "diffusion/shards_gpu.yaml",
+                                    "diffusion/shards_gpu_sr256.yaml"])  # fmt: skip
+def test_method_config_runs_fast_dev_run(config, shapes16, tmp_path):
+    args = ["fit", "--config", os.path.join(ROOT, "configs", config), "--trainer.fast_dev_run", "1",
+            "--trainer.default_root_dir", str(tmp_path / "runs"), "--trainer.enable_progress_bar", "false",
+            "--data.init_args.batch_size", "2", "--data.init_args.num_workers", "0"]  # fmt: skip
+    if "shards" in config:  # GPU configs, shrunk to run on a CPU with a tiny local encoder
+        _tiny_bert(str(tmp_path / "bert"))
+        size = 32 if "sr256" in config else 16
+        args += ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.strategy", "auto",
+                 "--trainer.precision", "32-true",
+                 "--data.init_args.train_shards", os.path.join(shapes16, "train"),
+                 "--data.init_args.val_shards", os.path.join(shapes16, "val"), "--data.init_args.val_samples", "4",
+                 "--data.init_args.image_size", str(size), "--model.init_args.image_size", str(size),
+                 "--model.init_args.denoiser.init_args.base_channels", "16",
+                 "--model.init_args.denoiser.init_args.context_dim", "16",
+                 "--model.init_args.text_encoder.init_args.path", str(tmp_path / "bert")]  # fmt: skip
+        if "sr256" in config:
+            args += ["--model.init_args.low_res_size", "16"]
+    else:
+        args += ["--data.init_args.root", str(tmp_path / "shapes"), "--data.init_args.num_train", "40",
+                 "--data.init_args.num_val", "8", "--data.init_args.shard_size", "20"]  # fmt: skip
+    proc = run_cli(args, tmp_path)
+    assert "max_steps=1` reached" in proc.stdout + proc.stderr

@@ -117,7 +117,7 @@ def test_super_resolution_and_cascade(tmp_path):
     cond = sr.conditioning(batch)
     assert cond["cond_image"].shape == (2, 3, 16, 16) and cond["aug_level"].max() < 300
     assert sr.loss(batch).isfinite()
-    with pytest.raises(ValueError, match="low_res"):
+    with pytest.raises(NotImplementedError, match="low_res"):
         sr.generate(["a"])
     paths = []
     for name, m in (("base", base), ("sr", sr)):
