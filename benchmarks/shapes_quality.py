@@ -13,6 +13,21 @@ import torch
 from datamodules.shapes import heldout_prompts, score_batch
 
 
+def from_run_config(config: str, path: str):
+    """Build the model of a run from its saved ``config.yaml`` and load the checkpoint's weights."""
+    import yaml
+    from jsonargparse import ArgumentParser
+    from lightning.pytorch import LightningModule
+
+    with open(config) as f:
+        model_cfg = yaml.safe_load(f)["model"]
+    parser = ArgumentParser()
+    parser.add_subclass_arguments(LightningModule, "model")
+    model = parser.instantiate_classes(parser.parse_object({"model": model_cfg})).model
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=False)["state_dict"])
+    return model.eval()
+
+
 def load(path: str):
     """Any method's checkpoint trained through the CLI (its class comes from the saved config)."""
     from lightning.pytorch import LightningModule
@@ -28,9 +43,10 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=1, help="images per held-out prompt")
     p.add_argument("--batch", type=int, default=26)
     p.add_argument("--guidance", type=float, default=None)
+    p.add_argument("--config", help="the run's config.yaml, for checkpoints that do not rebuild themselves")
     p.add_argument("--samplers", default="ddpm:1000,ddim:50,dpmpp_2m:20")
     a = p.parse_args()
-    model = load(a.checkpoint)
+    model = from_run_config(a.config, a.checkpoint) if a.config else load(a.checkpoint)
     if torch.cuda.is_available():
         model = model.cuda()
     prompts = heldout_prompts()
