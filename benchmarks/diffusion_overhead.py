@@ -9,6 +9,7 @@ import time
 
 import torch
 from lightning.pytorch import Trainer
+from torch.utils.data import DataLoader
 
 from lightning_modules.diffusion import TextToImageDiffusion
 from networks.text_encoders import TransformerTextEncoder
@@ -48,7 +49,7 @@ def lightning_loop(model, data, accelerator: str) -> float:
     trainer = Trainer(max_steps=len(data), accelerator=accelerator, devices=1, logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)  # fmt: skip
     start = time.perf_counter()
-    trainer.fit(model, train_dataloaders=data)
+    trainer.fit(model, train_dataloaders=DataLoader(data, batch_size=None))
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return len(data) / (time.perf_counter() - start)
