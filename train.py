@@ -44,13 +44,17 @@ class TextToImageCLI(LightningCLI):
         root = cfg.trainer.default_root_dir or "runs"
         name = cfg.get("run_name") or os.environ.get(RUN_NAME_ENV) or os.environ.get("SLURM_JOB_ID")
         if name is None and self.subcommand == "fit" and cfg.get("ckpt_path") == "last":
-            candidates = sorted(glob.glob(os.path.join(root, "*", "checkpoints", "last.ckpt")), key=os.path.getmtime)
+            candidates = sorted(
+                glob.glob(os.path.join(root, "*", "checkpoints", "last.ckpt")), key=os.path.getmtime
+            )
             if not candidates:
                 raise FileNotFoundError(f"--ckpt_path last: no run under {root} has checkpoints/last.ckpt")
             name = os.path.basename(os.path.dirname(os.path.dirname(candidates[-1])))
             cfg.ckpt_path = candidates[-1]
         if name is None:
-            name = time.strftime("%Y%m%d-%H%M%S") + ("" if self.subcommand == "fit" else f"-{self.subcommand}")
+            name = time.strftime("%Y%m%d-%H%M%S") + (
+                "" if self.subcommand == "fit" else f"-{self.subcommand}"
+            )
         os.environ[RUN_NAME_ENV] = name
         run_dir = os.path.join(root, name)
         cfg.trainer.default_root_dir = run_dir

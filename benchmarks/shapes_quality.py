@@ -51,7 +51,9 @@ def main() -> None:
         model = model.cuda()
     prompts = heldout_prompts()
     print(f"{len(prompts)} held-out single-object prompts x {a.seeds} seed(s), resolution {model.image_size}")
-    print(f"{'sampler':<12}{'steps':>6}{'all':>8}{'colour':>8}{'shape':>8}{'size':>8}{'position':>9}{'img/s':>9}")
+    print(
+        f"{'sampler':<12}{'steps':>6}{'all':>8}{'colour':>8}{'shape':>8}{'size':>8}{'position':>9}{'img/s':>9}"
+    )
     for spec in a.samplers.split(","):
         sampler, steps = spec.split(":")
         images, attrs = [], []

@@ -28,9 +28,13 @@ class PromptImageWriter(BasePredictionWriter):
         os.makedirs(out, exist_ok=True)
         return out
 
-    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
+    def write_on_batch_end(
+        self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0
+    ):
         out = self._dir(trainer)
-        for img, cap, seed, index in zip(prediction["image"], prediction["caption"], prediction["seed"], prediction["index"]):
+        for img, cap, seed, index in zip(
+            prediction["image"], prediction["caption"], prediction["seed"], prediction["index"]
+        ):
             to_pil(img).save(os.path.join(out, f"{int(index):04d}_{slug(cap)}_seed{int(seed)}.png"))
             self._images.append(img.cpu())
             self._captions.append(f"{cap} (seed {int(seed)})")
@@ -38,5 +42,10 @@ class PromptImageWriter(BasePredictionWriter):
     def on_predict_epoch_end(self, trainer, pl_module) -> None:
         if self._images:
             grid = captioned_grid(torch.stack(self._images), self._captions, self.columns)
-            grid.save(os.path.join(self._dir(trainer), f"grid_rank{trainer.global_rank}.png" if trainer.world_size > 1 else "grid.png"))
+            grid.save(
+                os.path.join(
+                    self._dir(trainer),
+                    f"grid_rank{trainer.global_rank}.png" if trainer.world_size > 1 else "grid.png",
+                )
+            )
         self._images, self._captions = [], []

@@ -38,7 +38,11 @@ def from_folder(root: str) -> Iterator[tuple[str, list[str] | None, dict]]:
             if os.path.exists(txt):
                 with open(txt, encoding="utf-8", errors="strict") as f:
                     captions = [line.strip() for line in f if line.strip()]
-            yield os.path.join(dirpath, name), captions, {"source": os.path.relpath(os.path.join(dirpath, name), root)}
+            yield (
+                os.path.join(dirpath, name),
+                captions,
+                {"source": os.path.relpath(os.path.join(dirpath, name), root)},
+            )
 
 
 def from_table(path: str, image_root: str = "", path_column: str = "path", caption_column: str = "caption"):
@@ -70,7 +74,12 @@ def from_coco(path: str, image_root: str = ""):
         yield (
             os.path.join(image_root, img["file_name"]),
             captions.get(img["id"]) or None,
-            {"source": img["file_name"], "coco_id": img["id"], "width": img.get("width"), "height": img.get("height")},
+            {
+                "source": img["file_name"],
+                "coco_id": img["id"],
+                "width": img.get("width"),
+                "height": img.get("height"),
+            },
         )
 
 
@@ -119,7 +128,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("kind", choices=["folder", "table", "coco"], help="input kind")
     p.add_argument("source", help="folder of images + .txt, CSV/JSONL file, or COCO captions JSON")
     p.add_argument("out_dir", help="folder for the shards")
-    p.add_argument("--image-root", default="", help="folder the table's or COCO file's image paths are relative to")
+    p.add_argument(
+        "--image-root", default="", help="folder the table's or COCO file's image paths are relative to"
+    )
     p.add_argument("--path-column", default="path")
     p.add_argument("--caption-column", default="caption")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")

@@ -176,7 +176,11 @@ def _objects_count(a: dict, rng: np.random.Generator) -> list[ShapeObject]:
     out = []
     for i in chosen:
         jitter = rng.uniform(-0.03, 0.03, size=2)
-        out.append(ShapeObject(o["colour"], o["shape"], slots[i][0] + jitter[0], slots[i][1] + jitter[1], COUNT_EXTENT))
+        out.append(
+            ShapeObject(
+                o["colour"], o["shape"], slots[i][0] + jitter[0], slots[i][1] + jitter[1], COUNT_EXTENT
+            )
+        )
     return out
 
 
@@ -224,7 +228,9 @@ def sample_attrs(
     n = int(rng.integers(2, 5))
     return {
         "kind": "count",
-        "objects": [{"colour": colours[rng.integers(len(colours))], "shape": SHAPES[rng.integers(len(SHAPES))]}],
+        "objects": [
+            {"colour": colours[rng.integers(len(colours))], "shape": SHAPES[rng.integers(len(SHAPES))]}
+        ],
         "count": n,
     }
 
@@ -271,7 +277,18 @@ def to_uint8(image) -> np.ndarray:
     if isinstance(image, Image.Image):
         return np.asarray(image.convert("RGB"))
     if hasattr(image, "detach"):
-        arr = image.detach().float().cpu().clamp(-1, 1).add(1).mul(127.5).round().byte().permute(1, 2, 0).numpy()
+        arr = (
+            image.detach()
+            .float()
+            .cpu()
+            .clamp(-1, 1)
+            .add(1)
+            .mul(127.5)
+            .round()
+            .byte()
+            .permute(1, 2, 0)
+            .numpy()
+        )
         return arr
     return np.asarray(image, dtype=np.uint8)
 
@@ -333,7 +350,9 @@ def score(image, attrs: dict) -> dict[str, bool]:
         result["shape"] = b is not None and b.shape == o["shape"]
         result["size"] = b is not None and (b.extent > 0.35) == (o["size"] == "large")
         if b is not None:
-            nearest = min(POSITIONS, key=lambda p: (POSITIONS[p][0] - b.cx) ** 2 + (POSITIONS[p][1] - b.cy) ** 2)
+            nearest = min(
+                POSITIONS, key=lambda p: (POSITIONS[p][0] - b.cx) ** 2 + (POSITIONS[p][1] - b.cy) ** 2
+            )
         result["position"] = b is not None and nearest == o["position"]
         result["count"] = len(blobs) == 1
     elif attrs["kind"] == "relation":
@@ -421,7 +440,9 @@ def write_shapes_shards(
                 img, caps, attrs = make_sample(rng, resolution)
                 buf = io.BytesIO()
                 img.save(buf, format="PNG")
-                writer.write(f"{split}{i:08d}", {"png": buf.getvalue(), "txt": "\n".join(caps), "json": attrs})
+                writer.write(
+                    f"{split}{i:08d}", {"png": buf.getvalue(), "txt": "\n".join(caps), "json": attrs}
+                )
     with open(os.path.join(root, "heldout.jsonl"), "w") as f:
         for cap, attrs in heldout_prompts():
             f.write(json.dumps({"caption": cap, "attrs": attrs}) + "\n")

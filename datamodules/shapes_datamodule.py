@@ -45,13 +45,22 @@ class ShapesDataModule(TextImageDataModule):
             **kwargs,
         )
         self.root, self.resolution = root, resolution
-        self.num_train, self.num_val, self.data_seed, self.shard_size = num_train, num_val, data_seed, shard_size
+        self.num_train, self.num_val, self.data_seed, self.shard_size = (
+            num_train,
+            num_val,
+            data_seed,
+            shard_size,
+        )
 
     def prepare_data(self) -> None:
         """Render the dataset once (local rank zero; the other ranks wait at a barrier)."""
         if not os.path.exists(os.path.join(self.root, "manifest.json")):
-            rank_zero_info(f"rendering the shapes dataset into {self.root} ({self.num_train} + {self.num_val} images)")
-        write_shapes_shards(self.root, self.resolution, self.num_train, self.num_val, self.data_seed, self.shard_size)
+            rank_zero_info(
+                f"rendering the shapes dataset into {self.root} ({self.num_train} + {self.num_val} images)"
+            )
+        write_shapes_shards(
+            self.root, self.resolution, self.num_train, self.num_val, self.data_seed, self.shard_size
+        )
 
     @staticmethod
     def heldout() -> list[tuple[str, dict]]:

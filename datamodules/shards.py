@@ -128,7 +128,9 @@ def iter_tar_groups(
             yield key, members
     except (tarfile.TarError, OSError, EOFError, ValueError) as err:
         skips.add("unreadable_shard")
-        warnings.warn(f"shard {url!r} is unreadable or truncated ({err}); skipping the rest of it", stacklevel=2)
+        warnings.warn(
+            f"shard {url!r} is unreadable or truncated ({err}); skipping the rest of it", stacklevel=2
+        )
 
 
 class _TailReader:
@@ -233,7 +235,9 @@ def decode_image(raw: bytes, max_pixels: int, target_size: int | None = None) ->
 class ShardWriter:
     """Write samples into numbered tar shards: ``{prefix}-{index:05d}.tar``, ``max_count`` a shard."""
 
-    def __init__(self, directory: str, prefix: str = "shard", max_count: int = 1000, max_bytes: int = 1 << 30):
+    def __init__(
+        self, directory: str, prefix: str = "shard", max_count: int = 1000, max_bytes: int = 1 << 30
+    ):
         os.makedirs(directory, exist_ok=True)
         self.directory, self.prefix = directory, prefix
         self.max_count, self.max_bytes = max_count, max_bytes

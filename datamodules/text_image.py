@@ -82,7 +82,9 @@ class ShardStream(IterableDataset):
         info = get_worker_info()
         return (info.id, info.num_workers) if info is not None else (0, 1)
 
-    def decode(self, key: str, members: dict[str, bytes], skips: SkipCounter, rng: random.Random) -> dict | None:
+    def decode(
+        self, key: str, members: dict[str, bytes], skips: SkipCounter, rng: random.Random
+    ) -> dict | None:
         try:
             if "__too_large__" in members:
                 raise SampleError("too_large")
@@ -115,7 +117,9 @@ class ShardStream(IterableDataset):
         worker, num_workers = self._worker()
         slot, slots = self.rank * num_workers + worker, self.world_size * num_workers
         skips = SkipCounter()
-        rng = random.Random(f"{self.seed}/{slot}/{self.start_step}/{self.mode}")  # str seeds are stable across runs
+        rng = random.Random(
+            f"{self.seed}/{slot}/{self.start_step}/{self.mode}"
+        )  # str seeds are stable across runs
         if self.mode == "val":
             stream = self._val_stream(slot, slots, skips, rng)
         else:
@@ -335,7 +339,9 @@ class TextImageDataModule(LightningDataModule):
             raise ValueError(
                 "predict needs prompts: pass --data.init_args.predict_prompts with a prompt, a list or a text file"
             )
-        items = [{"caption": p, "seed": s, "index": i} for i, p in enumerate(prompts) for s in self.predict_seeds]
+        items = [
+            {"caption": p, "seed": s, "index": i} for i, p in enumerate(prompts) for s in self.predict_seeds
+        ]
         return DataLoader(items, batch_size=self.batch_size, collate_fn=_prompt_collate)
 
     # -- skipped-sample accounting
@@ -361,4 +367,3 @@ class TextImageDataModule(LightningDataModule):
         self._skips = {}
         if state.get("skipped"):
             warnings.warn(f"data skipped before resuming: {state['skipped']}", stacklevel=2)
-

@@ -81,7 +81,9 @@ class NoiseSchedule(nn.Module):
         alpha, sigma = self.alpha_sigma(t, x0)
         return alpha * noise - sigma * x0
 
-    def to_x0_eps(self, prediction: Prediction, output: Tensor, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    def to_x0_eps(
+        self, prediction: Prediction, output: Tensor, x: Tensor, t: Tensor
+    ) -> tuple[Tensor, Tensor]:
         """Convert a network output to ``(x0, eps)`` at ``x_t``."""
         alpha, sigma = self.alpha_sigma(t, x)
         if prediction == "eps":
@@ -133,7 +135,9 @@ def sample_ddpm(
         x0, _ = denoise(x, tt)
         abar_t, abar_prev = schedule.abar(tt)[0].item(), schedule.abar(_full(prev, x))[0].item()
         alpha_t, beta_t = abar_t / abar_prev, 1 - abar_t / abar_prev
-        mean = (abar_prev**0.5 * beta_t / (1 - abar_t)) * x0 + (alpha_t**0.5 * (1 - abar_prev) / (1 - abar_t)) * x
+        mean = (abar_prev**0.5 * beta_t / (1 - abar_t)) * x0 + (
+            alpha_t**0.5 * (1 - abar_prev) / (1 - abar_t)
+        ) * x
         if t > 0:
             variance = max(beta_t * (1 - abar_prev) / (1 - abar_t), 1e-20)
             mean = mean + variance**0.5 * _randn(x, generator)
@@ -143,7 +147,13 @@ def sample_ddpm(
 
 @torch.no_grad()
 def sample_ddim(
-    denoise: DenoiseFn, schedule: NoiseSchedule, noise: Tensor, steps: int = 50, eta: float = 0.0, generator=None, **_
+    denoise: DenoiseFn,
+    schedule: NoiseSchedule,
+    noise: Tensor,
+    steps: int = 50,
+    eta: float = 0.0,
+    generator=None,
+    **_,
 ) -> Tensor:
     """DDIM (Song et al. 2021); ``eta = 0`` is deterministic, ``eta = 1`` is DDPM-like."""
     ts = trailing_timesteps(schedule.timesteps, steps)
@@ -189,5 +199,9 @@ def sample_dpmpp_2m(
     return x
 
 
-SAMPLERS: dict[str, Callable[..., Tensor]] = {"ddpm": sample_ddpm, "ddim": sample_ddim, "dpmpp_2m": sample_dpmpp_2m}
+SAMPLERS: dict[str, Callable[..., Tensor]] = {
+    "ddpm": sample_ddpm,
+    "ddim": sample_ddim,
+    "dpmpp_2m": sample_dpmpp_2m,
+}
 Sampler = Literal["ddpm", "ddim", "dpmpp_2m"]

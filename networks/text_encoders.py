@@ -73,7 +73,9 @@ class TransformerBlock(nn.Module):
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
         b, n, d = x.shape
         q, k, v = self.qkv(self.norm1(x)).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])  # (b, heads, n, d/heads)
+        attn = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask[:, None, None, :]
+        )  # (b, heads, n, d/heads)
         x = x + self.proj(attn.transpose(1, 2).reshape(b, n, d))
         return x + self.mlp(self.norm2(x))
 
@@ -160,7 +162,11 @@ class PretrainedTextEncoder(nn.Module):
     @torch.no_grad()
     def forward(self, captions: list[str]) -> TextEncoding:
         enc = self.tokenizer(
-            list(captions), padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
+            list(captions),
+            padding="max_length",
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
         )
         device = next(self.model.parameters()).device
         ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device).bool()

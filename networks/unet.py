@@ -36,10 +36,14 @@ class ResBlock(nn.Module):
 
     def __init__(self, channels: int, out_channels: int, emb_dim: int, dropout: float = 0.0):
         super().__init__()
-        self.in_layers = nn.Sequential(norm(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.in_layers = nn.Sequential(
+            norm(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
+        )
         self.emb = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, 2 * out_channels))
         self.out_norm = norm(out_channels)
-        self.out_layers = nn.Sequential(nn.SiLU(), nn.Dropout(dropout), nn.Conv2d(out_channels, out_channels, 3, padding=1))
+        self.out_layers = nn.Sequential(
+            nn.SiLU(), nn.Dropout(dropout), nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        )
         nn.init.zeros_(self.out_layers[-1].weight)
         nn.init.zeros_(self.out_layers[-1].bias)
         self.skip = nn.Conv2d(channels, out_channels, 1) if channels != out_channels else nn.Identity()
@@ -85,7 +89,9 @@ class AttentionBlock(nn.Module):
         seq = rearrange(x, "b c h w -> b (h w) c")
         y = self.norm1(seq)
         seq = seq + self.self_attn(y, y)
-        context = torch.cat([self.null.expand(b, -1, -1).to(text.tokens.dtype), text.tokens], dim=1)  # (b, 1 + n, d)
+        context = torch.cat(
+            [self.null.expand(b, -1, -1).to(text.tokens.dtype), text.tokens], dim=1
+        )  # (b, 1 + n, d)
         mask = torch.cat([text.mask.new_ones(b, 1), text.mask], dim=1)
         seq = seq + self.cross_attn(self.norm2(seq), context, mask)
         return rearrange(seq, "b (h w) c -> b c h w", h=h, w=w)
@@ -123,9 +129,13 @@ class UNet(nn.Module):
         super().__init__()
         emb_dim = 4 * base_channels
         self.base_channels, self.cond_channels = base_channels, cond_channels
-        self.time_embed = nn.Sequential(nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.time_embed = nn.Sequential(
+            nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
+        )
         self.aug_embed = (
-            nn.Sequential(nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)) if cond_channels else None
+            nn.Sequential(nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+            if cond_channels
+            else None
         )
         self.pooled_embed = nn.Linear(context_dim, emb_dim)
         self.input = nn.Conv2d(in_channels + cond_channels, base_channels, 3, padding=1)
@@ -144,7 +154,11 @@ class UNet(nn.Module):
                 self.down.append(nn.ModuleList([nn.Conv2d(ch, ch, 3, stride=2, padding=1)]))
                 skips.append(ch)
         self.middle = nn.ModuleList(
-            [ResBlock(ch, ch, emb_dim, dropout), AttentionBlock(ch, context_dim, heads), ResBlock(ch, ch, emb_dim, dropout)]
+            [
+                ResBlock(ch, ch, emb_dim, dropout),
+                AttentionBlock(ch, context_dim, heads),
+                ResBlock(ch, ch, emb_dim, dropout),
+            ]
         )
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(channel_mult))):
@@ -154,7 +168,11 @@ class UNet(nn.Module):
                 if level in attention_levels:
                     layers.append(AttentionBlock(ch, context_dim, heads))
                 if level != 0 and i == num_res_blocks:
-                    layers.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(ch, ch, 3, padding=1)))
+                    layers.append(
+                        nn.Sequential(
+                            nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(ch, ch, 3, padding=1)
+                        )
+                    )
                 self.up.append(nn.ModuleList(layers))
         self.out = nn.Sequential(norm(ch), nn.SiLU(), nn.Conv2d(ch, out_channels, 3, padding=1))
         nn.init.zeros_(self.out[-1].weight)
@@ -172,9 +190,16 @@ class UNet(nn.Module):
         return h
 
     def forward(
-        self, x: Tensor, t: Tensor, text: TextEncoding, cond_image: Tensor | None = None, aug_level: Tensor | None = None
+        self,
+        x: Tensor,
+        t: Tensor,
+        text: TextEncoding,
+        cond_image: Tensor | None = None,
+        aug_level: Tensor | None = None,
     ) -> Tensor:
-        emb = self.time_embed(timestep_embedding(t, self.base_channels)) + self.pooled_embed(text.pooled)  # (b, emb)
+        emb = self.time_embed(timestep_embedding(t, self.base_channels)) + self.pooled_embed(
+            text.pooled
+        )  # (b, emb)
         if self.cond_channels:
             if cond_image is None:
                 raise ValueError("this UNet is conditioned on an image (cond_channels > 0): pass cond_image")

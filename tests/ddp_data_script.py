@@ -19,7 +19,7 @@ class Record(Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.train += 1
-        self.shards.update(int(k[len("train"):]) // 100 for k in batch["key"])
+        self.shards.update(int(k[len("train") :]) // 100 for k in batch["key"])
 
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
         if not trainer.sanity_checking:

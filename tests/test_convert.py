@@ -11,7 +11,9 @@ from datamodules.text_image import ShardStream, build_transform
 def _images(folder, n):
     os.makedirs(folder, exist_ok=True)
     for i in range(n):
-        Image.new("RGB", (24, 20), (40 * i, 100, 200)).save(os.path.join(folder, f"img{i}.{'png' if i % 2 else 'bmp'}"))
+        Image.new("RGB", (24, 20), (40 * i, 100, 200)).save(
+            os.path.join(folder, f"img{i}.{'png' if i % 2 else 'bmp'}")
+        )
 
 
 def _read(out_dir):
@@ -46,7 +48,9 @@ def test_csv_and_jsonl_tables(tmp_path):
         w = csv.writer(f)
         w.writerow(["path", "caption"])
         w.writerows([["img0.bmp", "zero"], ["img1.png", "one"], ["img1.png", "uno"], ["missing.png", "x"]])
-    summary = main(["table", str(tmp_path / "t.csv"), str(tmp_path / "o1"), "--image-root", str(tmp_path / "imgs")])
+    summary = main(
+        ["table", str(tmp_path / "t.csv"), str(tmp_path / "o1"), "--image-root", str(tmp_path / "imgs")]
+    )
     assert summary["written"] == 2 and summary["skipped"] == {"missing_image": 1}
     assert sorted(s["caption"] for s in _read(tmp_path / "o1")) == ["one", "zero"]
     with open(tmp_path / "t.jsonl", "w") as f:
@@ -66,7 +70,9 @@ def test_coco_captions(tmp_path):
                         {"image_id": 9, "caption": "a dog"}],
     }  # fmt: skip
     (tmp_path / "cap.json").write_text(json.dumps(coco))
-    summary = main(["coco", str(tmp_path / "cap.json"), str(tmp_path / "o"), "--image-root", str(tmp_path / "val")])
+    summary = main(
+        ["coco", str(tmp_path / "cap.json"), str(tmp_path / "o"), "--image-root", str(tmp_path / "val")]
+    )
     assert summary["written"] == 2 and summary["skipped"] == {"no_caption": 1}
     samples = {s["meta"]["coco_id"]: s for s in _read(tmp_path / "o")}
     assert samples[7]["caption"] == "a cat" and samples[9]["caption"] == "a dog"

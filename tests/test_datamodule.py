@@ -44,8 +44,14 @@ def _write_bad_shard(path: str) -> dict[str, int]:
         ("gray", {"png": _encode(rgb.convert("L"), "PNG"), "txt": "gray"}),
         ("rgba", {"png": _encode(rgb.convert("RGBA"), "PNG"), "txt": "rgba"}),
         ("cmyk", {"jpg": _encode(rgb.convert("CMYK"), "JPEG"), "txt": "cmyk"}),
-        ("palette", {"png": _encode(rgb.convert("P"), "PNG"), "txt": json.dumps(["first", "second"]).encode()}),
-        ("extra", {"webp": _encode(rgb, "WEBP"), "txt": "with junk", "pkl": b"\x80\x04junk", "json": b'{"a": 1}'}),
+        (
+            "palette",
+            {"png": _encode(rgb.convert("P"), "PNG"), "txt": json.dumps(["first", "second"]).encode()},
+        ),
+        (
+            "extra",
+            {"webp": _encode(rgb, "WEBP"), "txt": "with junk", "pkl": b"\x80\x04junk", "json": b'{"a": 1}'},
+        ),
         ("good1", _good(1)),
     ]
     with tarfile.open(path, "w") as tar:
@@ -78,7 +84,9 @@ def test_bad_samples_are_skipped_and_counted(tmp_path):
     samples = [next(it) for _ in range(20)]
     keys = [s["key"] for s in samples[:8]]
     assert keys == ["good0", "gray", "rgba", "cmyk", "palette", "extra", "good1", "s0"]
-    assert all(s["image"].shape == (3, 16, 16) and s["image"].min() >= -1 and s["image"].max() <= 1 for s in samples)
+    assert all(
+        s["image"].shape == (3, 16, 16) and s["image"].min() >= -1 and s["image"].max() <= 1 for s in samples
+    )
     assert samples[4]["caption"] == "first"  # JSON list of captions, first in validation
     assert samples[5]["meta"] == {"a": 1}
     counts = samples[-1][SKIPS_KEY][1]
@@ -103,7 +111,9 @@ def test_batch_contract_and_skips_reported_by_datamodule(tmp_path, shapes16):
     assert set(b) == {"image", "caption", "key", "meta"}
     assert b["image"].shape == (8, 3, 16, 16) and b["image"].dtype == torch.float32
     assert -1 <= b["image"].min() and b["image"].max() <= 1 and b["image"].min() < -0.5
-    assert len(b["caption"]) == len(b["key"]) == len(b["meta"]) == 8 and all(isinstance(c, str) for c in b["caption"])
+    assert len(b["caption"]) == len(b["key"]) == len(b["meta"]) == 8 and all(
+        isinstance(c, str) for c in b["caption"]
+    )
     val = [dm.on_before_batch_transfer(b, 0) for b in dm.val_dataloader()]
     assert sum(len(v["key"]) for v in val) == 20
     # run the stream until the bad shard has been read; its skips must reach the datamodule
@@ -116,16 +126,22 @@ def test_batch_contract_and_skips_reported_by_datamodule(tmp_path, shapes16):
 
 
 def test_ranks_read_disjoint_shards_and_equal_validation(shapes16):
-    dm = ShapesDataModule(root=shapes16, resolution=16, num_train=600, num_val=64, shard_size=100, num_workers=0)
+    dm = ShapesDataModule(
+        root=shapes16, resolution=16, num_train=600, num_val=64, shard_size=100, num_workers=0
+    )
     train_urls = dm._urls(dm.train_shards, "train_shards")
     keys = {}
     for rank in range(2):
-        stream = ShardStream(train_urls, build_transform(16), "train", rank=rank, world_size=2, shuffle_buffer=2)
+        stream = ShardStream(
+            train_urls, build_transform(16), "train", rank=rank, world_size=2, shuffle_buffer=2
+        )
         it = iter(stream)
         keys[rank] = {next(it)["key"] for _ in range(250)}
     assert not keys[0] & keys[1]
     val_urls = dm._urls(dm.val_shards, "val_shards")
-    per_rank = [[s["key"] for s in _val_stream(val_urls, rank=r, world_size=3, val_samples=60)] for r in range(3)]
+    per_rank = [
+        [s["key"] for s in _val_stream(val_urls, rank=r, world_size=3, val_samples=60)] for r in range(3)
+    ]
     assert [len(p) for p in per_rank] == [20, 20, 20]
     assert not set(per_rank[0]) & set(per_rank[1])
     again = [s["key"] for s in _val_stream(val_urls, rank=0, world_size=3, val_samples=60)]

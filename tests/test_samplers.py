@@ -64,7 +64,9 @@ def test_ddim_matches_diffusers(eta):
                         set_alpha_to_one=True)  # fmt: skip
     ref.alphas_cumprod = s.alphas_cumprod.clone()
     for steps in (50, 20):
-        a = sample_ddim(ours(s), s, _noise(), steps=steps, eta=eta, generator=torch.Generator().manual_seed(2))
+        a = sample_ddim(
+            ours(s), s, _noise(), steps=steps, eta=eta, generator=torch.Generator().manual_seed(2)
+        )
         b = run_diffusers(ref, _noise(), steps, generator=torch.Generator().manual_seed(2), eta=eta)
         assert torch.allclose(a, b, rtol=1e-6, atol=1e-6), (steps, (a - b).abs().max())
 

@@ -22,7 +22,13 @@ def test_pretrained_encoder_from_local_directory(tmp_path):
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "blue", "circle", "square"]
     (tmp_path / "vocab.txt").write_text("\n".join(vocab))
     BertTokenizer(str(tmp_path / "vocab.txt")).save_pretrained(tmp_path)
-    cfg = BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    cfg = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+    )
     BertModel(cfg).save_pretrained(tmp_path)
     enc = PretrainedTextEncoder(str(tmp_path), max_length=8)
     out = enc(["a red circle", "a blue square"])

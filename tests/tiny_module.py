@@ -12,7 +12,9 @@ from lightning_modules.base import TextToImageModule
 class TinyRegression(TextToImageModule):
     """Maps the pooled caption embedding straight to pixels with an MSE loss."""
 
-    def __init__(self, text_encoder: nn.Module, image_size: int = 16, optimizer: OptimizerCallable = torch.optim.Adam):
+    def __init__(
+        self, text_encoder: nn.Module, image_size: int = 16, optimizer: OptimizerCallable = torch.optim.Adam
+    ):
         super().__init__()
         self.save_hyperparameters(ignore=["text_encoder"])
         self.text_encoder = text_encoder
