@@ -18,7 +18,9 @@ from networks.unet import UNet
 
 def build(resolution: int) -> TextToImageDiffusion:
     torch.manual_seed(0)
-    unet = UNet(base_channels=32, channel_mult=[1, 2, 2], num_res_blocks=1, attention_levels=[1, 2], context_dim=128)
+    unet = UNet(
+        base_channels=32, channel_mult=[1, 2, 2], num_res_blocks=1, attention_levels=[1, 2], context_dim=128
+    )
     text = TransformerTextEncoder(width=128, depth=2, heads=4, max_length=24, tokenizer="bpe")
     return TextToImageDiffusion(unet, text, image_size=resolution)
 
@@ -65,11 +67,15 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     data = batches(a.steps, a.batch, a.resolution, device)
     results = {}
-    for round_ in range(2):  # alternate, so that drifting machine load hits both alike
+    for _round in range(2):  # alternate, so that drifting machine load hits both alike
         for name in ("plain", "lightning"):
             model = build(a.resolution).to(device)
             plain_loop(model, data[: a.warmup])  # warm-up (allocator, kernels)
-            rate = plain_loop(model, data) if name == "plain" else lightning_loop(model, data, "gpu" if device == "cuda" else "cpu")
+            rate = (
+                plain_loop(model, data)
+                if name == "plain"
+                else lightning_loop(model, data, "gpu" if device == "cuda" else "cpu")
+            )
             results.setdefault(name, []).append(rate)
     plain, light = max(results["plain"]), max(results["lightning"])
     print(f"device={device} batch={a.batch} res={a.resolution} steps={a.steps}")

@@ -3,6 +3,7 @@
 from .data_health import SkippedSamplesLogger
 from .prediction_writer import PromptImageWriter
 from .sample_grid import SampleGrid
+from .shapes_score import ShapesScore
 from .wandb_logger import AutoOfflineWandbLogger
 
-__all__ = ["AutoOfflineWandbLogger", "PromptImageWriter", "SampleGrid", "SkippedSamplesLogger"]
+__all__ = ["AutoOfflineWandbLogger", "PromptImageWriter", "SampleGrid", "ShapesScore", "SkippedSamplesLogger"]

@@ -35,6 +35,7 @@ class SampleGrid(Callback):
         self.prompts, self.every_n_steps, self.seed = prompts, every_n_steps, seed
         self.columns, self.sampling = columns, sampling or {}
         self._last_step = -1
+        self._last_interval = 0
 
     def log_grid(self, trainer: Trainer, pl_module: LightningModule) -> str | None:
         if not trainer.is_global_zero or trainer.global_step == self._last_step or not self.prompts:
@@ -57,11 +58,15 @@ class SampleGrid(Callback):
         grid.save(path)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                logger.log_image(key="samples", images=[grid], caption=[" | ".join(self.prompts)], step=trainer.global_step)
+                logger.log_image(
+                    key="samples", images=[grid], caption=[" | ".join(self.prompts)], step=trainer.global_step
+                )
         return path
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0 and trainer.global_step > 0:
+        # interval crossings, not exact multiples: a GAN advances global_step by 2 or more per batch
+        if self.every_n_steps and trainer.global_step // self.every_n_steps > self._last_interval:
+            self._last_interval = trainer.global_step // self.every_n_steps
             self.log_grid(trainer, pl_module)
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:

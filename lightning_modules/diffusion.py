@@ -15,6 +15,7 @@ from networks.diffusion import SAMPLERS, NoiseSchedule, Prediction, Sampler, dyn
 from networks.text_encoders import TextEncoding
 
 from .base import TextToImageModule
+from .ema import ema_decay, ema_update
 
 
 def _adamw(params):
@@ -40,6 +41,9 @@ class TextToImageDiffusion(TextToImageModule):
         sample_steps: default number of sampling steps.
         guidance_scale: default classifier-free guidance scale (1 = conditional only).
         dynamic_threshold: Imagen dynamic-thresholding percentile (e.g. 0.995); None disables.
+        clip_denoised: static thresholding: clamp every predicted x0 to [-1, 1] (when no dynamic
+            threshold is set). With eps-prediction the x0 implied at the noisiest steps is
+            ``(x - sigma * eps) / alpha`` with ``alpha`` near 0, so unclamped samplers blow up.
     """
 
     def __init__(
@@ -59,6 +63,7 @@ class TextToImageDiffusion(TextToImageModule):
         sample_steps: int = 20,
         guidance_scale: float = 3.0,
         dynamic_threshold: float | None = None,
+        clip_denoised: bool = True,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -72,10 +77,13 @@ class TextToImageDiffusion(TextToImageModule):
             "steps": sample_steps,
             "guidance_scale": guidance_scale,
             "dynamic_threshold": dynamic_threshold,
+            "clip_denoised": clip_denoised,
         }
         self.text_trainable = any(p.requires_grad for p in text_encoder.parameters())
         self.ema_denoiser = copy.deepcopy(denoiser).requires_grad_(False).eval()
-        self.ema_text_encoder = copy.deepcopy(text_encoder).requires_grad_(False).eval() if self.text_trainable else None
+        self.ema_text_encoder = (
+            copy.deepcopy(text_encoder).requires_grad_(False).eval() if self.text_trainable else None
+        )
 
     # ------------------------------------------------------------------ training
     def conditioning(self, batch: dict) -> dict:
@@ -117,28 +125,33 @@ class TextToImageDiffusion(TextToImageModule):
             loss = self.loss(batch, cond_drop_prob=0.0)
         self.log("val/loss", loss, sync_dist=True, batch_size=len(batch["caption"]))
 
-    @torch.no_grad()
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        step = self.global_step
-        decay = min(self.ema_decay, (1 + step) / (10 + step))  # warm-up: early EMA follows the weights
-        pairs = [(self.ema_denoiser, self.denoiser)]
+        decay = ema_decay(self.ema_decay, self.global_step)
+        ema_update(self.ema_denoiser, self.denoiser, decay)
         if self.ema_text_encoder is not None:
-            pairs.append((self.ema_text_encoder, self.text_encoder))
-        for ema, live in pairs:
-            ema_params = [p for p in ema.parameters()]
-            live_params = [p.detach() for p in live.parameters()]
-            torch._foreach_lerp_(ema_params, live_params, 1 - decay)
+            ema_update(self.ema_text_encoder, self.text_encoder, decay)
 
     def configure_optimizers(self):
-        params = [p for p in list(self.denoiser.parameters()) + list(self.text_encoder.parameters()) if p.requires_grad]
+        params = [
+            p
+            for p in list(self.denoiser.parameters()) + list(self.text_encoder.parameters())
+            if p.requires_grad
+        ]
         optimizer = self.optimizer_factory(params)
         if self.lr_scheduler_factory is None:
             return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.lr_scheduler_factory(optimizer), "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": self.lr_scheduler_factory(optimizer), "interval": "step"},
+        }
 
     # ------------------------------------------------------------------ sampling
-    def denoise_fn(self, prompts: list[str], guidance_scale: float, threshold: float | None, use_ema: bool, cond: dict):
-        """The ``(x_t, t) -> (x0, eps)`` function the samplers call, with guidance and thresholding."""
+    def denoise_fn(
+        self, prompts: list[str], guidance_scale: float, threshold: float | None, use_ema: bool, cond: dict,
+        clip_denoised: bool = False,
+    ):  # fmt: skip
+        """The ``(x_t, t) -> (x0, eps)`` function the samplers call, with guidance and thresholding
+        (dynamic with a percentile ``threshold``, else static with ``clip_denoised``)."""
         net = self.ema_denoiser if use_ema else self.denoiser
         text = self.encode(prompts, ema=use_ema)
         null = self.encode([""] * len(prompts), ema=use_ema) if guidance_scale != 1.0 else None
@@ -152,8 +165,8 @@ class TextToImageDiffusion(TextToImageModule):
                 c, u = net(torch.cat([x, x]), torch.cat([t, t]), both, **extra).chunk(2)
                 out = u + guidance_scale * (c - u)
             x0, eps = self.schedule.to_x0_eps(self.prediction, out.to(x.dtype), x, t)
-            if threshold is not None:
-                x0 = dynamic_threshold(x0, threshold)
+            if threshold is not None or clip_denoised:
+                x0 = dynamic_threshold(x0, threshold) if threshold is not None else x0.clamp(-1, 1)
                 alpha, sigma = self.schedule.alpha_sigma(t, x)
                 eps = (x - alpha * x0) / sigma.clamp(min=1e-8)
             return x0, eps
@@ -171,6 +184,7 @@ class TextToImageDiffusion(TextToImageModule):
         guidance_scale: float | None = None,
         eta: float = 0.0,
         dynamic_threshold: float | None = None,
+        clip_denoised: bool | None = None,
         use_ema: bool = True,
         **cond,
     ) -> Tensor:
@@ -187,7 +201,8 @@ class TextToImageDiffusion(TextToImageModule):
         generator = self.generator(seed, self.device)
         shape = (len(prompts), 3, self.image_size, self.image_size)
         noise = torch.randn(shape, generator=generator, device=self.device)
-        denoise = self.denoise_fn(list(prompts), guidance_scale, threshold, use_ema, cond)
+        clip = d["clip_denoised"] if clip_denoised is None else clip_denoised
+        denoise = self.denoise_fn(list(prompts), guidance_scale, threshold, use_ema, cond, clip)
         x = SAMPLERS[sampler](denoise, self.schedule, noise, steps=steps, eta=eta, generator=generator)
         return x.clamp(-1, 1)
 
@@ -215,29 +230,43 @@ class SuperResolutionDiffusion(TextToImageDiffusion):
         **kwargs,
     ):
         super().__init__(denoiser, text_encoder, **kwargs)
-        self.low_res_size, self.max_aug_level, self.sample_aug_level = low_res_size, max_aug_level, sample_aug_level
+        self.low_res_size, self.max_aug_level, self.sample_aug_level = (
+            low_res_size,
+            max_aug_level,
+            sample_aug_level,
+        )
 
-    def prepare_low_res(self, low_res: Tensor, level: Tensor, generator: torch.Generator | None = None) -> dict:
+    def prepare_low_res(
+        self, low_res: Tensor, level: Tensor, generator: torch.Generator | None = None
+    ) -> dict:
         """Noise-augment (b, 3, low, low) at timestep ``level`` (b,) and upsample to ``image_size``."""
         noise = torch.randn(low_res.shape, generator=generator, device=low_res.device, dtype=low_res.dtype)
-        noisy = torch.where(level.view(-1, 1, 1, 1) > 0, self.schedule.add_noise(low_res, noise, level), low_res)
+        noisy = torch.where(
+            level.view(-1, 1, 1, 1) > 0, self.schedule.add_noise(low_res, noise, level), low_res
+        )
         up = F.interpolate(noisy, size=self.image_size, mode="bilinear", align_corners=False)
         return {"cond_image": up, "aug_level": level}
 
     def conditioning(self, batch: dict) -> dict:
-        low = F.interpolate(batch["image"], size=self.low_res_size, mode="bilinear", antialias=True, align_corners=False)
+        low = F.interpolate(
+            batch["image"], size=self.low_res_size, mode="bilinear", antialias=True, align_corners=False
+        )
         high = int(self.max_aug_level * self.schedule.timesteps)
         level = torch.randint(0, max(high, 1), (low.shape[0],), device=low.device)
         return self.prepare_low_res(low, level)
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], *, low_res: Tensor | None = None, seed: int | None = None, **sampling) -> Tensor:
+    def generate(
+        self, prompts: list[str], *, low_res: Tensor | None = None, seed: int | None = None, **sampling
+    ) -> Tensor:
         """Upsample ``low_res`` (b, 3, low_res_size, low_res_size) in [-1, 1] guided by ``prompts``."""
         if low_res is None:
             raise NotImplementedError(
                 "super-resolution needs low_res images; use DiffusionCascade to generate from text alone"
             )
-        level = torch.full((len(prompts),), int(self.sample_aug_level * self.schedule.timesteps), device=self.device)
+        level = torch.full(
+            (len(prompts),), int(self.sample_aug_level * self.schedule.timesteps), device=self.device
+        )
         generator = self.generator(None if seed is None else seed + 1, self.device)
         cond = self.prepare_low_res(low_res.to(self.device), level, generator)
         return super().generate(prompts, seed=seed, **sampling, **cond)
@@ -263,9 +292,12 @@ class DiffusionCascade(TextToImageModule):
     ):
         super().__init__()
         self.save_hyperparameters()
-        self.base = TextToImageDiffusion.load_from_checkpoint(base_checkpoint, map_location="cpu", weights_only=False)
+        self.base = TextToImageDiffusion.load_from_checkpoint(
+            base_checkpoint, map_location="cpu", weights_only=False
+        )
         self.stages = nn.ModuleList(
-            SuperResolutionDiffusion.load_from_checkpoint(p, map_location="cpu", weights_only=False) for p in sr_checkpoints
+            SuperResolutionDiffusion.load_from_checkpoint(p, map_location="cpu", weights_only=False)
+            for p in sr_checkpoints
         )
         self.base_sampling, self.sr_sampling = base_sampling or {}, sr_sampling or {}
 

@@ -13,7 +13,11 @@ TINY = os.path.join(ROOT, "tests", "configs", "tiny.yaml")
 
 
 def run_cli(args, cwd, timeout=300):
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests")])}
+    env = {
+        **os.environ,
+        "WANDB_MODE": "offline",
+        "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]),
+    }
     env.pop("SLURM_JOB_ID", None)
     env.pop("T2I_RUN_NAME", None)
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=cwd, env=env,
@@ -38,11 +42,15 @@ def test_fit_resume_predict_and_offline_wandb(shapes16, tmp_path):
     runs = str(tmp_path / "runs")
     grid = ["--trainer.callbacks+=callbacks.SampleGrid", "--trainer.callbacks.prompts=[a red circle,two blue squares]",
             "--trainer.callbacks.every_n_steps=5"]  # fmt: skip
-    run_cli(["fit", *_common(shapes16, runs), "--trainer.max_epochs", "2", "--run_name", "first", *grid], tmp_path)
+    run_cli(
+        ["fit", *_common(shapes16, runs), "--trainer.max_epochs", "2", "--run_name", "first", *grid], tmp_path
+    )
     run_dir = os.path.join(runs, "first")
     assert os.path.exists(os.path.join(run_dir, "config.yaml"))
     assert len(glob.glob(os.path.join(run_dir, "samples", "step_*.png"))) >= 2
-    ckpt = torch.load(os.path.join(run_dir, "checkpoints", "last.ckpt"), map_location="cpu", weights_only=False)
+    ckpt = torch.load(
+        os.path.join(run_dir, "checkpoints", "last.ckpt"), map_location="cpu", weights_only=False
+    )
     assert ckpt["global_step"] == 10
     offline = glob.glob(os.path.join(run_dir, "wandb", "offline-run-*"))
     assert len(offline) == 1
@@ -52,7 +60,9 @@ def test_fit_resume_predict_and_offline_wandb(shapes16, tmp_path):
 
     # resume: --ckpt_path last finds the newest run and continues its step count
     run_cli(["fit", *_common(shapes16, runs), "--trainer.max_epochs", "3", "--ckpt_path", "last"], tmp_path)
-    ckpt = torch.load(os.path.join(run_dir, "checkpoints", "last.ckpt"), map_location="cpu", weights_only=False)
+    ckpt = torch.load(
+        os.path.join(run_dir, "checkpoints", "last.ckpt"), map_location="cpu", weights_only=False
+    )
     assert ckpt["global_step"] == 15
 
     prompts = tmp_path / "prompts.txt"
@@ -74,7 +84,9 @@ def test_bad_config_fails_before_any_work(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "config", sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True)), ids=os.path.basename
+    "config",
+    sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True)),
+    ids=os.path.basename,
 )
 def test_every_config_parses(config, tmp_path):
     rel = os.path.relpath(config, os.path.join(ROOT, "configs"))
@@ -88,7 +100,7 @@ def test_every_config_parses(config, tmp_path):
     assert "class_path" in proc.stdout
 
 
-def _tiny_bert(path):
+def _tiny_bert(path, hidden=16):
     from transformers import BertConfig, BertModel, BertTokenizer
 
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "circle"]
@@ -96,17 +108,26 @@ def _tiny_bert(path):
     with open(os.path.join(path, "vocab.txt"), "w") as f:
         f.write("\n".join(vocab))
     BertTokenizer(os.path.join(path, "vocab.txt")).save_pretrained(path)
-    BertModel(BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+    BertModel(BertConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=1, num_attention_heads=2,
                          intermediate_size=32)).save_pretrained(path)  # fmt: skip
 
 
 @pytest.mark.parametrize("config", ["diffusion/shapes.yaml", "diffusion/shapes_sr.yaml", "diffusion/shards_gpu.yaml",
-                                    "diffusion/shards_gpu_sr256.yaml"])  # fmt: skip
+                                    "diffusion/shards_gpu_sr256.yaml", "gan/stackgan1_shapes.yaml",
+                                    "gan/stackganpp_shapes.yaml", "gan/stackganpp_shards_gpu.yaml"])  # fmt: skip
 def test_method_config_runs_fast_dev_run(config, shapes16, tmp_path):
     args = ["fit", "--config", os.path.join(ROOT, "configs", config), "--trainer.fast_dev_run", "1",
             "--trainer.default_root_dir", str(tmp_path / "runs"), "--trainer.enable_progress_bar", "false",
             "--data.init_args.batch_size", "2", "--data.init_args.num_workers", "0"]  # fmt: skip
-    if "shards" in config:  # GPU configs, shrunk to run on a CPU with a tiny local encoder
+    if "gan/" in config and "shards" in config:  # the GPU GAN config, shrunk to a CPU step
+        _tiny_bert(str(tmp_path / "bert"), hidden=768)  # the config's text_dim
+        args += ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.strategy", "auto",
+                 "--trainer.precision", "32-true",
+                 "--data.init_args.train_shards", os.path.join(shapes16, "train"),
+                 "--data.init_args.val_shards", os.path.join(shapes16, "val"), "--data.init_args.val_samples", "4",
+                 "--model.init_args.generator.init_args.channels", "64",
+                 "--model.init_args.text_encoder.init_args.path", str(tmp_path / "bert")]  # fmt: skip
+    elif "shards" in config:  # GPU configs, shrunk to run on a CPU with a tiny local encoder
         _tiny_bert(str(tmp_path / "bert"))
         size = 32 if "sr256" in config else 16
         args += ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.strategy", "auto",
@@ -123,4 +144,33 @@ def test_method_config_runs_fast_dev_run(config, shapes16, tmp_path):
         args += ["--data.init_args.root", str(tmp_path / "shapes"), "--data.init_args.num_train", "40",
                  "--data.init_args.num_val", "8", "--data.init_args.shard_size", "20"]  # fmt: skip
     proc = run_cli(args, tmp_path)
+    assert "max_steps=1` reached" in proc.stdout + proc.stderr
+
+
+def _ckpt(path):
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def test_gan_stage_one_under_ddp_then_stage_two_on_its_checkpoint(shapes16, tmp_path):
+    """Stage I: two CPU processes (gloo) with the GAN's DDP strategy, one epoch of 3 batches,
+    which is 6 optimizer steps; then stage II trains on top of that checkpoint."""
+    runs = str(tmp_path / "runs")
+    data = ["--data.init_args.num_workers", "0", "--data.init_args.batch_size", "4",
+            "--trainer.default_root_dir", runs, "--trainer.enable_progress_bar", "false"]  # fmt: skip
+    run_cli(["fit", "--config", os.path.join(ROOT, "configs", "gan", "stackgan1_shapes.yaml"), *data,
+             "--data.init_args.root", shapes16, "--data.init_args.num_train", "600", "--data.init_args.num_val", "64",
+             "--data.init_args.shard_size", "100", "--data.init_args.train_batches_per_epoch", "3",
+             "--data.init_args.val_samples", "8", "--trainer.max_epochs", "1",
+             "--trainer.devices", "2", "--trainer.strategy", "ddp_find_unused_parameters_true",
+             "--run_name", "stage1"], tmp_path, timeout=400)  # fmt: skip
+    last = os.path.join(runs, "stage1", "checkpoints", "last.ckpt")
+    ckpt = _ckpt(last)
+    assert ckpt["global_step"] == 6 and ckpt["gan_steps"] == {"g": 3, "d": 3}
+    assert "val/shapes_all_correct" in str(
+        ckpt["callbacks"]
+    )  # the best checkpoint is ranked by the shapes score
+    proc = run_cli(["fit", "--config", os.path.join(ROOT, "configs", "gan", "stackgan2_shapes.yaml"), *data,
+                    "--model.init_args.stage1_checkpoint", last, "--trainer.fast_dev_run", "1",
+                    "--data.init_args.root", str(tmp_path / "shapes32"), "--data.init_args.num_train", "40",
+                    "--data.init_args.num_val", "8", "--data.init_args.shard_size", "20"], tmp_path)  # fmt: skip
     assert "max_steps=1` reached" in proc.stdout + proc.stderr

@@ -84,7 +84,7 @@ def test_each_caption_generates_its_own_image():
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     torch.manual_seed(0)
     batch = {"image": images.repeat(4, 1, 1, 1), "caption": captions * 4}
-    for step in range(400):
+    for _step in range(400):
         opt.zero_grad()
         model.loss(batch).backward()
         opt.step()
@@ -97,7 +97,12 @@ def test_each_caption_generates_its_own_image():
 
 def test_checkpoint_round_trip_keeps_ema_and_raw_weights(tmp_path):
     model = tiny(ema_decay=0.5)
-    batch = {"image": torch.rand(4, 3, 8, 8) * 2 - 1, "caption": ["a", "b", "c", "d"], "key": list("abcd"), "meta": [{}] * 4}
+    batch = {
+        "image": torch.rand(4, 3, 8, 8) * 2 - 1,
+        "caption": ["a", "b", "c", "d"],
+        "key": list("abcd"),
+        "meta": [{}] * 4,
+    }
     trainer = Trainer(max_steps=3, logger=False, enable_progress_bar=False, enable_checkpointing=False,
                       default_root_dir=tmp_path, accelerator="cpu")  # fmt: skip
     trainer.fit(model, train_dataloaders=DataLoader([batch] * 3, batch_size=None))

@@ -1,0 +1,382 @@
+"""Text-conditional GANs: StackGAN stage I, StackGAN stage II (on a frozen stage I) and the
+StackGAN++ tree, trained with manual optimization of a generator and a discriminator.
+
+Step counting. Lightning counts every optimizer step in ``trainer.global_step``. One training
+batch makes one discriminator step, and every ``d_steps_per_g_step``-th batch also one generator
+step, so with the default ``d_steps_per_g_step=1`` one batch is two steps: ``max_steps``,
+``ModelCheckpoint(every_n_train_steps)``, ``SampleGrid(every_n_steps)`` and the EMA warm-up all
+see that count. ``train/g_steps`` and ``train/d_steps`` log each network's own count; W&B's
+x-axis (Lightning's ``trainer/global_step``) is the same doubled count.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+
+from networks.stackgan import ConditioningAugmentation, GeneratorOutput, colour_consistency
+
+from .base import TextToImageModule
+from .ema import ema_decay, ema_update
+
+AdversarialLoss = Literal["bce", "hinge"]
+
+
+def _adam(params):
+    return torch.optim.Adam(params, lr=2e-4, betas=(0.5, 0.999))
+
+
+def discriminator_loss(real: Tensor, mismatched: Tensor, fake: Tensor, kind: AdversarialLoss) -> Tensor:
+    """Matching-aware conditional loss: real image with its caption is real; the real image with
+    another caption and the generated image with its caption are fake (weighted 1/2 each)."""
+    if kind == "hinge":  # DF-GAN
+        return F.relu(1 - real).mean() + 0.5 * (F.relu(1 + mismatched).mean() + F.relu(1 + fake).mean())
+    ones, zeros = torch.ones_like(real), torch.zeros_like(real)
+    bce = F.binary_cross_entropy_with_logits
+    return bce(real, ones) + 0.5 * (bce(mismatched, zeros) + bce(fake, zeros))
+
+
+def unconditional_discriminator_loss(real: Tensor, fake: Tensor, kind: AdversarialLoss) -> Tensor:
+    if kind == "hinge":
+        return F.relu(1 - real).mean() + F.relu(1 + fake).mean()
+    bce = F.binary_cross_entropy_with_logits
+    return bce(real, torch.ones_like(real)) + bce(fake, torch.zeros_like(fake))
+
+
+def generator_loss(fake: Tensor, kind: AdversarialLoss) -> Tensor:
+    if kind == "hinge":
+        return -fake.mean()
+    return F.binary_cross_entropy_with_logits(fake, torch.ones_like(fake))  # the non-saturating loss
+
+
+def matching_aware_gradient_penalty(
+    discriminator: nn.Module, real: Tensor, sentence: Tensor, power: float = 6.0
+) -> Tensor:
+    """DF-GAN's MA-GP: ``mean(||grad_(image, sentence) D(image, sentence)||^p)`` on real, matching
+    pairs, which smooths the discriminator around the real data and its text."""
+    image = real.detach().requires_grad_(True)
+    sentence = sentence.detach().requires_grad_(True)
+    out, _ = discriminator(image, sentence)
+    grads = torch.autograd.grad(out.sum(), (image, sentence), create_graph=True)
+    norm = torch.cat([g.flatten(1) for g in grads], dim=1).pow(2).sum(1).sqrt()
+    return norm.pow(power).mean()
+
+
+class TextToImageGAN(TextToImageModule):
+    """A text-conditional GAN with a matching-aware discriminator per output scale.
+
+    With ``networks.stackgan.StageIGenerator`` and one discriminator this is StackGAN stage I;
+    with ``networks.stackgan.TreeGenerator`` and one discriminator per scale it is StackGAN++
+    (conditional and unconditional losses at every scale, optional colour consistency).
+
+    The text encoder's pooled sentence vector conditions both networks. A trainable text
+    encoder is updated by the discriminator's optimizer (the matching-aware loss is what
+    teaches it to tell captions apart); the generator sees its output detached. A frozen
+    pretrained encoder is used as is.
+
+    Args:
+        generator: ``(z, sentence, generator=rng) -> GeneratorOutput`` with a ``z_dim`` attribute.
+        discriminators: one ``(image, sentence) -> (cond_logits, uncond_logits)`` per output scale, lowest first.
+        text_encoder: the injected text encoder (trainable or frozen).
+        loss: ``bce`` (StackGAN) or ``hinge`` (DF-GAN).
+        kl_weight: weight of the conditioning-augmentation KL term in the generator loss.
+        uncond_weight: weight of the unconditional (realism-only) terms; 0 disables them (StackGAN stage I).
+        colour_weight: StackGAN++ colour-consistency weight between consecutive scales (0 disables).
+        ma_gp_weight: DF-GAN matching-aware gradient penalty weight (0 disables; DF-GAN uses 2).
+        ma_gp_power: its exponent (DF-GAN: 6).
+        d_steps_per_g_step: discriminator steps (batches) per generator step.
+        g_optimizer, d_optimizer: optimizer factories of the generator and the discriminator(s)
+            (plus a trainable text encoder).
+        g_lr_scheduler, d_lr_scheduler: optional scheduler factories, stepped after each step of their optimizer.
+        g_clip_norm, d_clip_norm: gradient-norm clipping per network (None: no clipping).
+        ema_decay: decay of the generator's EMA, which ``generate`` and the sample grids use.
+    """
+
+    _derived_arguments: tuple[str, ...] = ()  # constructor arguments a subclass computes (not saved)
+
+    def __init__(
+        self,
+        generator: nn.Module,
+        discriminators: list[nn.Module],
+        text_encoder: nn.Module,
+        loss: AdversarialLoss = "bce",
+        kl_weight: float = 1.0,
+        uncond_weight: float = 0.0,
+        colour_weight: float = 0.0,
+        ma_gp_weight: float = 0.0,
+        ma_gp_power: float = 6.0,
+        d_steps_per_g_step: int = 1,
+        g_optimizer: OptimizerCallable = _adam,
+        d_optimizer: OptimizerCallable = _adam,
+        g_lr_scheduler: LRSchedulerCallable | None = None,
+        d_lr_scheduler: LRSchedulerCallable | None = None,
+        g_clip_norm: float | None = None,
+        d_clip_norm: float | None = None,
+        ema_decay: float = 0.999,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=list(self._derived_arguments))
+        self.automatic_optimization = False
+        if d_steps_per_g_step < 1:
+            raise ValueError(f"d_steps_per_g_step must be at least 1, got {d_steps_per_g_step}")
+        self.generator_net, self.text_encoder = generator, text_encoder
+        self.discriminators = nn.ModuleList(discriminators)
+        self.ema_generator = copy.deepcopy(generator).requires_grad_(False).eval()
+        self.loss_kind, self.kl_weight, self.uncond_weight = loss, kl_weight, uncond_weight
+        self.colour_weight, self.ma_gp_weight, self.ma_gp_power = colour_weight, ma_gp_weight, ma_gp_power
+        self.d_steps_per_g_step, self.ema_decay = d_steps_per_g_step, ema_decay
+        self.g_clip_norm, self.d_clip_norm = g_clip_norm, d_clip_norm
+        self.factories = {"g": (g_optimizer, g_lr_scheduler), "d": (d_optimizer, d_lr_scheduler)}
+        self.steps = {"g": 0, "d": 0}
+        self.text_trainable = any(p.requires_grad for p in text_encoder.parameters())
+        self._check_dims()
+
+    def _check_dims(self) -> None:
+        text_dim = getattr(self.text_encoder, "dim", None)
+        ca = next((m for m in self.generator_net.modules() if isinstance(m, ConditioningAugmentation)), None)
+        if text_dim is not None and ca is not None and ca.fc.in_features != text_dim:
+            raise ValueError(
+                f"the generator expects {ca.fc.in_features}-d sentence vectors but the text encoder gives {text_dim}; "
+                f"set the generator's and discriminators' text_dim to {text_dim}"
+            )
+
+    @property
+    def image_size(self) -> int:
+        return self.generator_net.image_size
+
+    # ------------------------------------------------------------------ networks
+    def sentence(self, captions: list[str]) -> Tensor:
+        return self.text_encoder(list(captions)).pooled
+
+    def run_generator(
+        self, sentence: Tensor, *, ema: bool = False, generator: torch.Generator | None = None
+    ) -> GeneratorOutput:
+        net = self.ema_generator if ema else self.generator_net
+        z = torch.randn(sentence.shape[0], net.z_dim, generator=generator, device=sentence.device)
+        return net(z, sentence, generator=generator)
+
+    def real_scales(self, image: Tensor, fakes: list[Tensor]) -> list[Tensor]:
+        """The real batch at the side of each generated scale."""
+        if image.shape[-1] != fakes[-1].shape[-1]:
+            raise ValueError(
+                f"batch images are {image.shape[-1]} px but the generator makes {fakes[-1].shape[-1]} px; "
+                "set the data image_size to the generator's output size"
+            )
+        return [image if f.shape[-1] == image.shape[-1] else F.interpolate(image, size=f.shape[-2:], mode="area")
+                for f in fakes]  # fmt: skip
+
+    # ------------------------------------------------------------------ losses
+    def d_loss(self, reals: list[Tensor], fakes: list[Tensor], sentence: Tensor) -> tuple[Tensor, dict]:
+        """Matching-aware (plus unconditional, plus MA-GP) discriminator loss summed over scales."""
+        mismatched = sentence.roll(1, dims=0)
+        total, logs = 0.0, {}
+        for i, (d, real, fake) in enumerate(zip(self.discriminators, reals, fakes)):
+            # separate passes, as the generator step sees generated images alone: with batch norm
+            # a mixed real|fake batch would be normalised differently from the one G is scored on
+            c_real, u_real = d(real, sentence)
+            c_mis, _ = d(real, mismatched)
+            c_fake, u_fake = d(fake.detach(), sentence)
+            loss = discriminator_loss(c_real, c_mis, c_fake, self.loss_kind)
+            if self.uncond_weight:
+                loss = loss + self.uncond_weight * unconditional_discriminator_loss(
+                    u_real, u_fake, self.loss_kind
+                )
+            if self.ma_gp_weight:
+                gp = matching_aware_gradient_penalty(d, real, sentence, self.ma_gp_power)
+                loss = loss + self.ma_gp_weight * gp
+                logs[f"ma_gp_{i}"] = gp.detach()
+            total = total + loss
+            logs[f"d_real_{i}"] = c_real.detach().mean()
+            logs[f"d_fake_{i}"] = c_fake.detach().mean()
+        return total, logs
+
+    def g_loss(self, out: GeneratorOutput, sentence: Tensor) -> tuple[Tensor, dict]:
+        total, logs = 0.0, {}
+        for d, fake in zip(self.discriminators, out.images):
+            cond, uncond = d(fake, sentence)
+            total = total + generator_loss(cond, self.loss_kind)
+            if self.uncond_weight:
+                total = total + self.uncond_weight * generator_loss(uncond, self.loss_kind)
+        kl = ConditioningAugmentation.kl(out.mu, out.logvar)
+        logs["kl"] = kl.detach()
+        total = total + self.kl_weight * kl
+        if self.colour_weight and len(out.images) > 1:
+            colour = sum(colour_consistency(lo, hi) for lo, hi in zip(out.images, out.images[1:]))
+            logs["colour"] = colour.detach()
+            total = total + self.colour_weight * colour
+        return total, logs
+
+    # ------------------------------------------------------------------ training
+    def _step(self, which: str, loss: Tensor) -> None:
+        opt = self.optimizers()[0 if which == "g" else 1]
+        opt.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        clip = self.g_clip_norm if which == "g" else self.d_clip_norm
+        if clip is not None:
+            self.clip_gradients(opt, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+        opt.step()
+        scheduler = self._schedulers().get(which)
+        if scheduler is not None:
+            scheduler.step()
+        self.steps[which] += 1
+
+    def _schedulers(self) -> dict:
+        schedulers = self.lr_schedulers()
+        if schedulers is None:
+            return {}
+        schedulers = schedulers if isinstance(schedulers, list) else [schedulers]
+        g_opt, d_opt = (o.optimizer for o in self.optimizers())
+        return {
+            ("g" if s.optimizer is g_opt else "d"): s for s in schedulers if s.optimizer in (g_opt, d_opt)
+        }
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        g_opt, d_opt = self.optimizers()
+        captions, image = batch["caption"], batch["image"]
+        b = len(captions)
+        with self.toggled_optimizer(d_opt):
+            sentence = self.sentence(captions)  # trains a trainable text encoder through the D loss
+            with torch.no_grad():
+                fakes = self.run_generator(sentence.detach()).images
+            d_loss, logs = self.d_loss(self.real_scales(image, fakes), fakes, sentence)
+            self._step("d", d_loss)
+        self.log("train/d_loss", d_loss.detach(), prog_bar=True, batch_size=b)
+        if self.steps["d"] % self.d_steps_per_g_step == 0:
+            with self.toggled_optimizer(g_opt):
+                sentence = self.sentence(captions).detach()
+                out = self.run_generator(sentence)
+                g_loss, g_logs = self.g_loss(out, sentence)
+                self._step("g", g_loss)
+            decay = ema_decay(self.ema_decay, self.steps["g"])
+            ema_update(self.ema_generator, self.generator_net, decay)
+            self.log("train/g_loss", g_loss.detach(), prog_bar=True, batch_size=b)
+            logs.update(g_logs)
+        self.log_dict({f"train/{k}": v for k, v in logs.items()}, batch_size=b)
+        self.log_dict(
+            {"train/g_steps": float(self.steps["g"]), "train/d_steps": float(self.steps["d"])}, batch_size=b
+        )
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        """Discriminator's view of held-out data: how often it accepts real matching pairs and
+        rejects mismatched captions and EMA samples (the generator's quality is measured by
+        callbacks such as ``ShapesScore`` through ``generate``)."""
+        captions, image = batch["caption"], batch["image"]
+        sentence = self.sentence(captions)
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(batch_idx)
+            fakes = self.run_generator(sentence, ema=True).images
+        reals = self.real_scales(image, fakes)
+        d = self.discriminators[-1]
+        real, _ = d(reals[-1], sentence)
+        mis, _ = d(reals[-1], sentence.roll(1, dims=0))
+        fake, _ = d(fakes[-1], sentence)
+        accuracy = torch.cat([real > 0, mis < 0, fake < 0]).float().mean()
+        self.log("val/d_accuracy", accuracy, sync_dist=True, batch_size=len(captions))
+
+    def configure_optimizers(self):
+        params = {
+            "g": list(self.generator_net.parameters()),
+            "d": list(self.discriminators.parameters())
+            + [p for p in self.text_encoder.parameters() if p.requires_grad],
+        }
+        out = []
+        for which in ("g", "d"):
+            optimizer_factory, scheduler_factory = self.factories[which]
+            optimizer = optimizer_factory([p for p in params[which] if p.requires_grad])
+            entry = {"optimizer": optimizer}
+            if scheduler_factory is not None:
+                entry["lr_scheduler"] = {"scheduler": scheduler_factory(optimizer), "interval": "step"}
+            out.append(entry)
+        return out
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["gan_steps"] = dict(self.steps)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.steps.update(checkpoint.get("gan_steps", {}))
+
+    # ------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def generate(
+        self, prompts: list[str], *, seed: int | None = None, use_ema: bool = True, all_scales: bool = False
+    ) -> Tensor | list[Tensor]:
+        """Images for ``prompts``: (b, 3, s, s) in [-1, 1] at the highest scale (every scale,
+        lowest first, with ``all_scales``). ``seed`` fixes the noise and the conditioning code."""
+        out = self.run_generator(
+            self.sentence(prompts), ema=use_ema, generator=self.generator(seed, self.device)
+        )
+        return [x.clamp(-1, 1) for x in out.images] if all_scales else out.images[-1].clamp(-1, 1)
+
+
+class StackGANStageII(TextToImageGAN):
+    """StackGAN stage II: refines the images of a frozen stage I (loaded from ``stage1_checkpoint``)
+    from the text, against its own matching-aware discriminator. The stage-I generator (its EMA)
+    and text encoder are frozen; ``generate`` runs both stages.
+
+    Args:
+        stage1_checkpoint: a ``TextToImageGAN`` checkpoint (stage I). It must exist when this
+            module is built, including when a stage-II checkpoint is loaded (its stage-I weights
+            are then replaced by the ones saved with stage II).
+        generator: ``networks.stackgan.StageIIGenerator`` (``(low_res, sentence, generator=rng)``).
+        discriminators: one discriminator at the stage-II resolution.
+        **kwargs: the :class:`TextToImageGAN` options (loss, weights, optimizers, EMA, ...).
+    """
+
+    _derived_arguments = ("text_encoder",)  # stage I's
+
+    def __init__(
+        self, stage1_checkpoint: str, generator: nn.Module, discriminators: list[nn.Module], **kwargs
+    ):
+        import os
+
+        if not os.path.exists(stage1_checkpoint):
+            raise FileNotFoundError(
+                f"stage-I checkpoint {stage1_checkpoint!r} not found: train stage I first "
+                "(configs/gan/stackgan1_shapes.yaml) and set model.init_args.stage1_checkpoint to its last.ckpt"
+            )
+        stage1 = TextToImageGAN.load_from_checkpoint(
+            stage1_checkpoint, map_location="cpu", weights_only=False
+        )
+        stage1.requires_grad_(False).eval()
+        if generator.low_res_size != stage1.image_size:
+            raise ValueError(
+                f"stage I makes {stage1.image_size} px images but the stage-II generator expects "
+                f"{generator.low_res_size} px; set its low_res_size to {stage1.image_size}"
+            )
+        super().__init__(generator, discriminators, stage1.text_encoder, **kwargs)
+        self.stage1_generator = stage1.ema_generator
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.stage1_generator.eval()  # frozen: its batch norm keeps its running statistics
+        self.text_encoder.eval()
+        return self
+
+    def run_generator(self, sentence: Tensor, *, ema: bool = False, generator: torch.Generator | None = None):
+        z = torch.randn(
+            sentence.shape[0], self.stage1_generator.z_dim, generator=generator, device=sentence.device
+        )
+        with torch.no_grad():
+            low_res = self.stage1_generator(z, sentence, generator=generator).images[-1]
+        net = self.ema_generator if ema else self.generator_net
+        return net(low_res, sentence, generator=generator)
+
+    @torch.no_grad()
+    def generate(
+        self, prompts: list[str], *, seed: int | None = None, use_ema: bool = True, all_scales: bool = False
+    ):
+        """Stage I then stage II; ``all_scales`` returns ``[stage-I image, stage-II image]``."""
+        sentence = self.sentence(prompts)
+        generator = self.generator(seed, self.device)
+        z = torch.randn(
+            sentence.shape[0], self.stage1_generator.z_dim, generator=generator, device=self.device
+        )
+        low_res = self.stage1_generator(z, sentence, generator=generator).images[-1]
+        net = self.ema_generator if use_ema else self.generator_net
+        high = net(low_res, sentence, generator=generator).images[-1]
+        return [low_res.clamp(-1, 1), high.clamp(-1, 1)] if all_scales else high.clamp(-1, 1)

@@ -1,0 +1,248 @@
+"""GANs: conditioning augmentation, step isolation, losses, conditioning, checkpoints, stage II."""
+
+import math
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from datamodules.shapes import make_sample
+from lightning_modules.gan import (
+    StackGANStageII,
+    TextToImageGAN,
+    discriminator_loss,
+    generator_loss,
+    matching_aware_gradient_penalty,
+)
+from networks.stackgan import (
+    ConditioningAugmentation,
+    MatchingAwareDiscriminator,
+    StageIGenerator,
+    StageIIGenerator,
+    TreeGenerator,
+    colour_consistency,
+)
+from networks.text_encoders import TransformerTextEncoder
+
+TEXT_DIM = 32
+
+
+def _text_encoder():
+    return TransformerTextEncoder(width=TEXT_DIM, depth=1, heads=2, max_length=16, tokenizer="byte")
+
+
+def _stage1(size=16, **kw):
+    g = StageIGenerator(TEXT_DIM, image_size=size, z_dim=16, cond_dim=16, channels=64)
+    d = [MatchingAwareDiscriminator(TEXT_DIM, image_size=size, channels=16, cond_dim=16)]
+    return TextToImageGAN(g, d, _text_encoder(), **kw)
+
+
+def _trainer(steps, **kw):
+    return L.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                     enable_model_summary=False, limit_val_batches=0, accelerator="cpu", **kw)  # fmt: skip
+
+
+def _batches(n_batches, size=16, batch=8, seed=0):
+    rng = __import__("numpy").random.default_rng(seed)
+    out = []
+    for _ in range(n_batches):
+        images, captions = [], []
+        for _ in range(batch):
+            img, caps, _ = make_sample(rng, size)
+            images.append(
+                torch.from_numpy(__import__("numpy").asarray(img)).permute(2, 0, 1).float() / 127.5 - 1
+            )
+            captions.append(caps[0])
+        out.append({"image": torch.stack(images), "caption": captions})
+    return DataLoader(out, batch_size=None)
+
+
+# ----------------------------------------------------------------------------- conditioning augmentation
+
+
+def test_conditioning_augmentation_kl_matches_the_analytic_divergence():
+    mu, logvar = torch.randn(8, 16), torch.randn(8, 16)
+    p = torch.distributions.Normal(mu, (0.5 * logvar).exp())
+    q = torch.distributions.Normal(torch.zeros_like(mu), torch.ones_like(mu))
+    expected = torch.distributions.kl_divergence(p, q).mean()
+    assert torch.allclose(ConditioningAugmentation.kl(mu, logvar), expected, atol=1e-6)
+    assert ConditioningAugmentation.kl(torch.zeros(4, 8), torch.zeros(4, 8)).item() == 0.0
+
+
+def test_conditioning_augmentation_samples_its_gaussian_and_is_seeded():
+    ca = ConditioningAugmentation(text_dim=6, cond_dim=4)
+    sentence = torch.randn(1, 6).expand(20000, 6)
+    c, mu, logvar = ca(sentence, torch.Generator().manual_seed(0))
+    assert torch.allclose(c.mean(0), mu[0], atol=0.05)  # reparameterised samples have the predicted moments
+    assert torch.allclose(c.std(0), (0.5 * logvar[0]).exp(), rtol=0.05)
+    again, _, _ = ca(sentence, torch.Generator().manual_seed(0))
+    other, _, _ = ca(sentence, torch.Generator().manual_seed(1))
+    assert torch.equal(again, c) and not torch.equal(other, c)  # the seed fixes the codes
+    c.sum().backward()  # the reparameterisation trick: gradients reach the mean/variance layer
+    assert ca.fc.weight.grad is not None and ca.fc.weight.grad.abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------- networks and losses
+
+
+def test_generators_make_their_scales():
+    s = torch.randn(2, TEXT_DIM)
+    out = StageIGenerator(TEXT_DIM, image_size=32, z_dim=8, channels=64)(torch.randn(2, 8), s)
+    assert [x.shape[-1] for x in out.images] == [32] and out.mu.shape == (2, 128)
+    tree = TreeGenerator(TEXT_DIM, base_size=8, num_stages=3, z_dim=8, channels=64)(torch.randn(2, 8), s)
+    assert [x.shape[-1] for x in tree.images] == [8, 16, 32]
+    assert all(x.abs().max() <= 1 for x in tree.images)
+    refine = StageIIGenerator(TEXT_DIM, low_res_size=16, factor=4, channels=32)(torch.rand(2, 3, 16, 16), s)
+    assert refine.images[0].shape == (2, 3, 64, 64)
+    with pytest.raises(ValueError, match="power of two"):
+        StageIGenerator(TEXT_DIM, image_size=24)
+
+
+def test_losses_reward_a_discriminator_that_tells_matching_pairs_apart():
+    good, bad = torch.full((4,), 6.0), torch.full((4,), -6.0)
+    for kind in ("bce", "hinge"):
+        right = discriminator_loss(good, bad, bad, kind)
+        wrong = discriminator_loss(bad, good, good, kind)
+        assert right < 0.01 and wrong > 3
+        assert generator_loss(good, kind) < generator_loss(bad, kind)
+
+
+def test_matching_aware_gradient_penalty_is_the_gradient_norm_to_the_power():
+    class Linear(torch.nn.Module):  # D(x, s) = sum(x) + 2 sum(s): gradient norm sqrt(n_x + 4 n_s)
+        def forward(self, image, sentence):
+            return image.flatten(1).sum(1) + 2 * sentence.sum(1), None
+
+    gp = matching_aware_gradient_penalty(Linear(), torch.randn(3, 3, 4, 4), torch.randn(3, 5), power=6)
+    assert gp.item() == pytest.approx(math.sqrt(48 + 4 * 5) ** 6, rel=1e-5)
+
+
+def test_colour_consistency_is_zero_across_scales_of_one_image_and_grows_with_a_colour_shift():
+    low = torch.rand(2, 3, 16, 16) * 2 - 1
+    high = torch.nn.functional.interpolate(
+        low, scale_factor=2, mode="nearest"
+    )  # same colours, twice the side
+    assert colour_consistency(low, high) < 1e-10
+    shifted = (high + torch.tensor([0.5, 0.0, -0.5])[:, None, None]).clamp(-1, 1)
+    assert colour_consistency(low, shifted) > 0.1
+
+
+# ----------------------------------------------------------------------------- training
+
+
+class Recording(TextToImageGAN):
+    """Records which parameters each optimizer step changed."""
+
+    def _step(self, which, loss):
+        before = {n: p.detach().clone() for n, p in self.named_parameters()}
+        super()._step(which, loss)
+        changed = {n for n, p in self.named_parameters() if not torch.equal(p, before[n])}
+        self.changed.setdefault(which, set()).update(changed)
+
+
+def _names(module, prefix):
+    return {f"{prefix}.{n}" for n, _ in module.named_parameters()}
+
+
+def test_generator_step_changes_only_the_generator_and_discriminator_step_only_the_discriminator():
+    L.seed_everything(0)
+    g = StageIGenerator(TEXT_DIM, image_size=16, z_dim=16, cond_dim=16, channels=64)
+    d = [MatchingAwareDiscriminator(TEXT_DIM, image_size=16, channels=16, cond_dim=16)]
+    model = Recording(g, d, _text_encoder(), ma_gp_weight=2.0, g_clip_norm=1.0, d_clip_norm=1.0)
+    model.changed = {}
+    ema_before = [p.clone() for p in model.ema_generator.parameters()]
+    _trainer(4).fit(model, _batches(2))
+    generator, discriminator = (
+        _names(model.generator_net, "generator_net"),
+        _names(model.discriminators, "discriminators"),
+    )
+    text = _names(model.text_encoder, "text_encoder")
+    assert model.changed["g"] and model.changed["g"] <= generator
+    assert model.changed["d"] and model.changed["d"] <= discriminator | text
+    assert model.changed["d"] & text  # a trainable text encoder learns from the matching-aware loss
+    assert model.steps == {"g": 2, "d": 2} and model.global_step == 4  # Lightning counts both optimizers
+    assert any(not torch.equal(a, b) for a, b in zip(ema_before, model.ema_generator.parameters()))
+
+
+def test_discriminator_steps_per_generator_step():
+    model = _stage1(d_steps_per_g_step=3)
+    _trainer(8).fit(model, _batches(6))
+    assert model.steps == {"g": 2, "d": 6} and model.global_step == 8
+
+
+def test_schedulers_step_with_their_optimizer():
+    model = _stage1(
+        d_steps_per_g_step=2,
+        g_lr_scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5),
+        d_lr_scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.1),
+    )
+    _trainer(6).fit(model, _batches(4))
+    g_opt, d_opt = model.optimizers()
+    assert g_opt.param_groups[0]["lr"] == pytest.approx(2e-4 * 0.5**2)
+    assert d_opt.param_groups[0]["lr"] == pytest.approx(2e-4 * 0.1**4)
+
+
+def test_overfit_each_caption_generates_its_own_image():
+    """Four caption -> image pairs; after training, each caption's sample is nearest its own image."""
+    L.seed_everything(0)
+    captions = ["a red circle", "a blue square", "a green triangle", "a yellow circle"]
+    colours = torch.tensor([[1.0, -1, -1], [-1, -1, 1], [-1, 1, -1], [1, 1, -1]])
+    targets = -torch.ones(4, 3, 16, 16)
+    targets[:, :, 4:12, 4:12] = colours[:, :, None, None]  # a coloured block on black, one colour per caption
+    batch = {"image": targets.repeat(4, 1, 1, 1), "caption": captions * 4}
+    g = StageIGenerator(TEXT_DIM, image_size=16, z_dim=16, cond_dim=16, channels=64)
+    d = [MatchingAwareDiscriminator(TEXT_DIM, image_size=16, channels=16, cond_dim=16, norm="none")]
+    model = TextToImageGAN(g, d, _text_encoder(), loss="bce", ma_gp_weight=2.0, ema_decay=0.9)
+    _trainer(1600).fit(model, DataLoader([batch] * 800, batch_size=None))
+    model.eval()
+    images = model.generate(captions, seed=0)
+    distances = torch.cdist(images.flatten(1), targets.flatten(1))
+    assert torch.equal(distances.argmin(1), torch.arange(4)), distances
+
+
+def test_checkpoint_round_trip_keeps_generator_ema_and_step_counts(tmp_path):
+    model = _stage1()
+    trainer = _trainer(4)
+    trainer.fit(model, _batches(2))
+    path = str(tmp_path / "gan.ckpt")
+    trainer.save_checkpoint(path)
+    loaded = TextToImageGAN.load_from_checkpoint(path, weights_only=False)
+    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name
+    model.eval(), loaded.eval()
+    assert torch.equal(model.generate(["a red circle"], seed=3), loaded.generate(["a red circle"], seed=3))
+    assert not torch.equal(model.generate(["a red circle"], seed=3), model.generate(["a red circle"], seed=4))
+    resumed = _stage1()
+    _trainer(8).fit(resumed, _batches(4), ckpt_path=path, weights_only=False)
+    assert resumed.steps == {"g": 4, "d": 4} and resumed.global_step == 8
+
+
+def test_stage_two_refines_a_frozen_stage_one(tmp_path):
+    stage1 = _stage1(size=8)
+    trainer = _trainer(2)
+    trainer.fit(stage1, _batches(1, size=8))
+    path = str(tmp_path / "stage1.ckpt")
+    trainer.save_checkpoint(path)
+    g = StageIIGenerator(TEXT_DIM, low_res_size=8, factor=2, cond_dim=16, channels=32, num_res_blocks=1)
+    d = [MatchingAwareDiscriminator(TEXT_DIM, image_size=16, channels=16, cond_dim=16)]
+    stage2 = StackGANStageII(path, g, d, loss="hinge")
+    frozen = {k: v.clone() for k, v in stage2.stage1_generator.state_dict().items()}
+    text = {k: v.clone() for k, v in stage2.text_encoder.state_dict().items()}
+    _trainer(4).fit(stage2, _batches(2, size=16))
+    assert all(torch.equal(v, stage2.stage1_generator.state_dict()[k]) for k, v in frozen.items())
+    assert all(torch.equal(v, stage2.text_encoder.state_dict()[k]) for k, v in text.items())
+    stage2.eval()
+    low, high = stage2.generate(["a red circle", "two blue squares"], seed=0, all_scales=True)
+    assert low.shape == (2, 3, 8, 8) and high.shape == (2, 3, 16, 16)
+    stage1.eval()  # stage II starts from stage I's EMA generator with the same seed
+    assert torch.allclose(low, stage1.generate(["a red circle", "two blue squares"], seed=0), atol=1e-6)
+    with pytest.raises(FileNotFoundError, match="stage1_checkpoint"):
+        StackGANStageII(str(tmp_path / "missing.ckpt"), g, d)
+    with pytest.raises(ValueError, match="low_res_size"):
+        StackGANStageII(path, StageIIGenerator(TEXT_DIM, low_res_size=16), d)
+
+
+def test_mismatched_text_dimension_is_a_clear_error():
+    g = StageIGenerator(64, image_size=16)
+    with pytest.raises(ValueError, match="text_dim to 32"):
+        TextToImageGAN(g, [MatchingAwareDiscriminator(64, image_size=16)], _text_encoder())
