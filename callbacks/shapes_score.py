@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
 
 from datamodules.shapes import heldout_prompts, score_batch
 
@@ -25,6 +26,7 @@ class ShapesScore(Callback):
 
     def __init__(self, seeds: int = 1, batch_size: int = 32, sampling: dict | None = None):
         self.seeds, self.batch_size, self.sampling = seeds, batch_size, sampling or {}
+        self.enabled = True
 
     @torch.no_grad()
     def evaluate(self, pl_module: LightningModule) -> dict[str, float]:
@@ -39,9 +41,14 @@ class ShapesScore(Callback):
         return score_batch(images, attrs)
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.sanity_checking:
+        if trainer.sanity_checking or not self.enabled:
             return
-        rates = self.evaluate(pl_module)
+        try:
+            rates = self.evaluate(pl_module)
+        except NotImplementedError as err:  # e.g. a super-resolution stage cannot start from text alone
+            rank_zero_warn(f"ShapesScore disabled: {err}")
+            self.enabled = False
+            return
         for name, value in rates.items():
             key = "val/shapes_all_correct" if name == "all" else f"val/shapes_{name}"
             pl_module.log(key, value, sync_dist=True)

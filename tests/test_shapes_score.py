@@ -41,3 +41,16 @@ def test_shapes_score_covers_every_prompt_for_every_seed_in_batches():
     assert sum(size for size, _ in model.calls) == 3 * n
     assert max(size for size, _ in model.calls) == 10
     assert len({seed for _, seed in model.calls}) == len(model.calls)  # every call its own seed
+
+
+def test_shapes_score_steps_aside_for_models_that_cannot_start_from_text():
+    class NeedsAnImage:
+        def generate(self, prompts, *, seed=None):
+            raise NotImplementedError("needs low_res images")
+
+    class Trainer:
+        sanity_checking = False
+
+    callback = ShapesScore()
+    callback.on_validation_epoch_end(Trainer(), NeedsAnImage())
+    assert not callback.enabled
