@@ -4,9 +4,11 @@ StackGAN++ tree, trained with manual optimization of a generator and a discrimin
 Step counting. Lightning counts every optimizer step in ``trainer.global_step``. One training
 batch makes one discriminator step, and every ``d_steps_per_g_step``-th batch also one generator
 step, so with the default ``d_steps_per_g_step=1`` one batch is two steps: ``max_steps``,
-``ModelCheckpoint(every_n_train_steps)``, ``SampleGrid(every_n_steps)`` and the EMA warm-up all
-see that count. ``train/g_steps`` and ``train/d_steps`` log each network's own count; W&B's
-x-axis (Lightning's ``trainer/global_step``) is the same doubled count.
+``ModelCheckpoint(every_n_train_steps)`` and ``SampleGrid(every_n_steps)`` see that count.
+Logged metrics are different: Lightning steps its loggers once per batch whatever the number of
+optimizers, so the W&B x-axis (``trainer/global_step``) and ``log_every_n_steps`` count batches.
+``train/g_steps`` and ``train/d_steps`` log each network's own count; the EMA warm-up follows
+the generator's.
 """
 
 from __future__ import annotations

@@ -164,10 +164,26 @@ def test_generator_step_changes_only_the_generator_and_discriminator_step_only_t
     assert any(not torch.equal(a, b) for a, b in zip(ema_before, model.ema_generator.parameters()))
 
 
-def test_discriminator_steps_per_generator_step():
+class StepRecorder(L.pytorch.loggers.Logger):
+    name, version = "steps", 0
+    steps: list
+
+    def log_metrics(self, metrics, step=None):
+        self.steps.append(step)
+
+    def log_hyperparams(self, *args, **kwargs):
+        pass
+
+
+def test_discriminator_steps_per_generator_step_and_what_each_counter_counts():
     model = _stage1(d_steps_per_g_step=3)
-    _trainer(8).fit(model, _batches(6))
-    assert model.steps == {"g": 2, "d": 6} and model.global_step == 8
+    logger = StepRecorder()
+    logger.steps = []
+    trainer = L.Trainer(max_steps=8, logger=logger, log_every_n_steps=1, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)  # fmt: skip
+    trainer.fit(model, _batches(6))
+    assert model.steps == {"g": 2, "d": 6} and model.global_step == 8  # optimizer steps
+    assert max(logger.steps) == 5  # the logged x-axis counts batches (0..5), not optimizer steps
 
 
 def test_schedulers_step_with_their_optimizer():
