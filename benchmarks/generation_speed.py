@@ -14,7 +14,7 @@ import torch
 from common import build_model, load, model_section  # benchmarks/common.py
 
 
-def rate(model, prompts, rounds_time: list, **sampling) -> None:
+def time_generate(model, prompts, rounds_time: list, **sampling) -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -54,7 +54,7 @@ def main() -> None:
     times = {name: [] for name in runs}
     for _ in range(a.rounds):
         for name, (model, sampling) in runs.items():
-            rate(model, prompts, times[name], **sampling)
+            time_generate(model, prompts, times[name], **sampling)
     print(f"{size} px, batch {a.batch}, {device}, median of {a.rounds} rounds")
     gan_rate = a.batch / sorted(times["gan"])[len(times["gan"]) // 2]
     print(f"{'method':<24}{'img/s':>10}{'GAN speed-up':>14}")

@@ -14,6 +14,7 @@ the generator's.
 from __future__ import annotations
 
 import copy
+import os
 from typing import Literal
 
 import torch
@@ -83,7 +84,8 @@ class TextToImageGAN(TextToImageModule):
 
     Args:
         generator: ``(z, sentence, generator=rng) -> GeneratorOutput`` with a ``z_dim`` attribute.
-        discriminators: one ``(image, sentence) -> (cond_logits, uncond_logits)`` per output scale, lowest first.
+        discriminators: one ``(image, sentence) -> (cond_logits, uncond_logits)`` per output scale, lowest
+            first, with ``features(image)`` and ``heads(features, sentence)`` (``networks.stackgan.MatchingAwareDiscriminator``).
         text_encoder: the injected text encoder (trainable or frozen).
         loss: ``bce`` (StackGAN) or ``hinge`` (DF-GAN).
         kl_weight: weight of the conditioning-augmentation KL term in the generator loss.
@@ -135,7 +137,6 @@ class TextToImageGAN(TextToImageModule):
         self.g_clip_norm, self.d_clip_norm = g_clip_norm, d_clip_norm
         self.factories = {"g": (g_optimizer, g_lr_scheduler), "d": (d_optimizer, d_lr_scheduler)}
         self.steps = {"g": 0, "d": 0}
-        self.text_trainable = any(p.requires_grad for p in text_encoder.parameters())
         self._check_dims()
 
     def _check_dims(self) -> None:
@@ -180,8 +181,9 @@ class TextToImageGAN(TextToImageModule):
         for i, (d, real, fake) in enumerate(zip(self.discriminators, reals, fakes)):
             # separate passes, as the generator step sees generated images alone: with batch norm
             # a mixed real|fake batch would be normalised differently from the one G is scored on
-            c_real, u_real = d(real, sentence)
-            c_mis, _ = d(real, mismatched)
+            h_real = d.features(real)  # encoded once for the matching and the mismatched caption
+            c_real, u_real = d.heads(h_real, sentence)
+            c_mis, _ = d.heads(h_real, mismatched)
             c_fake, u_fake = d(fake.detach(), sentence)
             loss = discriminator_loss(c_real, c_mis, c_fake, self.loss_kind)
             if self.uncond_weight:
@@ -250,7 +252,9 @@ class TextToImageGAN(TextToImageModule):
         self.log("train/d_loss", d_loss.detach(), prog_bar=True, batch_size=b)
         if self.steps["d"] % self.d_steps_per_g_step == 0:
             with self.toggled_optimizer(g_opt):
-                sentence = self.sentence(captions).detach()
+                sentence = (
+                    sentence.detach()
+                )  # the D step's encoding: the generator does not train the encoder
                 out = self.run_generator(sentence)
                 g_loss, g_logs = self.g_loss(out, sentence)
                 self._step("g", g_loss)
@@ -274,8 +278,9 @@ class TextToImageGAN(TextToImageModule):
             fakes = self.run_generator(sentence, ema=True).images
         reals = self.real_scales(image, fakes)
         d = self.discriminators[-1]
-        real, _ = d(reals[-1], sentence)
-        mis, _ = d(reals[-1], sentence.roll(1, dims=0))
+        h_real = d.features(reals[-1])
+        real, _ = d.heads(h_real, sentence)
+        mis, _ = d.heads(h_real, sentence.roll(1, dims=0))
         fake, _ = d(fakes[-1], sentence)
         accuracy = torch.cat([real > 0, mis < 0, fake < 0]).float().mean()
         self.log("val/d_accuracy", accuracy, sync_dist=True, batch_size=len(captions))
@@ -334,8 +339,6 @@ class StackGANStageII(TextToImageGAN):
     def __init__(
         self, stage1_checkpoint: str, generator: nn.Module, discriminators: list[nn.Module], **kwargs
     ):
-        import os
-
         if not os.path.exists(stage1_checkpoint):
             raise FileNotFoundError(
                 f"stage-I checkpoint {stage1_checkpoint!r} not found: train stage I first "
@@ -359,26 +362,26 @@ class StackGANStageII(TextToImageGAN):
         self.text_encoder.eval()
         return self
 
-    def run_generator(self, sentence: Tensor, *, ema: bool = False, generator: torch.Generator | None = None):
+    def _stages(
+        self, sentence: Tensor, ema: bool, generator: torch.Generator | None
+    ) -> tuple[Tensor, GeneratorOutput]:
+        """The frozen stage-I image and the stage-II output for it."""
         z = torch.randn(
             sentence.shape[0], self.stage1_generator.z_dim, generator=generator, device=sentence.device
         )
         with torch.no_grad():
             low_res = self.stage1_generator(z, sentence, generator=generator).images[-1]
         net = self.ema_generator if ema else self.generator_net
-        return net(low_res, sentence, generator=generator)
+        return low_res, net(low_res, sentence, generator=generator)
+
+    def run_generator(self, sentence: Tensor, *, ema: bool = False, generator: torch.Generator | None = None):
+        return self._stages(sentence, ema, generator)[1]
 
     @torch.no_grad()
     def generate(
         self, prompts: list[str], *, seed: int | None = None, use_ema: bool = True, all_scales: bool = False
     ):
         """Stage I then stage II; ``all_scales`` returns ``[stage-I image, stage-II image]``."""
-        sentence = self.sentence(prompts)
-        generator = self.generator(seed, self.device)
-        z = torch.randn(
-            sentence.shape[0], self.stage1_generator.z_dim, generator=generator, device=self.device
-        )
-        low_res = self.stage1_generator(z, sentence, generator=generator).images[-1]
-        net = self.ema_generator if use_ema else self.generator_net
-        high = net(low_res, sentence, generator=generator).images[-1]
+        low_res, out = self._stages(self.sentence(prompts), use_ema, self.generator(seed, self.device))
+        high = out.images[-1]
         return [low_res.clamp(-1, 1), high.clamp(-1, 1)] if all_scales else high.clamp(-1, 1)

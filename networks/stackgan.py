@@ -277,7 +277,9 @@ class MatchingAwareDiscriminator(nn.Module):
         cond_dim: dimension of the sentence projection.
         norm: ``batch`` (StackGAN) or ``none`` (DF-GAN; better with the gradient penalty).
 
-    ``forward`` returns ``(conditional, unconditional)`` logits, each of shape ``(b,)``.
+    ``forward`` returns ``(conditional, unconditional)`` logits, each of shape ``(b,)``; it is
+    ``heads(features(image), sentence)``, split so that one encoding of the real images serves
+    both their matching and their mismatched captions.
     """
 
     def __init__(
@@ -318,10 +320,16 @@ class MatchingAwareDiscriminator(nn.Module):
         )  # fmt: skip
         self.uncond = nn.Conv2d(c, 1, 4)
 
-    def forward(self, image: Tensor, sentence: Tensor) -> tuple[Tensor, Tensor]:
-        h = self.encode(image)
+    def features(self, image: Tensor) -> Tensor:
+        """The image encoded to a 4x4 map, which ``heads`` scores against any sentence."""
+        return self.encode(image)
+
+    def heads(self, h: Tensor, sentence: Tensor) -> tuple[Tensor, Tensor]:
         s = self.project(sentence)[:, :, None, None].expand(-1, -1, *h.shape[-2:])
         return self.joint(torch.cat([h, s], dim=1)).flatten(), self.uncond(h).flatten()
+
+    def forward(self, image: Tensor, sentence: Tensor) -> tuple[Tensor, Tensor]:
+        return self.heads(self.features(image), sentence)
 
 
 def colour_consistency(
