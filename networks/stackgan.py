@@ -66,6 +66,26 @@ class UpBlock(nn.Sequential):
         )
 
 
+class ModulatedUpBlock(nn.Module):
+    """An :class:`UpBlock` whose batch norm takes its scale and shift from the conditioning code
+    (conditional batch norm, as DF-GAN's text-conditioned affine layers): the text steers every
+    resolution, not only the 4x4 input. Starts as a plain ``UpBlock`` (zero-initialised affine)."""
+
+    def __init__(self, cin: int, cout: int, cond_dim: int):
+        super().__init__()
+        self.conv = nn.Sequential(
+            nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(cin, 2 * cout, 3, padding=1, bias=False)
+        )
+        self.norm = nn.BatchNorm2d(2 * cout, affine=False)
+        self.affine = nn.Linear(cond_dim, 4 * cout)
+        nn.init.zeros_(self.affine.weight)
+        nn.init.zeros_(self.affine.bias)
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        gamma, beta = self.affine(c)[:, :, None, None].chunk(2, dim=1)
+        return F.glu(self.norm(self.conv(x)) * (1 + gamma) + beta, dim=1)
+
+
 class ResBlock(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
@@ -91,25 +111,29 @@ def _channels(base: int, level: int, minimum: int = 16) -> int:
 
 class _Stem(nn.Module):
     """(noise, conditioning code) -> a 4x4 feature map upsampled to ``size``; returns the
-    feature map and its channel count."""
+    feature map and its channel count. With ``modulated`` every upsampling block is a
+    :class:`ModulatedUpBlock`."""
 
-    def __init__(self, z_dim: int, cond_dim: int, channels: int, size: int):
+    def __init__(self, z_dim: int, cond_dim: int, channels: int, size: int, modulated: bool = False):
         super().__init__()
-        self.channels = channels
+        self.channels, self.modulated = channels, modulated
         self.fc = nn.Sequential(
             nn.Linear(z_dim + cond_dim, 2 * channels * 16, bias=False),
             nn.BatchNorm1d(2 * channels * 16),
             nn.GLU(dim=1),
         )
         ups = _log2_steps(size, 4, "stage-I image size")
-        self.ups = nn.Sequential(
-            *(UpBlock(_channels(channels, i), _channels(channels, i + 1)) for i in range(ups))
+        widths = [(_channels(channels, i), _channels(channels, i + 1)) for i in range(ups)]
+        self.ups = nn.ModuleList(
+            ModulatedUpBlock(cin, cout, cond_dim) if modulated else UpBlock(cin, cout) for cin, cout in widths
         )
         self.out_channels = _channels(channels, ups)
 
     def forward(self, z: Tensor, c: Tensor) -> Tensor:
         h = self.fc(torch.cat([z, c], dim=1)).view(z.shape[0], self.channels, 4, 4)
-        return self.ups(h)
+        for up in self.ups:
+            h = up(h, c) if self.modulated else up(h)
+        return h
 
 
 class StageIGenerator(nn.Module):
@@ -121,15 +145,23 @@ class StageIGenerator(nn.Module):
         z_dim: noise dimension.
         cond_dim: conditioning-augmentation code dimension.
         channels: channels of the 4x4 map, halved at each upsampling (at least 16).
+        modulated: the conditioning code also sets the batch-norm scale and shift of every
+            upsampling block (:class:`ModulatedUpBlock`); StackGAN feeds it only at the input.
     """
 
     def __init__(
-        self, text_dim: int, image_size: int = 16, z_dim: int = 100, cond_dim: int = 128, channels: int = 256
+        self,
+        text_dim: int,
+        image_size: int = 16,
+        z_dim: int = 100,
+        cond_dim: int = 128,
+        channels: int = 256,
+        modulated: bool = False,
     ):
         super().__init__()
         self.z_dim, self.image_size = z_dim, image_size
         self.ca = ConditioningAugmentation(text_dim, cond_dim)
-        self.stem = _Stem(z_dim, cond_dim, channels, image_size)
+        self.stem = _Stem(z_dim, cond_dim, channels, image_size, modulated)
         self.to_rgb = _to_rgb(self.stem.out_channels)
 
     def forward(
@@ -229,6 +261,7 @@ class TreeGenerator(nn.Module):
         num_stages: number of scales (3 in the paper: 64, 128, 256).
         z_dim, cond_dim, channels: as in :class:`StageIGenerator`.
         num_res_blocks: residual blocks in each refining stage.
+        modulated: as in :class:`StageIGenerator`, for the shared stem.
     """
 
     def __init__(
@@ -240,11 +273,12 @@ class TreeGenerator(nn.Module):
         cond_dim: int = 128,
         channels: int = 256,
         num_res_blocks: int = 2,
+        modulated: bool = False,
     ):
         super().__init__()
         self.z_dim, self.image_size = z_dim, base_size * 2 ** (num_stages - 1)
         self.ca = ConditioningAugmentation(text_dim, cond_dim)
-        self.stem = _Stem(z_dim, cond_dim, channels, base_size)
+        self.stem = _Stem(z_dim, cond_dim, channels, base_size, modulated)
         width = [self.stem.out_channels]
         for _ in range(num_stages - 1):
             width.append(max(width[-1] // 2, 16))

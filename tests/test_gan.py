@@ -18,9 +18,11 @@ from lightning_modules.gan import (
 from networks.stackgan import (
     ConditioningAugmentation,
     MatchingAwareDiscriminator,
+    ModulatedUpBlock,
     StageIGenerator,
     StageIIGenerator,
     TreeGenerator,
+    UpBlock,
     colour_consistency,
 )
 from networks.text_encoders import TransformerTextEncoder
@@ -97,6 +99,22 @@ def test_generators_make_their_scales():
     assert refine.images[0].shape == (2, 3, 64, 64)
     with pytest.raises(ValueError, match="power of two"):
         StageIGenerator(TEXT_DIM, image_size=24)
+
+
+def test_modulated_block_starts_as_a_plain_block_and_lets_the_code_steer_its_features():
+    torch.manual_seed(0)
+    block, plain = ModulatedUpBlock(8, 4, cond_dim=6), UpBlock(8, 4)
+    plain[1].weight.data.copy_(block.conv[1].weight)
+    x, c = torch.randn(5, 8, 4, 4), torch.randn(5, 6)
+    assert torch.allclose(block(x, c), plain(x), atol=1e-6)  # zero-initialised affine
+    block.affine.weight.data.normal_()
+    same_x = x[:1].expand(2, -1, -1, -1)
+    out = block(same_x, torch.randn(2, 6))
+    assert out.shape == (2, 4, 8, 8) and not torch.allclose(out[0], out[1])  # the code alone changes them
+    g = StageIGenerator(TEXT_DIM, image_size=16, z_dim=8, channels=64, modulated=True)
+    g(torch.randn(4, 8), torch.randn(4, TEXT_DIM)).images[0].sum().backward()
+    # every resolution learns from the text
+    assert all(up.affine.weight.grad.abs().sum() > 0 for up in g.stem.ups)
 
 
 def test_losses_reward_a_discriminator_that_tells_matching_pairs_apart():
@@ -198,7 +216,8 @@ def test_schedulers_step_with_their_optimizer():
     assert d_opt.param_groups[0]["lr"] == pytest.approx(2e-4 * 0.1**4)
 
 
-def test_overfit_each_caption_generates_its_own_image():
+@pytest.mark.parametrize("modulated", [False, True])
+def test_overfit_each_caption_generates_its_own_image(modulated):
     """Four caption -> image pairs; after training, each caption's sample is nearest its own image."""
     L.seed_everything(0)
     captions = ["a red circle", "a blue square", "a green triangle", "a yellow circle"]
@@ -206,7 +225,7 @@ def test_overfit_each_caption_generates_its_own_image():
     targets = -torch.ones(4, 3, 16, 16)
     targets[:, :, 4:12, 4:12] = colours[:, :, None, None]  # a coloured block on black, one colour per caption
     batch = {"image": targets.repeat(4, 1, 1, 1), "caption": captions * 4}
-    g = StageIGenerator(TEXT_DIM, image_size=16, z_dim=16, cond_dim=16, channels=64)
+    g = StageIGenerator(TEXT_DIM, image_size=16, z_dim=16, cond_dim=16, channels=64, modulated=modulated)
     d = [MatchingAwareDiscriminator(TEXT_DIM, image_size=16, channels=16, cond_dim=16, norm="none")]
     model = TextToImageGAN(g, d, _text_encoder(), loss="bce", ma_gp_weight=2.0, ema_decay=0.9)
     _trainer(1600).fit(model, DataLoader([batch] * 800, batch_size=None))
