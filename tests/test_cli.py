@@ -114,7 +114,8 @@ def _tiny_bert(path, hidden=16):
 
 @pytest.mark.parametrize("config", ["diffusion/shapes.yaml", "diffusion/shapes_sr.yaml", "diffusion/shards_gpu.yaml",
                                     "diffusion/shards_gpu_sr256.yaml", "gan/stackgan1_shapes.yaml",
-                                    "gan/stackganpp_shapes.yaml", "gan/stackganpp_shards_gpu.yaml"])  # fmt: skip
+                                    "gan/stackgan1_shapes32.yaml", "gan/stackganpp_shapes.yaml",
+                                    "gan/stackganpp_shards_gpu.yaml"])  # fmt: skip
 def test_method_config_runs_fast_dev_run(config, shapes16, tmp_path):
     args = ["fit", "--config", os.path.join(ROOT, "configs", config), "--trainer.fast_dev_run", "1",
             "--trainer.default_root_dir", str(tmp_path / "runs"), "--trainer.enable_progress_bar", "false",
