@@ -252,9 +252,8 @@ class TextToImageGAN(TextToImageModule):
         self.log("train/d_loss", d_loss.detach(), prog_bar=True, batch_size=b)
         if self.steps["d"] % self.d_steps_per_g_step == 0:
             with self.toggled_optimizer(g_opt):
-                sentence = (
-                    sentence.detach()
-                )  # the D step's encoding: the generator does not train the encoder
+                # the D step's encoding, detached: the generator does not train the encoder
+                sentence = sentence.detach()
                 out = self.run_generator(sentence)
                 g_loss, g_logs = self.g_loss(out, sentence)
                 self._step("g", g_loss)
