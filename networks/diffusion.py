@@ -18,6 +18,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from .noise import Generators, randn
+
 DenoiseFn = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 Prediction = Literal["eps", "x0", "v"]
 
@@ -110,16 +112,44 @@ def dynamic_threshold(x0: Tensor, percentile: float = 0.995) -> Tensor:
 
 
 def trailing_timesteps(total: int, steps: int) -> list[int]:
-    """``steps`` timesteps from ``total - 1`` down, evenly spaced, ending near 0 ("trailing" spacing)."""
-    return [int(round(v)) - 1 for v in torch.arange(total, 0, -total / steps, dtype=torch.float64).tolist()]
+    """``steps`` timesteps from ``total - 1`` down, evenly spaced ("trailing" spacing):
+    ``round(total - i * total / steps) - 1`` for ``i < steps``.
+
+    Strictly decreasing, in ``[0, total)``, exactly ``steps`` long for any ``1 <= steps <= total``.
+    The float steps are those of numpy's ``arange`` (what diffusers' ``timestep_spacing="trailing"``
+    uses), so the grids agree, ties included; diffusers takes the whole ``arange``, which for 62 of
+    the counts 1..1000 has one more element that rounds to ``t = -1``.
+    """
+    if not 1 <= steps <= total:
+        raise ValueError(
+            f"sampling steps must be between 1 and {total} (the training timesteps), got {steps}"
+        )
+    delta = (total - total / steps) - total  # numpy's arange step, rounding included
+    return [int(round(total + i * delta)) - 1 for i in range(steps)]
+
+
+def _randn(x: Tensor, generator: Generators) -> Tensor:
+    return randn(x.shape, generator, device=x.device, dtype=x.dtype)
+
+
+class _HostSchedule:
+    """The schedule's ``abar`` on the host, read from the device once per sampling call, so the
+    coefficients of every step are Python floats (no device synchronisation inside the loop)."""
+
+    def __init__(self, schedule: NoiseSchedule, steps: int):
+        self.table = schedule.alphas_cumprod.tolist()
+        self.ts = trailing_timesteps(schedule.timesteps, steps)
+
+    def abar(self, t: int) -> float:
+        return 1.0 if t < 0 else self.table[t]
+
+    def steps(self) -> list[tuple[int, int]]:
+        """``(t, prev)`` for every step; ``prev = -1`` (the clean image) after the last."""
+        return list(zip(self.ts, self.ts[1:] + [-1]))
 
 
 def _full(t: int, x: Tensor) -> Tensor:
     return torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-
-
-def _randn(x: Tensor, generator: torch.Generator | None) -> Tensor:
-    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
 
 @torch.no_grad()
@@ -127,13 +157,11 @@ def sample_ddpm(
     denoise: DenoiseFn, schedule: NoiseSchedule, noise: Tensor, steps: int | None = None, generator=None, **_
 ) -> Tensor:
     """Ancestral sampling with the posterior variance (DDPM, "fixed small"); ``steps`` may skip timesteps."""
-    ts = trailing_timesteps(schedule.timesteps, steps or schedule.timesteps)
+    host = _HostSchedule(schedule, steps or schedule.timesteps)
     x = noise
-    for i, t in enumerate(ts):
-        prev = ts[i + 1] if i + 1 < len(ts) else -1
-        tt = _full(t, x)
-        x0, _ = denoise(x, tt)
-        abar_t, abar_prev = schedule.abar(tt)[0].item(), schedule.abar(_full(prev, x))[0].item()
+    for t, prev in host.steps():
+        x0, _ = denoise(x, _full(t, x))
+        abar_t, abar_prev = host.abar(t), host.abar(prev)
         alpha_t, beta_t = abar_t / abar_prev, 1 - abar_t / abar_prev
         mean = (abar_prev**0.5 * beta_t / (1 - abar_t)) * x0 + (
             alpha_t**0.5 * (1 - abar_prev) / (1 - abar_t)
@@ -156,12 +184,11 @@ def sample_ddim(
     **_,
 ) -> Tensor:
     """DDIM (Song et al. 2021); ``eta = 0`` is deterministic, ``eta = 1`` is DDPM-like."""
-    ts = trailing_timesteps(schedule.timesteps, steps)
+    host = _HostSchedule(schedule, steps)
     x = noise
-    for i, t in enumerate(ts):
-        prev = ts[i + 1] if i + 1 < len(ts) else -1
+    for t, prev in host.steps():
         x0, eps = denoise(x, _full(t, x))
-        abar_t, abar_prev = schedule.abar(_full(t, x))[0].item(), schedule.abar(_full(prev, x))[0].item()
+        abar_t, abar_prev = host.abar(t), host.abar(prev)
         sigma = eta * ((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)) ** 0.5
         x = abar_prev**0.5 * x0 + max(1 - abar_prev - sigma**2, 0.0) ** 0.5 * eps
         if eta > 0:
@@ -174,16 +201,15 @@ def sample_dpmpp_2m(
     denoise: DenoiseFn, schedule: NoiseSchedule, noise: Tensor, steps: int = 20, generator=None, **_
 ) -> Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022), multistep, second order, first order at the first and last step."""
-    ts = trailing_timesteps(schedule.timesteps, steps)
+    host = _HostSchedule(schedule, steps)
     x, previous, h_previous = noise, None, None
 
     def alpha_sigma_lambda(t: int) -> tuple[float, float, float]:
-        abar = schedule.abar(_full(t, x))[0].item()
+        abar = host.abar(t)
         alpha, sigma = abar**0.5, (1 - abar) ** 0.5
         return alpha, sigma, (math.log(alpha) - math.log(sigma)) if sigma > 0 else math.inf
 
-    for i, t in enumerate(ts):
-        prev = ts[i + 1] if i + 1 < len(ts) else -1
+    for t, prev in host.steps():
         x0, _ = denoise(x, _full(t, x))
         _, sigma_s, lambda_s = alpha_sigma_lambda(t)
         alpha_t, sigma_t, lambda_t = alpha_sigma_lambda(prev)

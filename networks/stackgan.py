@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .noise import Generators, randn
+
 
 class GeneratorOutput(NamedTuple):
     images: list[Tensor]  # (b, 3, s, s) in [-1, 1], lowest resolution first
@@ -35,11 +37,9 @@ class ConditioningAugmentation(nn.Module):
         self.cond_dim = cond_dim
         self.fc = nn.Linear(text_dim, 2 * cond_dim)
 
-    def forward(
-        self, sentence: Tensor, generator: torch.Generator | None = None
-    ) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(self, sentence: Tensor, generator: Generators = None) -> tuple[Tensor, Tensor, Tensor]:
         mu, logvar = self.fc(sentence).chunk(2, dim=1)
-        eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+        eps = randn(mu.shape, generator, device=mu.device, dtype=mu.dtype)
         return mu + eps * torch.exp(0.5 * logvar), mu, logvar
 
     @staticmethod
@@ -164,9 +164,7 @@ class StageIGenerator(nn.Module):
         self.stem = _Stem(z_dim, cond_dim, channels, image_size, modulated)
         self.to_rgb = _to_rgb(self.stem.out_channels)
 
-    def forward(
-        self, z: Tensor, sentence: Tensor, generator: torch.Generator | None = None
-    ) -> GeneratorOutput:
+    def forward(self, z: Tensor, sentence: Tensor, generator: Generators = None) -> GeneratorOutput:
         c, mu, logvar = self.ca(sentence, generator)
         return GeneratorOutput([self.to_rgb(self.stem(z, c))], mu, logvar)
 
@@ -239,9 +237,7 @@ class StageIIGenerator(nn.Module):
         )
         self.to_rgb = _to_rgb(_channels(channels, ups))
 
-    def forward(
-        self, low_res: Tensor, sentence: Tensor, generator: torch.Generator | None = None
-    ) -> GeneratorOutput:
+    def forward(self, low_res: Tensor, sentence: Tensor, generator: Generators = None) -> GeneratorOutput:
         if low_res.shape[-1] != self.low_res_size:
             raise ValueError(
                 f"stage II expects {self.low_res_size} px stage-I images, got {low_res.shape[-1]} px"
@@ -287,9 +283,7 @@ class TreeGenerator(nn.Module):
         )
         self.to_rgb = nn.ModuleList(_to_rgb(w) for w in width)
 
-    def forward(
-        self, z: Tensor, sentence: Tensor, generator: torch.Generator | None = None
-    ) -> GeneratorOutput:
+    def forward(self, z: Tensor, sentence: Tensor, generator: Generators = None) -> GeneratorOutput:
         c, mu, logvar = self.ca(sentence, generator)
         h = self.stem(z, c)
         images = [self.to_rgb[0](h)]

@@ -4,7 +4,15 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
-from networks.diffusion import NoiseSchedule, dynamic_threshold, sample_ddim, sample_ddpm, sample_dpmpp_2m
+from networks.diffusion import (
+    SAMPLERS,
+    NoiseSchedule,
+    dynamic_threshold,
+    sample_ddim,
+    sample_ddpm,
+    sample_dpmpp_2m,
+    trailing_timesteps,
+)
 
 T = 1000
 DIFFUSERS_SCHEDULE = {"linear": "linear", "cosine": "squaredcos_cap_v2"}
@@ -71,6 +79,116 @@ def test_ddim_matches_diffusers(eta):
         assert torch.allclose(a, b, rtol=1e-6, atol=1e-6), (steps, (a - b).abs().max())
 
 
+def test_trailing_grid_has_exactly_the_asked_steps_for_every_count():
+    reference = DDIMScheduler(num_train_timesteps=T, timestep_spacing="trailing")
+    for steps in range(1, T + 1):
+        ts = trailing_timesteps(T, steps)
+        assert len(ts) == steps and ts[0] == T - 1 and ts[-1] >= 0, steps
+        assert all(a > b for a, b in zip(ts, ts[1:])), steps
+        reference.set_timesteps(steps)  # diffusers' own grid has the float-arange flaw at 62 counts
+        if len(reference.timesteps) == steps:
+            assert ts == reference.timesteps.tolist(), steps
+    with pytest.raises(ValueError, match="between 1 and 1000"):
+        trailing_timesteps(T, T + 1)
+
+
+def bounded_x0(x, t):
+    """A stand-in network's clean-image estimate, bounded like a real one (|x0| <= 1.5)."""
+    tf = t.to(x.dtype).view(-1, 1, 1, 1) / T
+    return torch.tanh(0.7 * x + 0.3 * torch.sin(3 * x.flip(-1))) * (0.5 + tf)
+
+
+def as_prediction(schedule, prediction, x, t):
+    """The stand-in's output in the parametrisation ``prediction`` (eps, x0 or v)."""
+    x0 = bounded_x0(x, t)
+    alpha, sigma = schedule.alpha_sigma(t, x)
+    eps = (x - alpha * x0) / sigma
+    return {"eps": eps, "x0": x0, "v": alpha * eps - sigma * x0}[prediction]
+
+
+DIFFUSERS_PREDICTION = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}
+DIFFUSERS_SCHEDULERS = {
+    "ddpm": lambda kind, pred: DDPMScheduler(
+        num_train_timesteps=T, beta_schedule=DIFFUSERS_SCHEDULE[kind], clip_sample=False,
+        timestep_spacing="trailing", prediction_type=DIFFUSERS_PREDICTION[pred]),
+    "ddim": lambda kind, pred: DDIMScheduler(
+        num_train_timesteps=T, beta_schedule=DIFFUSERS_SCHEDULE[kind], clip_sample=False, timestep_spacing="trailing",
+        set_alpha_to_one=True, prediction_type=DIFFUSERS_PREDICTION[pred]),
+    "dpmpp_2m": lambda kind, pred: DPMSolverMultistepScheduler(
+        num_train_timesteps=T, beta_schedule=DIFFUSERS_SCHEDULE[kind], algorithm_type="dpmsolver++", solver_order=2,
+        timestep_spacing="trailing", final_sigmas_type="zero", lower_order_final=True,
+        prediction_type=DIFFUSERS_PREDICTION[pred]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp_2m"])
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+def test_every_sampler_and_prediction_matches_diffusers_in_image_space(sampler, kind, prediction):
+    """Every prediction target through every sampler on both schedules. The stand-in network's x0 is
+    bounded, so the samples are O(1) and a tight absolute tolerance separates a wrong coefficient
+    from float noise (an eps stand-in drives cosine samples to ~3e4)."""
+    s = NoiseSchedule(T, kind)
+    ref = DIFFUSERS_SCHEDULERS[sampler](kind, prediction)
+    ref.betas, ref.alphas_cumprod = s.betas.clone(), s.alphas_cumprod.clone()  # float64 tables on both sides
+    ref.alphas = 1 - ref.betas
+    if sampler == "dpmpp_2m":  # its tables are derived at construction
+        ref.alpha_t, ref.sigma_t = s.alphas_cumprod.sqrt(), (1 - s.alphas_cumprod).sqrt()
+        ref.lambda_t, ref.sigmas = (
+            ref.alpha_t.log() - ref.sigma_t.log(),
+            ((1 - s.alphas_cumprod) / s.alphas_cumprod).sqrt(),
+        )
+
+    def denoise(x, t):
+        return s.to_x0_eps(prediction, as_prediction(s, prediction, x, t), x, t)
+
+    # 13 does not divide T; diffusers' DDIM steps to ``t - T // steps`` instead of the grid's next
+    # timestep, which is off the grid unless the count divides T, so DDIM is compared at 20
+    steps = 20 if sampler == "ddim" else 13
+    a = SAMPLERS[sampler](denoise, s, _noise(), steps=steps, eta=1.0 if sampler == "ddim" else 0.0,
+                          generator=torch.Generator().manual_seed(3))  # fmt: skip
+    ref.set_timesteps(steps)
+    x, g = _noise(), torch.Generator().manual_seed(3)
+    for t in ref.timesteps:
+        out = as_prediction(s, prediction, x, torch.full((x.shape[0],), int(t), dtype=torch.long))
+        kwargs = {"generator": g} if sampler != "dpmpp_2m" else {}
+        x = ref.step(out, t, x, **kwargs, **({"eta": 1.0} if sampler == "ddim" else {})).prev_sample
+    assert a.abs().max() < 3, a.abs().max()
+    assert torch.allclose(a, x.to(a.dtype), rtol=1e-5, atol=1e-5), (a - x).abs().max()
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp_2m"])
+def test_samplers_run_at_step_counts_that_do_not_divide_the_timesteps(sampler):
+    s = NoiseSchedule(T, "cosine")
+
+    def denoise(x, t):
+        return s.to_x0_eps("x0", bounded_x0(x, t), x, t)
+
+    for steps in (61, 103, 121, 7, 999):
+        out = SAMPLERS[sampler](denoise, s, _noise(), steps=steps, generator=torch.Generator().manual_seed(0))
+        assert torch.isfinite(out).all() and out.abs().max() < 3, steps
+
+
+def test_samplers_read_the_schedule_from_the_device_once_per_call(monkeypatch):
+    """Step coefficients are host floats: no ``.item()`` in the loop (each would wait for a GPU)."""
+    s = NoiseSchedule(T, "cosine")
+    calls = {"item": 0, "tolist": 0}
+    item, tolist = torch.Tensor.item, torch.Tensor.tolist
+
+    def counted(name, fn):
+        def wrapper(self, *args, **kwargs):
+            calls[name] += 1
+            return fn(self, *args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(torch.Tensor, "item", counted("item", item))
+    monkeypatch.setattr(torch.Tensor, "tolist", counted("tolist", tolist))
+    for sampler in SAMPLERS.values():
+        sampler(lambda x, t: s.to_x0_eps("x0", bounded_x0(x, t), x, t), s, _noise(), steps=20)
+    assert calls == {"item": 0, "tolist": len(SAMPLERS)}
+
+
 @pytest.mark.parametrize("kind", ["linear", "cosine"])
 @pytest.mark.parametrize("steps", [20, 7])
 def test_dpmpp_2m_matches_diffusers(kind, steps):
@@ -99,3 +217,38 @@ def test_conversions_round_trip():
     for pred in ("eps", "x0", "v"):
         r0, re = s.to_x0_eps(pred, s.target(pred, x0, eps, t), xt, t)
         assert torch.allclose(r0, x0, atol=1e-6) and torch.allclose(re, eps, atol=1e-6), pred
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_min_snr_weights_are_the_closed_forms_and_agree_across_targets(kind):
+    """Hang et al. 2023: with SNR = abar / (1 - abar), the weights are min(SNR, g) / SNR for eps,
+    min(SNR, g) for x0 and min(SNR, g) / (SNR + 1) for v, which makes the three weighted losses
+    one and the same loss on x0."""
+    s, gamma = NoiseSchedule(T, kind), 5.0
+    t = torch.tensor([0, 1, 50, 300, 500, 700, 999])
+    abar = s.alphas_cumprod[t]
+    snr = abar / (1 - abar)
+    closed = {
+        "eps": snr.clamp(max=gamma) / snr,
+        "x0": snr.clamp(max=gamma),
+        "v": snr.clamp(max=gamma) / (snr + 1),
+    }
+    for prediction, expected in closed.items():
+        assert torch.allclose(s.loss_weight(prediction, t, gamma).double(), expected, rtol=1e-6), prediction
+    assert torch.equal(s.loss_weight("eps", t, None), torch.ones(len(t)))
+    # the same wrong estimate, measured in each target's space and weighted, is the same loss
+    x0, eps = (
+        torch.randn(len(t), 3, 4, 4, dtype=torch.float64),
+        torch.randn(len(t), 3, 4, 4, dtype=torch.float64),
+    )
+    x_t = s.add_noise(x0, eps, t)
+    x0_hat = x0 + 0.1 * torch.randn_like(x0)
+    alpha, sigma = s.alpha_sigma(t, x_t)
+    eps_hat = (x_t - alpha * x0_hat) / sigma
+    outputs = {"x0": x0_hat, "eps": eps_hat, "v": alpha * eps_hat - sigma * x0_hat}
+    losses = {
+        p: (outputs[p] - s.target(p, x0, eps, t)).pow(2).flatten(1).mean(1) * closed[p] for p in outputs
+    }
+    assert torch.allclose(losses["eps"], losses["x0"], rtol=1e-6) and torch.allclose(
+        losses["v"], losses["x0"], rtol=1e-6
+    )
