@@ -19,9 +19,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import braceexpand
-from PIL import Image
+from PIL import Image, ImageOps
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+# The only decoders an image member may reach, whatever its bytes claim to be: no TIFF, BMP, GIF,
+# PPM or EPS parser (PIL's EPS plugin would start Ghostscript) ever sees shard data.
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")
 TEXT_EXTENSIONS = ("txt", "json")
 KNOWN_EXTENSIONS = IMAGE_EXTENSIONS + TEXT_EXTENSIONS
 
@@ -33,7 +36,7 @@ SKIP_REASONS = (
     "empty_caption",  # .txt holds no non-blank caption
     "bad_text_encoding",  # .txt or .json is not UTF-8
     "bad_json",  # .json is not a JSON object
-    "corrupt_image",  # the image does not decode (corrupt, truncated, unknown format)
+    "corrupt_image",  # the image does not decode (corrupt, truncated, not JPEG / PNG / WEBP)
     "too_large",  # more pixels than ``max_pixels`` or a member over ``max_member_bytes``
     "bad_mode",  # a colour mode that cannot be turned into RGB
 )
@@ -200,13 +203,15 @@ def parse_meta(raw: bytes | None) -> dict:
 
 
 def decode_image(raw: bytes, max_pixels: int, target_size: int | None = None) -> Image.Image:
-    """Decode an image to RGB, bounding its size and flattening alpha onto white.
+    """Decode a JPEG, PNG or WEBP image to upright RGB, bounding its size and flattening alpha onto white.
 
-    Grayscale, palette, CMYK, 16-bit and alpha images are converted. Images with more than
-    ``max_pixels`` pixels are refused before decoding their pixels (decompression bombs).
+    Only the decoders of ``IMAGE_FORMATS`` are tried; any other content is a ``corrupt_image``.
+    The EXIF orientation is applied. Grayscale, palette, CMYK, 16-bit and alpha images are
+    converted. Images with more than ``max_pixels`` pixels are refused before decoding their
+    pixels (decompression bombs).
     """
     try:
-        img = Image.open(io.BytesIO(raw))
+        img = Image.open(io.BytesIO(raw), formats=IMAGE_FORMATS)
         if img.width * img.height > max_pixels:
             raise SampleError("too_large")
         if target_size and img.format == "JPEG":
@@ -216,6 +221,10 @@ def decode_image(raw: bytes, max_pixels: int, target_size: int | None = None) ->
         raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise SampleError("corrupt_image") from err
+    try:
+        img = ImageOps.exif_transpose(img)  # a photo taken sideways comes out upright
+    except (OSError, ValueError, SyntaxError, KeyError, TypeError):
+        pass  # unreadable EXIF: keep the pixels as stored
     try:
         if img.mode == "P":
             img = img.convert("RGBA")
