@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .frozen import keep_out_of_checkpoints
+
 
 class TextEncoding(NamedTuple):
     tokens: Tensor  # (b, n, d)
@@ -121,6 +123,9 @@ class TransformerTextEncoder(nn.Module):
 class PretrainedTextEncoder(nn.Module):
     """A frozen Hugging Face text encoder read from a local directory (Imagen-style conditioning).
 
+    Its weights stay out of checkpoints: a method's checkpoint stores the path (in its
+    hyperparameters) and the encoder is read from there again when the method is loaded.
+
     Args:
         path: directory holding the model's config, weights and tokenizer files
             (``save_pretrained`` output). Nothing is downloaded.
@@ -153,6 +158,7 @@ class PretrainedTextEncoder(nn.Module):
         self.model = model.eval().requires_grad_(False)
         self.dim = getattr(config, "hidden_size", None) or config.d_model
         self.max_length, self.pooling = max_length, pooling
+        keep_out_of_checkpoints(self)
 
     def train(self, mode: bool = True) -> PretrainedTextEncoder:
         super().train(mode)
