@@ -37,6 +37,10 @@ class SampleGrid(Callback):
         self._last_step = -1
         self._last_interval = 0
 
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if hasattr(pl_module, "check_sampling"):  # a wrong option fails before any training
+            pl_module.check_sampling(self.sampling)
+
     def log_grid(self, trainer: Trainer, pl_module: LightningModule) -> str | None:
         if not trainer.is_global_zero or trainer.global_step == self._last_step or not self.prompts:
             return None

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 
-from datamodules.shapes import heldout_prompts, score_batch
+from datamodules.shapes import heldout_prompts, score
+
+SEED_STRIDE = 100_003  # image seed = seed index * SEED_STRIDE + prompt index
 
 
 class ShapesScore(Callback):
@@ -15,11 +20,13 @@ class ShapesScore(Callback):
     ``generate`` and log the analytic scorer's rates: ``val/shapes_all_correct`` and
     ``val/shapes_<attribute>``.
 
-    Every rank generates the same images (same prompts, same seeds), so the logged mean is
-    the single-process value; nothing is gathered.
+    Every image has its own seed (``seed index * 100003 + prompt index``), so it does not depend
+    on the batch it is generated in. Under DDP the images are split across ranks and the
+    per-image results gathered: the logged numbers equal the one-process ones, for a
+    ``1 / world_size`` share of the generation work on each rank.
 
     Args:
-        seeds: images per prompt (seeds ``0..seeds-1``).
+        seeds: images per prompt.
         batch_size: prompts per ``generate`` call.
         sampling: keyword arguments passed to ``generate`` (sampler, steps, guidance scale, ...).
     """
@@ -27,28 +34,60 @@ class ShapesScore(Callback):
     def __init__(self, seeds: int = 1, batch_size: int = 32, sampling: dict | None = None):
         self.seeds, self.batch_size, self.sampling = seeds, batch_size, sampling or {}
         self.enabled = True
+        self.last: dict[str, float] = {}
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if hasattr(pl_module, "check_sampling"):  # a wrong option fails before any training
+            pl_module.check_sampling(self.sampling)
+
+    @staticmethod
+    def keys() -> list[str]:
+        """The scorer's attributes for the held-out prompts, in a fixed order (``all`` last)."""
+        _, attrs = heldout_prompts()[0]
+        return list(score(np.zeros((8, 8, 3), dtype=np.uint8), attrs))
 
     @torch.no_grad()
-    def evaluate(self, pl_module: LightningModule) -> dict[str, float]:
-        prompts = heldout_prompts()
-        images, attrs = [], []
-        for seed in range(self.seeds):
-            for i in range(0, len(prompts), self.batch_size):
-                chunk = prompts[i : i + self.batch_size]
-                out = pl_module.generate([c for c, _ in chunk], seed=seed * 100_003 + i, **self.sampling)
-                images.extend(out.float().cpu())
-                attrs.extend(a for _, a in chunk)
-        return score_batch(images, attrs)
+    def score_share(self, pl_module, rank: int = 0, world_size: int = 1) -> torch.Tensor:
+        """This rank's share of the images, scored: (ceil(n / world_size), len(keys())) of 0/1,
+        padded with rows of -1 so that every rank returns the same shape."""
+        prompts, keys = heldout_prompts(), self.keys()
+        items = [(s, i) for s in range(self.seeds) for i in range(len(prompts))]
+        mine = items[rank::world_size]
+        rows = torch.full((math.ceil(len(items) / world_size), len(keys)), -1.0)
+        for start in range(0, len(mine), self.batch_size):
+            chunk = mine[start : start + self.batch_size]
+            images = pl_module.generate(
+                [prompts[i][0] for _, i in chunk],
+                seed=[s * SEED_STRIDE + i for s, i in chunk],
+                **self.sampling,
+            )
+            for row, (image, (_, i)) in enumerate(zip(images.float().cpu(), chunk), start=start):
+                result = score(image, prompts[i][1])
+                rows[row] = torch.tensor([float(result[k]) for k in keys])
+        return rows
+
+    def rates(self, rows: torch.Tensor) -> dict[str, float]:
+        """Mean of each attribute over the scored rows (padding dropped); ``all`` included."""
+        rows = rows.reshape(-1, rows.shape[-1])
+        rows = rows[rows[:, 0] >= 0]
+        return {k: float(rows[:, j].mean()) for j, k in enumerate(self.keys())}
+
+    def evaluate(self, pl_module) -> dict[str, float]:
+        """The rates on one process (every image generated here)."""
+        return self.rates(self.score_share(pl_module))
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking or not self.enabled:
             return
         try:
-            rates = self.evaluate(pl_module)
+            rows = self.score_share(pl_module, trainer.global_rank, trainer.world_size)
         except NotImplementedError as err:  # e.g. a super-resolution stage cannot start from text alone
             rank_zero_warn(f"ShapesScore disabled: {err}")
             self.enabled = False
             return
-        for name, value in rates.items():
+        if trainer.world_size > 1:
+            rows = pl_module.all_gather(rows.to(pl_module.device)).cpu()  # (world, n, keys)
+        self.last = self.rates(rows)
+        for name, value in self.last.items():
             key = "val/shapes_all_correct" if name == "all" else f"val/shapes_{name}"
-            pl_module.log(key, value, sync_dist=True)
+            pl_module.log(key, value, sync_dist=True)  # equal on every rank: the mean is the value

@@ -15,15 +15,17 @@ from __future__ import annotations
 import math
 import os
 import random
-import warnings
 from collections.abc import Iterator
 from typing import Literal
 
+import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.transforms import v2
+
+from networks.noise import run_seed, stream_seed
 
 from .shards import (
     IMAGE_EXTENSIONS,
@@ -39,17 +41,35 @@ from .shards import (
 SKIPS_KEY = "_skips"  # private batch entry carrying a worker's skip counts; removed before transfer
 
 
-def build_transform(image_size: int, crop: str = "center", hflip: bool = False) -> v2.Compose:
-    """PIL image -> (3, image_size, image_size) float tensor in [-1, 1]."""
-    steps = [
-        v2.ToImage(),
-        v2.Resize(image_size, antialias=True),
-        v2.RandomCrop(image_size) if crop == "random" else v2.CenterCrop(image_size),
-    ]
-    if hflip:
-        steps.append(v2.RandomHorizontalFlip())
-    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize([0.5] * 3, [0.5] * 3)]
-    return v2.Compose(steps)
+class ImageTransform:
+    """PIL image -> (3, image_size, image_size) float tensor in [-1, 1]: the shorter side resized
+    to ``image_size``, a square crop (centred, or at a random offset), an optional horizontal flip.
+
+    The random choices come from the ``rng`` the caller passes (the shard stream's own, one per
+    rank and worker), never from torch's global RNG, so they differ between ranks and workers and
+    repeat under the same seed. Without an ``rng`` the crop is centred and nothing is flipped.
+    """
+
+    def __init__(self, image_size: int, crop: Literal["center", "random"] = "center", hflip: bool = False):
+        self.image_size, self.crop, self.hflip = image_size, crop, hflip
+
+    def __call__(self, image, rng: random.Random | None = None) -> torch.Tensor:
+        s = self.image_size
+        x = v2.functional.resize(v2.functional.to_image(image), s, antialias=True)  # (3, h, w) uint8
+        h, w = x.shape[-2:]
+        if self.crop == "random" and rng is not None:
+            top, left = rng.randint(0, h - s), rng.randint(0, w - s)
+        else:
+            top, left = int(round((h - s) / 2.0)), int(round((w - s) / 2.0))
+        x = x[:, top : top + s, left : left + s]
+        if self.hflip and rng is not None and rng.random() < 0.5:
+            x = x.flip(-1)
+        return x.float().div(127.5).sub(1.0)
+
+
+def build_transform(image_size: int, crop: str = "center", hflip: bool = False) -> ImageTransform:
+    """PIL image (and an rng) -> (3, image_size, image_size) float tensor in [-1, 1]."""
+    return ImageTransform(image_size, crop, hflip)
 
 
 class ShardStream(IterableDataset):
@@ -100,7 +120,7 @@ class ShardStream(IterableDataset):
             skips.add(err.reason)
             return None
         caption = rng.choice(captions) if self.mode == "train" else captions[0]
-        return {"image": self.transform(image), "caption": caption, "key": key, "meta": meta}
+        return {"image": self.transform(image, rng), "caption": caption, "key": key, "meta": meta}
 
     def _samples(self, urls: list[str], skips: SkipCounter, rng: random.Random, keep=None) -> Iterator[dict]:
         index = 0
@@ -117,9 +137,14 @@ class ShardStream(IterableDataset):
         worker, num_workers = self._worker()
         slot, slots = self.rank * num_workers + worker, self.world_size * num_workers
         skips = SkipCounter()
-        rng = random.Random(
-            f"{self.seed}/{slot}/{self.start_step}/{self.mode}"
-        )  # str seeds are stable across runs
+        # one stream per rank and worker (slot), per resume point and split: shard order, caption
+        # choice, crops and flips differ between slots and repeat under the same seed
+        rng = random.Random(stream_seed(self.seed, slot, self.start_step, self.mode))
+        if get_worker_info() is not None:  # a worker's global RNGs, for any user transform that uses them
+            worker_seed = stream_seed(self.seed, slot, self.start_step, self.mode, "worker")
+            torch.manual_seed(worker_seed)
+            np.random.seed(worker_seed % 2**32)
+            random.seed(worker_seed)
         if self.mode == "val":
             stream = self._val_stream(slot, slots, skips, rng)
         else:
@@ -229,7 +254,8 @@ class TextImageDataModule(LightningDataModule):
         num_workers: loader processes per rank (each gets a disjoint part of the shards).
         train_batches_per_epoch: batches each rank yields per training epoch.
         val_samples: size of the fixed validation set (split evenly across ranks).
-        seed: base seed of shard order, caption choice and shuffling.
+        seed: base seed of shard order, caption choice, shuffling, crops and flips (each rank and
+            worker draws its own stream from it); None: the run's seed (``--seed_everything``).
         max_pixels: images with more pixels are skipped (decompression bombs).
         predict_prompts: prompts for ``predict``: a list, a text file (one a line) or one prompt.
         predict_seeds: each prompt is generated once per seed.
@@ -247,7 +273,7 @@ class TextImageDataModule(LightningDataModule):
         train_batches_per_epoch: int = 1000,
         val_samples: int = 256,
         shuffle_buffer: int = 512,
-        seed: int = 0,
+        seed: int | None = None,
         max_pixels: int = 16_000_000,
         predict_prompts: str | list[str] | None = None,
         predict_seeds: list[int] | None = None,
@@ -259,7 +285,8 @@ class TextImageDataModule(LightningDataModule):
         self.train_batches_per_epoch, self.val_samples = train_batches_per_epoch, val_samples
         self.shuffle_buffer, self.seed, self.max_pixels = shuffle_buffer, seed, max_pixels
         self.predict_prompts, self.predict_seeds = predict_prompts, predict_seeds or [0]
-        self._skips: dict[str, dict[str, int]] = {}
+        self._skips: dict[str, dict[str, int]] = {}  # the latest report of each worker, by "<split>/<slot>"
+        self._skips_before: dict[str, int] = {}  # training skips of the run before it was resumed
         self._train_loader = None
 
     # -- distributed context, read from the trainer rather than environment variables
@@ -283,6 +310,7 @@ class TextImageDataModule(LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         rank, world = self._rank_world()
+        seed = self.seed if self.seed is not None else run_seed()
         if stage in (None, "fit") and self.train_shards is not None:
             urls = self._urls(self.train_shards, "train_shards")
             slots = world * max(self.num_workers, 1)
@@ -294,12 +322,12 @@ class TextImageDataModule(LightningDataModule):
                 )
             self.train_stream = ShardStream(
                 urls, build_transform(self.image_size, self.crop, self.hflip), "train", rank, world,
-                self.seed, shuffle_buffer=self.shuffle_buffer, max_pixels=self.max_pixels, image_size=self.image_size,
+                seed, shuffle_buffer=self.shuffle_buffer, max_pixels=self.max_pixels, image_size=self.image_size,
             )  # fmt: skip
         if stage in (None, "fit", "validate", "test") and self.val_shards is not None:
             self.val_stream = ShardStream(
                 self._urls(self.val_shards, "val_shards"), build_transform(self.image_size, "center", False), "val",
-                rank, world, self.seed, val_samples=self.val_samples, max_pixels=self.max_pixels,
+                rank, world, seed, val_samples=self.val_samples, max_pixels=self.max_pixels,
                 image_size=self.image_size,
             )  # fmt: skip
 
@@ -352,8 +380,9 @@ class TextImageDataModule(LightningDataModule):
         return batch
 
     def skipped(self, split: str = "train") -> dict[str, int]:
-        """Samples skipped so far on this rank, by reason (counts of the workers' latest reports)."""
-        total: dict[str, int] = {}
+        """Samples skipped on this rank, by reason: for training, since the run began (a resumed
+        run adds to the counts saved in its checkpoint); for validation, in the latest pass."""
+        total: dict[str, int] = dict(self._skips_before) if split == "train" else {}
         for worker, counts in self._skips.items():
             if worker.startswith(split + "/"):
                 for reason, n in counts.items():
@@ -361,9 +390,16 @@ class TextImageDataModule(LightningDataModule):
         return total
 
     def state_dict(self) -> dict:
-        return {"skipped": self._skips}
+        return {"skipped_train": self.skipped("train")}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore the training skip counts, so ``data/skipped/*`` keeps counting after a resume."""
         self._skips = {}
-        if state.get("skipped"):
-            warnings.warn(f"data skipped before resuming: {state['skipped']}", stacklevel=2)
+        before = state.get("skipped_train")
+        if before is None:  # checkpoints of earlier versions kept each worker's latest report
+            before = {}
+            for worker, counts in state.get("skipped", {}).items():
+                if worker.startswith("train/"):
+                    for reason, n in counts.items():
+                        before[reason] = before.get(reason, 0) + n
+        self._skips_before = {str(k): int(v) for k, v in before.items()}

@@ -1,34 +1,89 @@
-"""What every text-to-image method shares: the ``generate`` contract and ``predict``."""
+"""What every LightningModule of the framework shares (per-rank random streams), and what every
+text-to-image method shares on top: the ``generate`` contract, its options and ``predict``."""
 
 from __future__ import annotations
 
+import inspect
+import random
+from collections.abc import Mapping, Sequence
+
+import numpy as np
 import torch
 from lightning.pytorch import LightningModule
 from torch import Tensor
 
+from networks.noise import Generators, run_seed, seeded, stream_seed
 
-class TextToImageModule(LightningModule):
-    """Base of every method.
 
-    Subclasses implement ``generate(prompts, *, seed=None, **sampling) -> (b, 3, h, w)`` in
-    [-1, 1]. Callbacks, ``predict``, evaluation and comparisons use only that method.
+class BaseModule(LightningModule):
+    """Base of every LightningModule here (methods, autoencoders, CLIP).
+
+    Randomness. LightningCLI seeds every DDP process with the same seed, so anything a training
+    step draws from the global RNG (timesteps, noise, caption dropout, a GAN's ``z``, dropout
+    masks) would be the same on every rank. At the start of training each rank reseeds torch,
+    numpy and ``random`` with a seed made of the run's seed, its global rank and the global step
+    it starts from: the ranks draw different numbers, a rerun with the same seed draws the same
+    ones, and a resumed run continues on a stream of its own instead of replaying the first one.
+    Subclasses that override ``on_train_start`` call ``super().on_train_start()``.
     """
 
-    def generate(self, prompts: list[str], *, seed: int | None = None, **sampling) -> Tensor:
+    def on_train_start(self) -> None:
+        seed = stream_seed(run_seed(), "train", self.global_rank, self.global_step)
+        torch.manual_seed(seed)  # every device's default generator
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+
+
+class TextToImageModule(BaseModule):
+    """Base of every text-to-image method.
+
+    Subclasses implement ``generate(prompts, *, seed=None, <options>, **unknown) -> (b, 3, h, w)``
+    in [-1, 1] and pass ``unknown`` to :meth:`check_sampling`, so every method answers an option
+    it does not know with the same clear error. Callbacks, ``predict``, evaluation and
+    comparisons use only ``generate``.
+
+    ``seed`` is None (the global RNG), an int (one stream for the whole batch) or a list of ints,
+    one per prompt: then each image depends only on its own prompt and seed, not on the batch
+    it is generated in.
+    """
+
+    def generate(self, prompts: list[str], *, seed: int | list[int] | None = None, **sampling) -> Tensor:
         raise NotImplementedError
 
+    # ------------------------------------------------------------------ options of generate
+    def sampling_options(self) -> tuple[str, ...]:
+        """Names of the keyword options ``generate`` accepts (besides ``seed``): the keyword-only
+        parameters of ``generate`` in this class and the classes it extends."""
+        names: list[str] = []
+        for cls in type(self).__mro__:
+            fn = cls.__dict__.get("generate")
+            if fn is None:
+                continue
+            for name, p in inspect.signature(inspect.unwrap(fn)).parameters.items():
+                if p.kind is inspect.Parameter.KEYWORD_ONLY and name != "seed" and name not in names:
+                    names.append(name)
+        return tuple(names)
+
+    def check_sampling(self, options: Mapping) -> None:
+        """Raise a TypeError naming the options of ``generate`` if ``options`` has any other."""
+        known = self.sampling_options()
+        unknown = [k for k in options if k not in known]
+        if unknown:
+            raise TypeError(
+                f"{type(self).__name__}.generate does not take {', '.join(map(repr, unknown))}; "
+                f"its options are: {', '.join(known) or 'none'} (and seed)"
+            )
+
+    # ------------------------------------------------------------------ predict
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
-        """A batch of prompt dicts (``caption``, ``seed``, ``index``) -> the batch plus ``image``."""
-        images = []
-        for caption, seed in zip(batch["caption"], batch["seed"]):
-            images.append(self.generate([caption], seed=int(seed))[0])
-        return {**batch, "image": torch.stack(images)}
+        """A batch of prompt dicts (``caption``, ``seed``, ``index``) -> the batch plus ``image``.
+
+        One ``generate`` call per batch; every prompt keeps its own seed, so its image is the one
+        it gets when generated alone."""
+        images = self.generate(list(batch["caption"]), seed=[int(s) for s in batch["seed"]])
+        return {**batch, "image": images}
 
     @staticmethod
-    def generator(seed: int | None, device: torch.device) -> torch.Generator | None:
-        """A seeded generator on ``device`` (None: use the global RNG)."""
-        if seed is None:
-            return None
-        g = torch.Generator(device=device)
-        g.manual_seed(int(seed))
-        return g
+    def generator(seed: int | Sequence[int] | None, device: torch.device) -> Generators:
+        """Generators on ``device`` for ``seed``: None, one for an int, one per sample for a list."""
+        return seeded(seed, device)

@@ -12,6 +12,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from networks.diffusion import SAMPLERS, NoiseSchedule, Prediction, Sampler, dynamic_threshold
+from networks.noise import Generators, offset, randn
 from networks.text_encoders import TextEncoding
 
 from .base import TextToImageModule
@@ -94,22 +95,33 @@ class TextToImageDiffusion(TextToImageModule):
         encoder = self.ema_text_encoder if ema and self.ema_text_encoder is not None else self.text_encoder
         return encoder(captions)
 
-    def loss(self, batch: dict, cond_drop_prob: float | None = None) -> Tensor:
-        """Weighted MSE between the denoiser's output and its target at random timesteps."""
+    def training_draws(self, x0: Tensor, cond_drop_prob: float) -> tuple[Tensor, Tensor, list[bool]]:
+        """The random draws of one loss evaluation: timesteps (b,), noise like ``x0`` and which
+        captions are dropped (classifier-free guidance). From the global RNG, which every rank
+        reseeds with a stream of its own at the start of training (``BaseModule``)."""
+        b = x0.shape[0]
+        drop = (torch.rand(b) < cond_drop_prob).tolist()
+        t = torch.randint(0, self.schedule.timesteps, (b,), device=x0.device)
+        noise = torch.randn_like(x0)
+        return t, noise, drop
+
+    def loss(self, batch: dict, cond_drop_prob: float | None = None, use_ema: bool = False) -> Tensor:
+        """Weighted MSE between the denoiser's output and its target at random timesteps; with
+        ``use_ema``, of the EMA weights (the ones that sample)."""
         x0 = batch["image"]
         if x0.shape[-1] != self.image_size:
             raise ValueError(
                 f"batch images are {x0.shape[-1]} px but the model makes {self.image_size} px; "
                 "set model.init_args.image_size and data image_size to the same value"
             )
-        b = x0.shape[0]
-        drop = torch.rand(b) < (self.cond_drop_prob if cond_drop_prob is None else cond_drop_prob)
-        captions = ["" if d else c for c, d in zip(batch["caption"], drop.tolist())]
-        text = self.encode(captions)
-        t = torch.randint(0, self.schedule.timesteps, (b,), device=self.device)
-        noise = torch.randn_like(x0)
+        t, noise, drop = self.training_draws(
+            x0, self.cond_drop_prob if cond_drop_prob is None else cond_drop_prob
+        )
+        captions = ["" if d else c for c, d in zip(batch["caption"], drop)]
+        text = self.encode(captions, ema=use_ema)
         x_t = self.schedule.add_noise(x0, noise, t)
-        output = self.denoiser(x_t, t, text, **self.conditioning(batch))
+        denoiser = self.ema_denoiser if use_ema else self.denoiser
+        output = denoiser(x_t, t, text, **self.conditioning(batch))
         target = self.schedule.target(self.prediction, x0, noise, t)
         per_sample = (output.float() - target.float()).pow(2).flatten(1).mean(1)
         return (per_sample * self.schedule.loss_weight(self.prediction, t, self.min_snr_gamma)).mean()
@@ -120,12 +132,20 @@ class TextToImageDiffusion(TextToImageModule):
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            torch.manual_seed(batch_idx)  # the same noise and timesteps every validation: comparable losses
-            loss = self.loss(batch, cond_drop_prob=0.0)
-        self.log("val/loss", loss, sync_dist=True, batch_size=len(batch["caption"]))
+        """``val/loss``: the EMA weights, which sample (the best checkpoint is chosen on it);
+        ``val/loss_raw``: the live weights. Both on the same noise, timesteps and augmentation,
+        fixed per batch so that validations are comparable."""
+        b = len(batch["caption"])
+        for name, use_ema in (("val/loss", True), ("val/loss_raw", False)):
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                torch.manual_seed(batch_idx)
+                loss = self.loss(batch, cond_drop_prob=0.0, use_ema=use_ema)
+            self.log(name, loss, sync_dist=True, batch_size=b)
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+    def optimizer_step(self, *args, **kwargs) -> None:
+        """The optimizer step, then the EMA update: once per optimizer step, so with gradient
+        accumulation the EMA horizon stays ``1 / (1 - ema_decay)`` optimizer steps."""
+        super().optimizer_step(*args, **kwargs)
         decay = ema_decay(self.ema_decay, self.global_step)
         ema_update(self.ema_denoiser, self.denoiser, decay)
         if self.ema_text_encoder is not None:
@@ -178,7 +198,7 @@ class TextToImageDiffusion(TextToImageModule):
         self,
         prompts: list[str],
         *,
-        seed: int | None = None,
+        seed: int | list[int] | None = None,
         sampler: Sampler | None = None,
         steps: int | None = None,
         guidance_scale: float | None = None,
@@ -186,21 +206,43 @@ class TextToImageDiffusion(TextToImageModule):
         dynamic_threshold: float | None = None,
         clip_denoised: bool | None = None,
         use_ema: bool = True,
-        **cond,
+        **unknown,
     ) -> Tensor:
         """Sample images for ``prompts``: (b, 3, image_size, image_size) in [-1, 1].
 
-        Defaults come from the constructor; ``seed`` fixes the initial noise and every
-        sampler's noise, so the same seed gives the same images.
+        Defaults come from the constructor; ``seed`` (an int, or one per prompt) fixes the
+        initial noise and every sampler's noise, so the same seed gives the same images.
         """
+        self.check_sampling(unknown)
+        return self._sample(
+            prompts, seed, {}, sampler=sampler, steps=steps, guidance_scale=guidance_scale, eta=eta,
+            dynamic_threshold=dynamic_threshold, clip_denoised=clip_denoised, use_ema=use_ema,
+        )  # fmt: skip
+
+    def _sample(
+        self,
+        prompts: list[str],
+        seed: int | list[int] | None,
+        cond: dict,
+        sampler: Sampler | None = None,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        eta: float = 0.0,
+        dynamic_threshold: float | None = None,
+        clip_denoised: bool | None = None,
+        use_ema: bool = True,
+    ) -> Tensor:
+        """``generate`` with extra denoiser inputs ``cond`` (a super-resolution stage's image)."""
         d = self.sampling_defaults
         sampler = sampler or d["sampler"]
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
         steps = steps or d["steps"]
         guidance_scale = d["guidance_scale"] if guidance_scale is None else guidance_scale
         threshold = dynamic_threshold if dynamic_threshold is not None else d["dynamic_threshold"]
         generator = self.generator(seed, self.device)
         shape = (len(prompts), 3, self.image_size, self.image_size)
-        noise = torch.randn(shape, generator=generator, device=self.device)
+        noise = randn(shape, generator, device=self.device)
         clip = d["clip_denoised"] if clip_denoised is None else clip_denoised
         denoise = self.denoise_fn(list(prompts), guidance_scale, threshold, use_ema, cond, clip)
         x = SAMPLERS[sampler](denoise, self.schedule, noise, steps=steps, eta=eta, generator=generator)
@@ -236,11 +278,9 @@ class SuperResolutionDiffusion(TextToImageDiffusion):
             sample_aug_level,
         )
 
-    def prepare_low_res(
-        self, low_res: Tensor, level: Tensor, generator: torch.Generator | None = None
-    ) -> dict:
+    def prepare_low_res(self, low_res: Tensor, level: Tensor, generator: Generators = None) -> dict:
         """Noise-augment (b, 3, low, low) at timestep ``level`` (b,) and upsample to ``image_size``."""
-        noise = torch.randn(low_res.shape, generator=generator, device=low_res.device, dtype=low_res.dtype)
+        noise = randn(low_res.shape, generator, device=low_res.device, dtype=low_res.dtype)
         noisy = torch.where(
             level.view(-1, 1, 1, 1) > 0, self.schedule.add_noise(low_res, noise, level), low_res
         )
@@ -257,9 +297,16 @@ class SuperResolutionDiffusion(TextToImageDiffusion):
 
     @torch.no_grad()
     def generate(
-        self, prompts: list[str], *, low_res: Tensor | None = None, seed: int | None = None, **sampling
+        self,
+        prompts: list[str],
+        *,
+        low_res: Tensor | None = None,
+        seed: int | list[int] | None = None,
+        **sampling,
     ) -> Tensor:
-        """Upsample ``low_res`` (b, 3, low_res_size, low_res_size) in [-1, 1] guided by ``prompts``."""
+        """Upsample ``low_res`` (b, 3, low_res_size, low_res_size) in [-1, 1] guided by ``prompts``;
+        ``sampling`` takes the options of :meth:`TextToImageDiffusion.generate`."""
+        self.check_sampling(sampling)
         if low_res is None:
             raise NotImplementedError(
                 "super-resolution needs low_res images; use DiffusionCascade to generate from text alone"
@@ -267,9 +314,9 @@ class SuperResolutionDiffusion(TextToImageDiffusion):
         level = torch.full(
             (len(prompts),), int(self.sample_aug_level * self.schedule.timesteps), device=self.device
         )
-        generator = self.generator(None if seed is None else seed + 1, self.device)
+        generator = self.generator(offset(seed, 1), self.device)
         cond = self.prepare_low_res(low_res.to(self.device), level, generator)
-        return super().generate(prompts, seed=seed, **sampling, **cond)
+        return self._sample(prompts, seed, cond, **sampling)
 
 
 class DiffusionCascade(TextToImageModule):
@@ -300,10 +347,18 @@ class DiffusionCascade(TextToImageModule):
             for p in sr_checkpoints
         )
         self.base_sampling, self.sr_sampling = base_sampling or {}, sr_sampling or {}
+        self.base.check_sampling(self.base_sampling)
+        for stage in self.stages:
+            stage.check_sampling(self.sr_sampling)
+
+    def sampling_options(self) -> tuple[str, ...]:
+        return self.base.sampling_options()  # passed on to the base stage
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], *, seed: int | None = None, **sampling) -> Tensor:
-        """(b, 3, h, w) in [-1, 1] at the last stage's resolution."""
+    def generate(self, prompts: list[str], *, seed: int | list[int] | None = None, **sampling) -> Tensor:
+        """(b, 3, h, w) in [-1, 1] at the last stage's resolution; ``sampling`` overrides the base
+        stage's options (those of :meth:`TextToImageDiffusion.generate`)."""
+        self.check_sampling(sampling)
         x = self.base.generate(prompts, seed=seed, **{**self.base_sampling, **sampling})
         for stage in self.stages:
             x = stage.generate(prompts, low_res=x, seed=seed, **self.sr_sampling)

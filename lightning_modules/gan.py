@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
+from networks.noise import Generators, randn
 from networks.stackgan import ConditioningAugmentation, GeneratorOutput, colour_consistency
 
 from .base import TextToImageModule
@@ -98,7 +99,9 @@ class TextToImageGAN(TextToImageModule):
             (plus a trainable text encoder).
         g_lr_scheduler, d_lr_scheduler: optional scheduler factories, stepped after each step of their optimizer.
         g_clip_norm, d_clip_norm: gradient-norm clipping per network (None: no clipping).
-        ema_decay: decay of the generator's EMA, which ``generate`` and the sample grids use.
+        ema_decay: decay of the EMA of the generator (updated at each generator step) and of a
+            trainable text encoder (at each discriminator step); ``generate`` and the sample
+            grids use the two EMAs together.
     """
 
     _derived_arguments: tuple[str, ...] = ()  # constructor arguments a subclass computes (not saved)
@@ -131,6 +134,10 @@ class TextToImageGAN(TextToImageModule):
         self.generator_net, self.text_encoder = generator, text_encoder
         self.discriminators = nn.ModuleList(discriminators)
         self.ema_generator = copy.deepcopy(generator).requires_grad_(False).eval()
+        trainable_text = any(p.requires_grad for p in text_encoder.parameters())
+        self.ema_text_encoder = (
+            copy.deepcopy(text_encoder).requires_grad_(False).eval() if trainable_text else None
+        )
         self.loss_kind, self.kl_weight, self.uncond_weight = loss, kl_weight, uncond_weight
         self.colour_weight, self.ma_gp_weight, self.ma_gp_power = colour_weight, ma_gp_weight, ma_gp_power
         self.d_steps_per_g_step, self.ema_decay = d_steps_per_g_step, ema_decay
@@ -153,14 +160,17 @@ class TextToImageGAN(TextToImageModule):
         return self.generator_net.image_size
 
     # ------------------------------------------------------------------ networks
-    def sentence(self, captions: list[str]) -> Tensor:
-        return self.text_encoder(list(captions)).pooled
+    def sentence(self, captions: list[str], ema: bool = False) -> Tensor:
+        """Pooled sentence vectors (b, d); with ``ema``, from the EMA of a trainable text encoder,
+        which goes with the EMA generator."""
+        encoder = self.ema_text_encoder if ema and self.ema_text_encoder is not None else self.text_encoder
+        return encoder(list(captions)).pooled
 
     def run_generator(
-        self, sentence: Tensor, *, ema: bool = False, generator: torch.Generator | None = None
+        self, sentence: Tensor, *, ema: bool = False, generator: Generators = None
     ) -> GeneratorOutput:
         net = self.ema_generator if ema else self.generator_net
-        z = torch.randn(sentence.shape[0], net.z_dim, generator=generator, device=sentence.device)
+        z = randn((sentence.shape[0], net.z_dim), generator, device=sentence.device)
         return net(z, sentence, generator=generator)
 
     def real_scales(self, image: Tensor, fakes: list[Tensor]) -> list[Tensor]:
@@ -249,6 +259,8 @@ class TextToImageGAN(TextToImageModule):
                 fakes = self.run_generator(sentence.detach()).images
             d_loss, logs = self.d_loss(self.real_scales(image, fakes), fakes, sentence)
             self._step("d", d_loss)
+        if self.ema_text_encoder is not None:  # the encoder trains with the discriminator
+            ema_update(self.ema_text_encoder, self.text_encoder, ema_decay(self.ema_decay, self.steps["d"]))
         self.log("train/d_loss", d_loss.detach(), prog_bar=True, batch_size=b)
         if self.steps["d"] % self.d_steps_per_g_step == 0:
             with self.toggled_optimizer(g_opt):
@@ -274,7 +286,7 @@ class TextToImageGAN(TextToImageModule):
         sentence = self.sentence(captions)
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(batch_idx)
-            fakes = self.run_generator(sentence, ema=True).images
+            fakes = self.run_generator(self.sentence(captions, ema=True), ema=True).images
         reals = self.real_scales(image, fakes)
         d = self.discriminators[-1]
         h_real = d.features(reals[-1])
@@ -305,16 +317,28 @@ class TextToImageGAN(TextToImageModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.steps.update(checkpoint.get("gan_steps", {}))
+        state = checkpoint["state_dict"]
+        if self.ema_text_encoder is not None and not any(k.startswith("ema_text_encoder.") for k in state):
+            # a checkpoint from before the text encoder had an EMA: start it from the live weights
+            state.update({"ema_" + k: v for k, v in list(state.items()) if k.startswith("text_encoder.")})
 
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
     def generate(
-        self, prompts: list[str], *, seed: int | None = None, use_ema: bool = True, all_scales: bool = False
+        self,
+        prompts: list[str],
+        *,
+        seed: int | list[int] | None = None,
+        use_ema: bool = True,
+        all_scales: bool = False,
+        **unknown,
     ) -> Tensor | list[Tensor]:
         """Images for ``prompts``: (b, 3, s, s) in [-1, 1] at the highest scale (every scale,
-        lowest first, with ``all_scales``). ``seed`` fixes the noise and the conditioning code."""
+        lowest first, with ``all_scales``). ``seed`` (an int, or one per prompt) fixes the noise
+        and the conditioning code. ``use_ema``: the EMA generator and text encoder (default)."""
+        self.check_sampling(unknown)
         out = self.run_generator(
-            self.sentence(prompts), ema=use_ema, generator=self.generator(seed, self.device)
+            self.sentence(prompts, ema=use_ema), ema=use_ema, generator=self.generator(seed, self.device)
         )
         return [x.clamp(-1, 1) for x in out.images] if all_scales else out.images[-1].clamp(-1, 1)
 
@@ -352,7 +376,9 @@ class StackGANStageII(TextToImageGAN):
                 f"stage I makes {stage1.image_size} px images but the stage-II generator expects "
                 f"{generator.low_res_size} px; set its low_res_size to {stage1.image_size}"
             )
-        super().__init__(generator, discriminators, stage1.text_encoder, **kwargs)
+        # stage I samples with its EMA generator and the text encoder that goes with it
+        text_encoder = stage1.ema_text_encoder if stage1.ema_text_encoder is not None else stage1.text_encoder
+        super().__init__(generator, discriminators, text_encoder.requires_grad_(False), **kwargs)
         self.stage1_generator = stage1.ema_generator
 
     def train(self, mode: bool = True):
@@ -361,26 +387,29 @@ class StackGANStageII(TextToImageGAN):
         self.text_encoder.eval()
         return self
 
-    def _stages(
-        self, sentence: Tensor, ema: bool, generator: torch.Generator | None
-    ) -> tuple[Tensor, GeneratorOutput]:
+    def _stages(self, sentence: Tensor, ema: bool, generator: Generators) -> tuple[Tensor, GeneratorOutput]:
         """The frozen stage-I image and the stage-II output for it."""
-        z = torch.randn(
-            sentence.shape[0], self.stage1_generator.z_dim, generator=generator, device=sentence.device
-        )
+        z = randn((sentence.shape[0], self.stage1_generator.z_dim), generator, device=sentence.device)
         with torch.no_grad():
             low_res = self.stage1_generator(z, sentence, generator=generator).images[-1]
         net = self.ema_generator if ema else self.generator_net
         return low_res, net(low_res, sentence, generator=generator)
 
-    def run_generator(self, sentence: Tensor, *, ema: bool = False, generator: torch.Generator | None = None):
+    def run_generator(self, sentence: Tensor, *, ema: bool = False, generator: Generators = None):
         return self._stages(sentence, ema, generator)[1]
 
     @torch.no_grad()
     def generate(
-        self, prompts: list[str], *, seed: int | None = None, use_ema: bool = True, all_scales: bool = False
+        self,
+        prompts: list[str],
+        *,
+        seed: int | list[int] | None = None,
+        use_ema: bool = True,
+        all_scales: bool = False,
+        **unknown,
     ):
         """Stage I then stage II; ``all_scales`` returns ``[stage-I image, stage-II image]``."""
+        self.check_sampling(unknown)
         low_res, out = self._stages(self.sentence(prompts), use_ema, self.generator(seed, self.device))
         high = out.images[-1]
         return [low_res.clamp(-1, 1), high.clamp(-1, 1)] if all_scales else high.clamp(-1, 1)

@@ -179,3 +179,119 @@ def test_ddp_two_ranks_read_disjoint_shards_with_equal_batches(shapes16, tmp_pat
     assert result[0]["val_batches"] == result[1]["val_batches"]
     assert not set(result[0]["shards"]) & set(result[1]["shards"])
     assert np.isfinite(result[0]["loss"])
+
+
+def test_only_jpeg_png_and_webp_are_decoded_whatever_the_extension_says(tmp_path):
+    """EPS, TIFF and BMP bytes in a .jpg member never reach their decoders (PIL's EPS plugin would
+    start Ghostscript): they are skipped and counted as corrupt images."""
+    from PIL import Image
+
+    rgb = Image.new("RGB", (16, 16), (200, 30, 30))
+    eps = io.BytesIO()
+    rgb.save(eps, format="EPS")  # writing EPS needs no Ghostscript
+    path = str(tmp_path / "disguised.tar")
+    samples = [("eps", {"jpg": eps.getvalue(), "txt": "x"}), ("tiff", {"jpg": _encode(rgb, "TIFF"), "txt": "x"}),
+               ("bmp", {"jpeg": _encode(rgb, "BMP"), "txt": "x"}), ("gif", {"png": _encode(rgb, "GIF"), "txt": "x"}),
+               ("pngasjpg", {"jpg": _encode(rgb, "PNG"), "txt": "a png named .jpg is still a png"})]  # fmt: skip
+    with tarfile.open(path, "w") as tar:
+        for key, members in samples:
+            for ext, data in members.items():
+                data = data.encode() if isinstance(data, str) else data
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    it = iter(_val_stream([path], val_samples=2))
+    first = next(it)
+    assert first["key"] == "pngasjpg"
+    assert first[SKIPS_KEY][1] == {"corrupt_image": 4}
+
+
+def test_exif_orientation_is_applied():
+    """A JPEG stored sideways with EXIF orientation 6 (rotate 90 degrees clockwise to view) comes out upright."""
+    from PIL import Image
+
+    from datamodules.shards import decode_image
+
+    upright = Image.new("RGB", (12, 24), (220, 30, 30))  # 12 wide, 24 high: red top half, blue bottom half
+    upright.paste((30, 30, 220), (0, 12, 12, 24))
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # what a sideways camera writes
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    stored.save(buf, format="JPEG", exif=exif, quality=95)
+    out = decode_image(buf.getvalue(), max_pixels=10_000)
+    assert out.size == (12, 24)
+    top, bottom = out.getpixel((6, 3)), out.getpixel((6, 20))
+    assert top[0] > 150 > top[2] and bottom[2] > 150 > bottom[0]
+
+
+def _wide_shard(path, n=6):
+    """Samples 32 wide and 16 high with a colour ramp, so that crops and flips are visible."""
+    ramp = np.tile(np.linspace(0, 255, 32, dtype=np.uint8)[None, :, None], (16, 1, 3))
+    with ShardWriter(os.path.dirname(path), prefix=os.path.basename(path), max_count=100) as w:
+        for i in range(n):
+            w.write(
+                f"s{i}",
+                {
+                    "png": _encode(Image.fromarray(ramp), "PNG"),
+                    "txt": json.dumps([f"first {i}", f"second {i}"]),
+                },
+            )
+    return w.paths
+
+
+def test_crops_flips_and_captions_differ_across_ranks_and_workers_and_repeat_under_a_seed(tmp_path):
+    urls = _wide_shard(str(tmp_path / "wide"))
+
+    def draws(rank, world, seed, worker=None):
+        stream = ShardStream(urls, build_transform(16, "random", hflip=True), "train", rank=rank, world_size=world,
+                             seed=seed, shuffle_buffer=1)  # fmt: skip
+        if worker is not None:
+            stream._worker = lambda: worker
+        it = iter(stream)
+        out = [next(it) for _ in range(24)]
+        return [
+            (s["key"], s["caption"], s["image"][0, 0, 0].item(), s["image"][0, 0, -1].item()) for s in out
+        ]
+
+    rank0, rank1 = draws(0, 2, seed=3), draws(1, 2, seed=3)
+    assert rank0 == draws(0, 2, seed=3)  # the same seed repeats
+    assert rank0 != rank1 and rank0 != draws(0, 2, seed=4)
+    # the same sample gets other crops and flips on another rank (one shard: both ranks read all of it)
+    pixels = {r: {(k, c, a, b) for k, c, a, b in d} for r, d in ((0, rank0), (1, rank1))}
+    assert pixels[0] != pixels[1]
+    assert len({(a, b) for _, _, a, b in rank0}) > 3  # crops vary: several left/right edge values
+    assert any(a > b for _, _, a, b in rank0) and any(a < b for _, _, a, b in rank0)  # flipped and not
+    assert len({c.split()[0] for _, c, _, _ in rank0}) == 2  # both captions get chosen
+    assert draws(0, 1, seed=3, worker=(0, 2)) != draws(0, 1, seed=3, worker=(1, 2))  # workers differ too
+
+
+def test_training_skip_counts_continue_across_a_resume(tmp_path, shapes16):
+    """The skip counts are saved in the checkpoint and restored, so data/skipped keeps counting."""
+    import lightning as L
+    from tiny_module import TinyRegression
+
+    from networks.text_encoders import TransformerTextEncoder
+
+    _write_bad_shard(str(tmp_path / "bad.tar"))
+
+    def datamodule():
+        return TextImageDataModule(train_shards=[str(tmp_path / "bad.tar")], image_size=16, batch_size=4,
+                                   num_workers=0, train_batches_per_epoch=3, max_pixels=4_000_000, shuffle_buffer=2)  # fmt: skip
+
+    def fit(steps, dm, ckpt=None):
+        model = TinyRegression(TransformerTextEncoder(width=16, depth=1, heads=2, tokenizer="byte"))
+        trainer = L.Trainer(max_steps=steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                            default_root_dir=str(tmp_path), accelerator="cpu", enable_checkpointing=False)  # fmt: skip
+        trainer.fit(model, datamodule=dm, ckpt_path=ckpt, weights_only=False)
+        return trainer
+
+    dm = datamodule()
+    trainer = fit(3, dm)
+    before = dm.skipped("train")
+    assert before["corrupt_image"] >= 2
+    trainer.save_checkpoint(str(tmp_path / "a.ckpt"))
+    resumed = datamodule()
+    fit(6, resumed, str(tmp_path / "a.ckpt"))
+    after = resumed.skipped("train")
+    assert all(after[k] > v for k, v in before.items())  # the resumed run adds to the saved counts

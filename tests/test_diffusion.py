@@ -115,6 +115,43 @@ def test_checkpoint_round_trip_keeps_ema_and_raw_weights(tmp_path):
     assert torch.equal(model.generate(["a"], seed=1, steps=3), loaded.generate(["a"], seed=1, steps=3))
 
 
+class UpsampledInput(torch.nn.Module):
+    """A stand-in super-resolution x0-predictor that returns its conditioning image as the answer."""
+
+    def forward(self, x, t, text, cond_image=None, aug_level=None):
+        return cond_image
+
+
+def test_super_resolution_stage_follows_its_low_resolution_input():
+    """The low-resolution image must reach the denoiser, in training and in ``generate``: with a
+    stand-in that answers its conditioning image, the output downsampled is the input."""
+    text = TransformerTextEncoder(width=32, depth=1, heads=2, max_length=16, tokenizer="byte")
+    sr = SuperResolutionDiffusion(UpsampledInput(), text, image_size=16, low_res_size=8, prediction="x0",
+                                  sample_aug_level=0.0, min_snr_gamma=None)  # fmt: skip
+    low = smooth_images(2, 8)
+    out = sr.generate(["a", "b"], low_res=low, seed=0, steps=4, guidance_scale=1.0)
+    down = torch.nn.functional.interpolate(out, size=8, mode="area")
+    assert (down - low).abs().max() < 0.05
+    other = sr.generate(["a", "b"], low_res=-low, seed=0, steps=4, guidance_scale=1.0)
+    assert (other - out).abs().mean() > 0.5  # a different input gives a different image
+    # training: the conditioning image is the batch's own image at low resolution (level 0: clean)
+    batch = {"image": smooth_images(2, 16), "caption": ["a", "b"]}
+    torch.manual_seed(0)
+    sr.max_aug_level = 0.0
+    cond = sr.conditioning(batch)
+    small = torch.nn.functional.interpolate(batch["image"], size=8, mode="bilinear", antialias=True)
+    assert torch.allclose(
+        torch.nn.functional.interpolate(cond["cond_image"], size=8, mode="area"), small, atol=0.05
+    )
+
+
+def smooth_images(b, size):
+    """(b, 3, size, size) in [-1, 1], smooth enough that resizing down and up keeps them."""
+    y, x = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
+    phase = torch.arange(3 * b, dtype=torch.float32).view(b, 3, 1, 1)
+    return 0.8 * torch.sin(2.0 * x + 1.5 * y + phase)
+
+
 def test_super_resolution_and_cascade(tmp_path):
     base = tiny(image_size=8)
     sr = tiny(image_size=16, cls=SuperResolutionDiffusion, cond_channels=3, low_res_size=8)
@@ -124,16 +161,162 @@ def test_super_resolution_and_cascade(tmp_path):
     assert sr.loss(batch).isfinite()
     with pytest.raises(NotImplementedError, match="low_res"):
         sr.generate(["a"])
+    paths = save_untrained(tmp_path, base=base, sr=sr)
+    cascade = DiffusionCascade(paths[0], [paths[1]], base_sampling={"steps": 3}, sr_sampling={"steps": 3})
+    out = cascade.generate(["a red circle", "a blue square"], seed=0)
+    assert out.shape == (2, 3, 16, 16)
+    # the cascade is the base stage, then the super-resolution stage on its output
+    low = base.generate(["a red circle", "a blue square"], seed=0, steps=3)
+    assert torch.allclose(out, sr.generate(["a red circle", "a blue square"], low_res=low, seed=0, steps=3))
+    with pytest.raises(TypeError, match="its options are: sampler, steps"):
+        DiffusionCascade(paths[0], [paths[1]], base_sampling={"stpes": 3})
+
+
+def save_untrained(tmp_path, **models) -> list[str]:
     paths = []
-    for name, m in (("base", base), ("sr", sr)):
+    for name, m in models.items():
         trainer = Trainer(logger=False, accelerator="cpu", max_steps=0)
         trainer.strategy.connect(m)
         paths.append(str(tmp_path / f"{name}.ckpt"))
         trainer.save_checkpoint(paths[-1])
-    cascade = DiffusionCascade(paths[0], [paths[1]], base_sampling={"steps": 3}, sr_sampling={"steps": 3})
-    out = cascade.generate(["a red circle", "a blue square"], seed=0)
-    assert out.shape == (2, 3, 16, 16)
-    low = base.generate(["a red circle", "a blue square"], seed=0, steps=3)
-    # the high-resolution output follows its low-resolution input
-    down = torch.nn.functional.interpolate(out, size=8, mode="area")
-    assert out.abs().max() <= 1 and torch.isfinite(down).all() and low.shape == (2, 3, 8, 8)
+    return paths
+
+
+def test_classifier_free_guidance_is_u_plus_s_times_c_minus_u():
+    model = tiny().eval()
+    with torch.no_grad():
+        for p in model.ema_denoiser.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([10, 700])
+    prompts = ["a red circle", "a blue square"]
+    c = model.ema_denoiser(x, t, model.encode(prompts, ema=True))
+    u = model.ema_denoiser(x, t, model.encode(["", ""], ema=True))
+    for scale in (0.0, 2.5, 7.0):
+        _, eps = model.denoise_fn(prompts, scale, None, True, {})(x, t)
+        assert torch.allclose(eps, u + scale * (c - u), atol=1e-5), scale
+
+
+def test_validation_loss_is_the_ema_weights_and_raw_loss_the_live_ones():
+    model = tiny(ema_decay=0.5)
+    with torch.no_grad():
+        for p in model.denoiser.parameters():
+            p.add_(torch.randn_like(p) * 0.05)  # live and EMA weights now differ
+    batch = {"image": torch.rand(4, 3, 8, 8) * 2 - 1, "caption": ["a", "b", "c", "d"]}
+    logged = {}
+    model.log = lambda name, value, **kw: logged.__setitem__(name, float(value))
+    model.validation_step(batch, 3)
+
+    def fixed(use_ema):
+        with torch.random.fork_rng():
+            torch.manual_seed(3)
+            return model.loss(batch, cond_drop_prob=0.0, use_ema=use_ema).item()
+
+    assert logged["val/loss"] == pytest.approx(fixed(True)) and logged["val/loss_raw"] == pytest.approx(
+        fixed(False)
+    )
+    assert logged["val/loss"] != pytest.approx(logged["val/loss_raw"])
+
+
+def test_ema_moves_once_per_optimizer_step_under_gradient_accumulation(monkeypatch):
+    import lightning_modules.diffusion as diffusion
+
+    calls = []
+    real = diffusion.ema_update
+    monkeypatch.setattr(
+        diffusion, "ema_update", lambda ema, live, decay: (calls.append(decay), real(ema, live, decay))
+    )
+    model = tiny(ema_decay=0.9)
+    batch = {
+        "image": torch.rand(2, 3, 8, 8) * 2 - 1,
+        "caption": ["a", "b"],
+        "key": ["a", "b"],
+        "meta": [{}, {}],
+    }
+    trainer = Trainer(max_epochs=1, accumulate_grad_batches=4, logger=False, enable_progress_bar=False,
+                      enable_checkpointing=False, accelerator="cpu")  # fmt: skip
+    trainer.fit(model, train_dataloaders=DataLoader([batch] * 8, batch_size=None))
+    assert trainer.global_step == 2
+    per_step = 2 if model.ema_text_encoder is not None else 1  # denoiser and trainable text encoder
+    assert len(calls) == 2 * per_step  # 8 batches, 2 optimizer steps, 2 EMA updates
+    assert calls[0] == pytest.approx(0.1) and calls[-1] == pytest.approx(2 / 11)  # warm-up at steps 0 and 1
+
+
+def test_per_prompt_seeds_make_each_image_independent_of_its_batch():
+    model = tiny().eval()
+    prompts = ["a red circle", "two blue squares", "a green triangle"]
+    for sampler in ("ddpm", "ddim", "dpmpp_2m"):
+        kw = {"sampler": sampler, "steps": 5, "eta": 1.0}
+        together = model.generate(prompts, seed=[7, 8, 9], **kw)
+        alone = torch.cat([model.generate([p], seed=[s], **kw) for p, s in zip(prompts, [7, 8, 9])])
+        assert torch.allclose(together, alone, atol=1e-5), sampler
+        assert not torch.allclose(together[0], model.generate(prompts[:1], seed=[10], **kw)[0])
+
+
+def test_unknown_sampling_options_name_the_methods_options(tmp_path):
+    model = tiny()
+    with pytest.raises(
+        TypeError, match=r"does not take 'stpes'; its options are: sampler, steps, guidance_scale"
+    ):
+        model.generate(["a"], stpes=3)
+    sr = tiny(image_size=16, cls=SuperResolutionDiffusion, cond_channels=3, low_res_size=8)
+    assert sr.sampling_options()[0] == "low_res" and "guidance_scale" in sr.sampling_options()
+    with pytest.raises(TypeError, match="its options are: low_res, sampler"):
+        sr.generate(["a"], low_res=torch.zeros(1, 3, 8, 8), all_scales=True)
+    with pytest.raises(ValueError, match="unknown sampler 'euler'"):
+        model.generate(["a"], sampler="euler")
+
+
+def _tiny_bert(path):
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "blue", "circle", "square"]
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "vocab.txt"), "w") as f:
+        f.write("\n".join(vocab))
+    BertTokenizer(os.path.join(path, "vocab.txt")).save_pretrained(path)
+    BertModel(BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32)).save_pretrained(path)  # fmt: skip
+
+
+def test_a_frozen_pretrained_encoder_stays_out_of_the_checkpoint_and_is_read_from_its_path(tmp_path):
+    from networks.text_encoders import PretrainedTextEncoder
+
+    _tiny_bert(str(tmp_path / "bert"))
+    torch.manual_seed(0)
+    unet = UNet(
+        base_channels=16, channel_mult=[1, 2], num_res_blocks=1, attention_levels=[1], context_dim=32, heads=2
+    )
+    model = TextToImageDiffusion(
+        unet, PretrainedTextEncoder(str(tmp_path / "bert"), max_length=8), image_size=8
+    )
+    with torch.no_grad():
+        for p in model.ema_denoiser.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    (path,) = save_untrained(tmp_path, frozen=model)
+    state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    assert not [k for k in state if k.startswith("text_encoder.")] and [
+        k for k in state if k.startswith("denoiser.")
+    ]
+    loaded = TextToImageDiffusion.load_from_checkpoint(path, weights_only=False)
+    assert torch.equal(
+        model.generate(["a red circle"], seed=1, steps=3), loaded.generate(["a red circle"], seed=1, steps=3)
+    )
+
+
+def test_predict_makes_one_generate_call_per_batch_and_each_image_is_its_own(monkeypatch):
+    model = tiny().eval()
+    calls = []
+    generate = model.generate
+    monkeypatch.setattr(
+        model, "generate", lambda prompts, **kw: (calls.append(len(prompts)), generate(prompts, **kw))[1]
+    )
+    batch = {
+        "caption": ["a red circle", "a red circle", "two blue squares"],
+        "seed": [0, 1, 0],
+        "index": [0, 0, 1],
+    }
+    together = model.predict_step(batch, 0)["image"]
+    assert calls == [3]
+    alone = [model.predict_step({k: [v[i]] for k, v in batch.items()}, i)["image"][0] for i in range(3)]
+    assert torch.allclose(together, torch.stack(alone), atol=1e-5)
+    assert not torch.allclose(together[0], together[1])  # same prompt, other seed

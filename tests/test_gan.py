@@ -281,3 +281,67 @@ def test_mismatched_text_dimension_is_a_clear_error():
     g = StageIGenerator(64, image_size=16)
     with pytest.raises(ValueError, match="text_dim to 32"):
         TextToImageGAN(g, [MatchingAwareDiscriminator(64, image_size=16)], _text_encoder())
+
+
+def test_generator_ema_moves_at_generator_steps_and_text_ema_at_discriminator_steps(monkeypatch):
+    import lightning_modules.gan as gan
+
+    updates = []
+    real = gan.ema_update
+    monkeypatch.setattr(
+        gan, "ema_update", lambda ema, live, decay: (updates.append((ema, decay)), real(ema, live, decay))
+    )
+    model = _stage1(d_steps_per_g_step=2)
+    text_before = [p.clone() for p in model.ema_text_encoder.parameters()]
+    _trainer(6).fit(model, _batches(4))  # 4 batches: 4 discriminator steps, 2 generator steps
+    assert model.steps == {"g": 2, "d": 4}
+    generator_updates = [d for ema, d in updates if ema is model.ema_generator]
+    text_updates = [d for ema, d in updates if ema is model.ema_text_encoder]
+    assert len(generator_updates) == 2 and len(text_updates) == 4
+    assert generator_updates[0] == pytest.approx(2 / 11)  # warm-up counted in generator steps (1, 2)
+    assert any(not torch.equal(a, b) for a, b in zip(text_before, model.ema_text_encoder.parameters()))
+
+
+def test_generate_pairs_the_ema_generator_with_the_ema_text_encoder():
+    model = _stage1()
+    _trainer(4).fit(model, _batches(2))
+    model.eval()
+    captions = ["a red circle", "two blue squares"]
+    ema_sentence = model.ema_text_encoder(captions).pooled
+    assert not torch.allclose(ema_sentence, model.text_encoder(captions).pooled)
+    expected = model.run_generator(ema_sentence, ema=True, generator=model.generator(5, model.device)).images[
+        -1
+    ]
+    assert torch.equal(model.generate(captions, seed=5), expected.clamp(-1, 1))
+    frozen = TextToImageGAN(
+        StageIGenerator(TEXT_DIM, image_size=16, z_dim=16, cond_dim=16, channels=64),
+        [MatchingAwareDiscriminator(TEXT_DIM, image_size=16, channels=16, cond_dim=16)],
+        _text_encoder().requires_grad_(False),
+    )
+    assert frozen.ema_text_encoder is None  # nothing to average
+
+
+def test_gan_images_depend_only_on_their_own_prompt_and_seed():
+    model = _stage1().eval()
+    prompts = ["a red circle", "two blue squares", "a green triangle"]
+    together = model.generate(prompts, seed=[4, 5, 6])
+    alone = torch.cat([model.generate([p], seed=[s]) for p, s in zip(prompts, [4, 5, 6])])
+    assert torch.allclose(together, alone, atol=1e-5)
+    assert not torch.allclose(together[0], model.generate(prompts[:1], seed=[7])[0])
+
+
+def test_gan_rejects_unknown_sampling_options_by_naming_its_own(tmp_path):
+    model = _stage1()
+    with pytest.raises(
+        TypeError,
+        match=r"TextToImageGAN.generate does not take 'steps'; its options are: use_ema, all_scales",
+    ):
+        model.generate(["a"], steps=20)
+    from callbacks import SampleGrid, ShapesScore
+
+    for callback in (
+        SampleGrid(["a"], sampling={"guidance_scale": 3.0}),
+        ShapesScore(sampling={"steps": 20}),
+    ):
+        with pytest.raises(TypeError, match="its options are: use_ema, all_scales"):
+            callback.setup(None, model, "fit")  # before any training

@@ -40,7 +40,8 @@ def test_shapes_score_covers_every_prompt_for_every_seed_in_batches():
     n = len(heldout_prompts())
     assert sum(size for size, _ in model.calls) == 3 * n
     assert max(size for size, _ in model.calls) == 10
-    assert len({seed for _, seed in model.calls}) == len(model.calls)  # every call its own seed
+    seeds = [s for _, call_seeds in model.calls for s in call_seeds]
+    assert len(set(seeds)) == len(seeds) == 3 * n  # every image its own seed
 
 
 def test_shapes_score_steps_aside_for_models_that_cannot_start_from_text():
@@ -49,8 +50,27 @@ def test_shapes_score_steps_aside_for_models_that_cannot_start_from_text():
             raise NotImplementedError("needs low_res images")
 
     class Trainer:
-        sanity_checking = False
+        sanity_checking, global_rank, world_size = False, 0, 1
 
     callback = ShapesScore()
     callback.on_validation_epoch_end(Trainer(), NeedsAnImage())
     assert not callback.enabled
+
+
+def test_shares_of_several_ranks_combine_to_the_one_process_score():
+    """Each rank scores every world_size-th image; the gathered rows give the one-process rates."""
+
+    class EveryThirdWrong(Renderer):
+        def generate(self, prompts, *, seed=None):
+            self.wrong = False
+            right = super().generate(prompts, seed=seed)
+            self.wrong = True
+            wrong = super().generate(prompts, seed=seed)
+            return torch.stack([w if s % 3 == 0 else r for r, w, s in zip(right, wrong, seed)])
+
+    callback = ShapesScore(seeds=2, batch_size=4)
+    one = callback.evaluate(EveryThirdWrong())
+    assert 0.4 < one["all"] < 0.9
+    for world in (2, 3, 5):
+        shares = [callback.score_share(EveryThirdWrong(), rank, world) for rank in range(world)]
+        assert callback.rates(torch.stack(shares)) == one, world
