@@ -12,7 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "tests", "configs", "tiny.yaml")
 
 
-def run_cli(args, cwd, timeout=300):
+def run_cli(args, cwd, timeout=300, expect_failure=False):
     env = {
         **os.environ,
         "WANDB_MODE": "offline",
@@ -22,7 +22,10 @@ def run_cli(args, cwd, timeout=300):
     env.pop("T2I_RUN_NAME", None)
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    if expect_failure:
+        assert proc.returncode != 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    else:
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc
 
 
@@ -58,12 +61,28 @@ def test_fit_resume_predict_and_offline_wandb(shapes16, tmp_path):
     assert b"train/loss" in records and b"val/loss" in records and b"data/skipped" in records
     assert glob.glob(os.path.join(offline[0], "files", "media", "images", "*.png"))
 
-    # resume: --ckpt_path last finds the newest run and continues its step count
+    # another experiment (another --config file), run after it: the newest run under the root
+    other = tmp_path / "other.yaml"
+    other.write_text(open(TINY).read())
+    other_args = [a if a != TINY else str(other) for a in _common(shapes16, runs)]
+    run_cli(["fit", *other_args, "--trainer.max_steps", "2", "--run_name", "other"], tmp_path)
+    # resume: --ckpt_path last finds the run of this experiment, not the newest, and continues its step count
     run_cli(["fit", *_common(shapes16, runs), "--trainer.max_epochs", "3", "--ckpt_path", "last"], tmp_path)
     ckpt = torch.load(
         os.path.join(run_dir, "checkpoints", "last.ckpt"), map_location="cpu", weights_only=False
     )
     assert ckpt["global_step"] == 15
+    assert _ckpt(os.path.join(runs, "other", "checkpoints", "last.ckpt"))["global_step"] == 2
+    # two runs of one experiment: which one is meant is not guessed
+    run_cli(["fit", *other_args, "--trainer.max_steps", "2", "--run_name", "other2"], tmp_path)
+    proc = run_cli(["fit", *other_args, "--ckpt_path", "last"], tmp_path, expect_failure=True)
+    assert "2 runs under" in proc.stderr and "other2" in proc.stderr and "--run_name" in proc.stderr
+    assert not os.path.exists(os.path.join(runs, "other", "checkpoints", "epoch=0-step=4.ckpt"))
+    never = tmp_path / "never.yaml"
+    never.write_text(open(TINY).read())
+    never_args = [a if a != TINY else str(never) for a in _common(shapes16, runs)]
+    proc = run_cli(["fit", *never_args, "--ckpt_path", "last"], tmp_path, expect_failure=True)
+    assert "no run under" in proc.stderr and "first" in proc.stderr and "other2" in proc.stderr
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\n\na large blue square on the left\n")
@@ -175,3 +194,31 @@ def test_gan_stage_one_under_ddp_then_stage_two_on_its_checkpoint(shapes16, tmp_
                     "--data.init_args.root", str(tmp_path / "shapes32"), "--data.init_args.num_train", "40",
                     "--data.init_args.num_val", "8", "--data.init_args.shard_size", "20"], tmp_path)  # fmt: skip
     assert "max_steps=1` reached" in proc.stdout + proc.stderr
+
+
+def test_cascade_predict_config_generates_from_two_checkpoints(shapes16, tmp_path):
+    """configs/diffusion/cascade_predict.yaml run through predict on a tiny base and a tiny
+    super-resolution checkpoint: 8 px base images upsampled to 16 px."""
+    from test_diffusion import save_untrained, tiny
+
+    from lightning_modules.diffusion import SuperResolutionDiffusion
+
+    base = tiny(image_size=8)
+    sr = tiny(image_size=16, cls=SuperResolutionDiffusion, cond_channels=3, low_res_size=8)
+    base_path, sr_path = save_untrained(tmp_path, base=base, sr=sr)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\ntwo blue squares\n")
+    run_cli(["predict", "--config", os.path.join(ROOT, "configs", "diffusion", "cascade_predict.yaml"),
+             "--model.init_args.base_checkpoint", base_path, "--model.init_args.sr_checkpoints", f"[{sr_path}]",
+             "--model.init_args.base_sampling", "{steps: 3}", "--model.init_args.sr_sampling", "{steps: 3}",
+             "--data.init_args.root", shapes16, "--data.init_args.resolution", "16", "--data.init_args.num_train", "600",
+             "--data.init_args.num_val", "64", "--data.init_args.shard_size", "100",
+             "--data.init_args.predict_prompts", str(prompts), "--data.init_args.predict_seeds", "[0, 1]",
+             "--trainer.default_root_dir", str(tmp_path / "runs"), "--run_name", "cascade",
+             "--trainer.enable_progress_bar", "false"], tmp_path)  # fmt: skip
+    out = os.path.join(tmp_path, "runs", "cascade", "predictions")
+    images = sorted(p for p in os.listdir(out) if "seed" in p)
+    assert len(images) == 4 and "grid.png" in os.listdir(out)
+    from PIL import Image
+
+    assert Image.open(os.path.join(out, images[0])).size == (16, 16)
