@@ -24,6 +24,8 @@ from PIL import Image
 from .shards import ShardWriter
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+INPUT_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")  # the decoders inputs may reach (no EPS)
+EXAMPLES = 3  # skipped files named per reason in the summary
 
 
 def from_folder(root: str) -> Iterator[tuple[str, list[str] | None, dict]]:
@@ -90,8 +92,16 @@ def convert(
     prefix: str = "shard",
     progress: bool = True,
 ) -> dict:
-    """Write ``items`` as shards into ``out_dir``; returns ``{"written", "skipped": {reason: n}, "shards"}``."""
+    """Write ``items`` as shards into ``out_dir``; returns ``{"written", "skipped": {reason: n},
+    "examples": {reason: [the first few skipped paths]}, "shards"}``."""
     skipped: Counter = Counter()
+    examples: dict[str, list[str]] = defaultdict(list)
+
+    def skip(reason: str, path: str) -> None:
+        skipped[reason] += 1
+        if len(examples[reason]) < EXAMPLES:
+            examples[reason].append(path)
+
     if progress:
         from tqdm import tqdm
 
@@ -99,13 +109,13 @@ def convert(
     with ShardWriter(out_dir, prefix=prefix, max_count=shard_size) as writer:
         for path, captions, meta in items:
             if not captions:
-                skipped["no_caption"] += 1
+                skip("no_caption", path)
                 continue
             if not os.path.exists(path):
-                skipped["missing_image"] += 1
+                skip("missing_image", path)
                 continue
             try:
-                with Image.open(path) as img:
+                with Image.open(path, formats=INPUT_FORMATS) as img:
                     img.load()
                     fmt = (img.format or "").lower()
                     ext = {"jpeg": "jpg", "png": "png", "webp": "webp"}.get(fmt)
@@ -117,10 +127,22 @@ def convert(
                         with open(path, "rb") as f:
                             data = f.read()
             except (OSError, ValueError, Image.DecompressionBombError):
-                skipped["corrupt_image"] += 1
+                skip("corrupt_image", path)
                 continue
             writer.write(f"{writer.written:09d}", {ext: data, "txt": "\n".join(captions), "json": meta})
-    return {"written": writer.written, "skipped": dict(skipped), "shards": writer.paths}
+    return {
+        "written": writer.written,
+        "skipped": dict(skipped),
+        "examples": dict(examples),
+        "shards": writer.paths,
+    }
+
+
+FIXES = {
+    "missing_image": "image paths are read relative to --image-root ({image_root!r}); point it at the folder the paths start from",
+    "no_caption": "every image needs a caption: a .txt of the same name beside it (folder), or a non-empty --caption-column (table)",
+    "corrupt_image": "the files are not images that decode (JPEG, PNG, WEBP, BMP, GIF or TIFF)",
+}
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -144,8 +166,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
         items = from_coco(a.source, a.image_root)
     summary = convert(items, a.out_dir, a.shard_size, a.prefix)
     print(f"wrote {summary['written']} samples into {len(summary['shards'])} shard(s) in {a.out_dir}")
-    if summary["skipped"]:
-        print("skipped: " + ", ".join(f"{k}={v}" for k, v in sorted(summary["skipped"].items())))
+    for reason, n in sorted(summary["skipped"].items()):
+        named = ", ".join(summary["examples"].get(reason, []))
+        print(f"skipped {n} ({reason}), e.g. {named}")
+    if summary["written"] == 0:
+        reason = max(summary["skipped"], key=summary["skipped"].get) if summary["skipped"] else None
+        fix = FIXES.get(reason, "check the source path").format(image_root=a.image_root)
+        raise SystemExit(f"error: no sample was written from {a.source}: {fix}")
+    if summary["shards"]:
+        print(f"train on them with: --data.init_args.train_shards {a.out_dir}")
     return summary
 
 

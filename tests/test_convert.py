@@ -2,6 +2,7 @@ import csv
 import json
 import os
 
+import pytest
 from PIL import Image
 
 from datamodules.convert import main
@@ -76,3 +77,15 @@ def test_coco_captions(tmp_path):
     assert summary["written"] == 2 and summary["skipped"] == {"no_caption": 1}
     samples = {s["meta"]["coco_id"]: s for s in _read(tmp_path / "o")}
     assert samples[7]["caption"] == "a cat" and samples[9]["caption"] == "a dog"
+
+
+def test_zero_samples_is_an_error_that_names_the_skipped_files_and_the_fix(tmp_path, capsys):
+    _images(tmp_path / "imgs", 2)
+    with open(tmp_path / "t.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["path", "caption"], ["img0.bmp", "zero"], ["img1.png", "one"]])
+    with pytest.raises(SystemExit) as exit_info:  # the paths are relative to imgs/, but no --image-root
+        main(["table", str(tmp_path / "t.csv"), str(tmp_path / "out")])
+    assert exit_info.value.code != 0 and "--image-root" in str(exit_info.value.code)
+    printed = capsys.readouterr().out
+    assert "skipped 2 (missing_image), e.g. img0.bmp, img1.png" in printed
+    assert not os.listdir(tmp_path / "out")  # no empty shard left behind
