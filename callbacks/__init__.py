@@ -1,9 +1,24 @@
-"""Callbacks shared by every method: sample grids, prediction files, data health, W&B."""
+"""Callbacks shared by every method: sample grids, held-out scores, prediction files, data health,
+progress and run summaries, stopping without loss, CPU threads, W&B."""
 
 from .data_health import SkippedSamplesLogger
 from .prediction_writer import PromptImageWriter
+from .progress import ProgressLog, RunSummary
 from .sample_grid import SampleGrid
 from .shapes_score import ShapesScore
+from .stopping import SaveOnInterrupt, ValidateAtEnd
+from .threads import ThreadBudget
 from .wandb_logger import AutoOfflineWandbLogger
 
-__all__ = ["AutoOfflineWandbLogger", "PromptImageWriter", "SampleGrid", "ShapesScore", "SkippedSamplesLogger"]
+__all__ = [
+    "AutoOfflineWandbLogger",
+    "ProgressLog",
+    "PromptImageWriter",
+    "RunSummary",
+    "SampleGrid",
+    "SaveOnInterrupt",
+    "ShapesScore",
+    "SkippedSamplesLogger",
+    "ThreadBudget",
+    "ValidateAtEnd",
+]

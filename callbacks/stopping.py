@@ -1,0 +1,93 @@
+"""How a run ends: scored and saved at its last step, and, when stopped by Ctrl-C or SIGTERM,
+at a step boundary with a checkpoint, so that nothing is lost."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+from lightning.pytorch import Callback
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+
+def last_checkpoint_path(trainer) -> str:
+    """Where ``--ckpt_path last`` looks: ``last.ckpt`` beside the run's ModelCheckpoint files."""
+    for callback in trainer.checkpoint_callbacks:
+        if isinstance(callback, ModelCheckpoint) and callback.dirpath:
+            return os.path.join(callback.dirpath, callback.CHECKPOINT_NAME_LAST + callback.FILE_EXTENSION)
+    return os.path.join(trainer.default_root_dir, "checkpoints", "last.ckpt")
+
+
+class SaveOnInterrupt(Callback):
+    """Ctrl-C (SIGINT) or SIGTERM stops training after the current step and saves ``last.ckpt``,
+    from which ``fit --ckpt_path last`` continues at the same step.
+
+    The first Ctrl-C asks for a stop: the step in progress finishes, the checkpoint is written,
+    and ``fit`` ends as it does at ``max_steps`` (the run summary still prints). A second Ctrl-C
+    quits at once. SIGTERM (``kill``, a scheduler's time limit) is turned by Lightning into an
+    exception at the next step boundary; the checkpoint is written before the process exits.
+    Under DDP the ranks agree on the step to stop at.
+    """
+
+    def __init__(self):
+        self.requested: str | None = None
+        self.saved: str | None = None
+        self._previous_handler = None
+
+    def _on_sigint(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = "Ctrl-C"
+        print(
+            "\nCtrl-C: stopping after this step and saving a checkpoint (Ctrl-C again quits at once)",
+            flush=True,
+        )
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.requested, self.saved = None, None
+        if threading.current_thread() is threading.main_thread():
+            self._previous_handler = signal.signal(signal.SIGINT, self._on_sigint)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        requested = self.requested is not None
+        if trainer.world_size > 1:
+            requested = trainer.strategy.reduce_boolean_decision(requested, all=False)
+        if requested:
+            self.requested = self.requested or "Ctrl-C on another rank"
+            self.save(trainer)
+            trainer.should_stop = True
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if isinstance(exception, SIGTERMException):  # raised between steps: the state is whole
+            self.requested = "SIGTERM"
+            self.save(trainer)
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGINT, self._previous_handler)
+            self._previous_handler = None
+
+    def save(self, trainer) -> None:
+        path = last_checkpoint_path(trainer)
+        trainer.save_checkpoint(path)
+        self.saved = path
+        rank_zero_info(
+            f"{self.requested}: saved {path} at step {trainer.global_step}; continue with "
+            f"`python train.py fit ... --run_name {os.path.basename(trainer.default_root_dir)} --ckpt_path last`"
+        )
+
+
+class ValidateAtEnd(Callback):
+    """Run a last validation (held-out score, sample grid, checkpoints) at the step where training
+    stops at ``max_steps``, so the end of a run is scored and saved, not the validation before it.
+
+    Lightning validates when ``trainer.should_stop`` is set during a step, which is how
+    ``max_time`` and a stop request already end; ``max_steps`` ends the loop without it.
+    """
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.max_steps is not None and 0 < trainer.max_steps <= trainer.global_step:
+            trainer.should_stop = True
