@@ -14,11 +14,12 @@ from __future__ import annotations
 import glob
 import json
 import os
+import sys
 import time
 
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
-RUN_NAME_ENV = "T2I_RUN_NAME"  # shared with the processes DDP launches, so all ranks agree
+RUN_DIR_ENV = "T2I_RUN_DIR"  # shared with the processes DDP launches, so all ranks agree
 RUN_INFO = "run.json"  # what made a run: its model class and --config files
 
 
@@ -30,6 +31,10 @@ def run_identity(cfg) -> dict:
     """What identifies an experiment: the model class and the ``--config`` files (absolute paths)."""
     configs = [getattr(c, "absolute", None) or os.path.abspath(str(c)) for c in (cfg.get("config") or [])]
     return {"model": _class_path(cfg.get("model")), "configs": [os.path.realpath(str(c)) for c in configs]}
+
+
+def _same_experiment(info: dict, identity: dict) -> bool:
+    return all(info.get(k) == v for k, v in identity.items())
 
 
 def find_run_to_resume(root: str, identity: dict) -> str:
@@ -63,7 +68,7 @@ def find_run_to_resume(root: str, identity: dict) -> str:
         made = f"{i.get('model', '?').rsplit('.', 1)[-1]} from {', '.join(map(os.path.relpath, i.get('configs', []))) or '?'}"
         return f"  {os.path.basename(run_dir)}  (last.ckpt {when}; {made})"
 
-    matches = [r for r in runs if info(r) == identity]
+    matches = [r for r in runs if _same_experiment(info(r), identity)]
     if len(matches) == 1:
         return os.path.basename(matches[0])
     wanted = f"{identity['model'].rsplit('.', 1)[-1]} from {', '.join(map(os.path.relpath, identity['configs'])) or 'no --config'}"
@@ -79,16 +84,114 @@ def find_run_to_resume(root: str, identity: dict) -> str:
 
 
 class SaveAndLogConfig(SaveConfigCallback):
-    """Saves the resolved config and ``run.json`` in the run directory and sends the config to
-    the loggers (W&B)."""
+    """For ``fit``: saves the resolved config and ``run.json`` in the run directory and sends the
+    config to the loggers (W&B). Other subcommands leave the run's files as they are."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage == "fit":
+            super().setup(trainer, pl_module, stage)
 
     def save_config(self, trainer, pl_module, stage: str) -> None:
         config = self.config.clone()
-        if stage == "fit":  # called on rank zero only: no collective (trainer.log_dir broadcasts)
-            with open(os.path.join(trainer.default_root_dir, RUN_INFO), "w") as f:
-                json.dump(run_identity(config), f, indent=1)
+        # called on rank zero only: no collective here (trainer.log_dir would broadcast)
+        with open(os.path.join(trainer.default_root_dir, RUN_INFO), "w") as f:
+            json.dump({**run_identity(config), "command": sys.argv}, f, indent=1)
         for logger in trainer.loggers:
             logger.log_hyperparams({"config": config.as_dict()})
+
+
+class SetupError(Exception):
+    """A mistake in the command or the config, found before any work: reported in one line."""
+
+
+def run_of_checkpoint(path: str | None) -> str | None:
+    """``<root>/<run>`` for a checkpoint at ``<root>/<run>/checkpoints/<file>.ckpt``, else None."""
+    if not path or path in ("last", "best", "hpc", "registry") or not os.path.isfile(path):
+        return None
+    folder = os.path.dirname(os.path.abspath(path))
+    return os.path.dirname(folder) if os.path.basename(folder) == "checkpoints" else None
+
+
+def check_checkpoint(path: str | None) -> None:
+    if (
+        path
+        and path not in ("last", "best", "hpc")
+        and not path.startswith("registry")
+        and not os.path.isfile(path)
+    ):
+        runs = sorted(glob.glob(os.path.join("runs", "*", "checkpoints", "*.ckpt")))
+        hint = f" (for example {runs[-1]})" if runs else ""
+        raise SetupError(
+            f"--ckpt_path {path}: no such file; give a checkpoint file{hint}, or 'last' with fit to resume"
+        )
+
+
+def _option_names(cls_path: str) -> list[str]:
+    """The constructor arguments of the class at ``cls_path`` and the classes it extends."""
+    import importlib
+    import inspect
+
+    module, _, name = cls_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return []
+    names = []
+    for klass in getattr(cls, "__mro__", [cls]):
+        init = klass.__dict__.get("__init__")
+        if init is not None:
+            names += [p for p in inspect.signature(init).parameters if p not in ("self", "args", "kwargs")]
+    return names
+
+
+def explain_parse_error(message: str, known_options: list[str]) -> str:
+    """A parse error in one line, with "did you mean" for misspelt options."""
+    import difflib
+    import re
+
+    unknown = re.search(r"unrecognized arguments: (.*)", message)
+    if unknown:
+        parts = []
+        for option in (a.split("=", 1)[0] for a in unknown.group(1).split() if a.startswith("--")):
+            close = difflib.get_close_matches(option, known_options, n=1, cutoff=0.75)
+            parts.append(f"{option}" + (f" (did you mean {close[0]}?)" if close else ""))
+        if parts:
+            return f"unknown option {', '.join(parts)}"
+    group = re.search(r"Group '([\w.]+)' does not accept option '([\w.]+)'", message)
+    if group:
+        prefix = f"--{group.group(1)}."
+        names = [o[len(prefix) :] for o in known_options if o.startswith(prefix)]
+        close = difflib.get_close_matches(group.group(2), names, n=1, cutoff=0.6)
+        hint = f"; did you mean {group.group(1)}.{close[0]}?" if close else ""
+        return f"{group.group(1)}.{group.group(2)} is not an option{hint}"
+    rejected = re.findall(r"class_path '([\w.]+)':\s+Option '(\w+)' is not accepted", message)
+    if rejected:
+        cls_path, option = rejected[-1]  # the innermost class
+        close = difflib.get_close_matches(option, _option_names(cls_path), n=1, cutoff=0.6)
+        hint = (
+            f"; did you mean {close[0]}?" if close else f"; its options: {', '.join(_option_names(cls_path))}"
+        )
+        return f"{option!r} is not an option of {cls_path}{hint}"
+    return message.strip()
+
+
+class Parser(LightningArgumentParser):
+    """LightningCLI's parser without abbreviated options (``--trainer.max_step`` is not
+    ``--trainer.max_steps``) and with parse errors in one line, with suggestions."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str, ex: Exception | None = None):
+        if not self.exit_on_error:
+            return super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        parsers = [parser, *getattr(getattr(parser, "_subcommands_action", None), "choices", {}).values()]
+        known = [o for p in parsers for a in p._actions for o in a.option_strings if o.startswith("--")]
+        sys.stderr.write(f"error: {explain_parse_error(message, known)}\n"
+                         f"tip: {parser.prog.replace(' [options]', '')} --help lists every option\n")  # fmt: skip
+        sys.exit(2)
 
 
 class TextToImageCLI(LightningCLI):
@@ -97,22 +200,38 @@ class TextToImageCLI(LightningCLI):
             "--run_name", type=str | None, default=None, help="name of the run directory and the W&B run id"
         )
 
-    def before_instantiate_classes(self) -> None:
-        if self.subcommand is None:
-            return
-        cfg = self.config[self.subcommand]
+    def choose_run_dir(self, cfg) -> str:
         root = cfg.trainer.default_root_dir or "runs"
-        name = cfg.get("run_name") or os.environ.get(RUN_NAME_ENV) or os.environ.get("SLURM_JOB_ID")
+        name = cfg.get("run_name") or os.environ.get("SLURM_JOB_ID")
         if name is None and self.subcommand == "fit" and cfg.get("ckpt_path") == "last":
-            name = find_run_to_resume(root, run_identity(cfg))
+            try:
+                name = find_run_to_resume(root, run_identity(cfg))
+            except (FileNotFoundError, ValueError) as err:
+                raise SetupError(str(err)) from err
             cfg.ckpt_path = os.path.join(root, name, "checkpoints", "last.ckpt")
+        if name is None and self.subcommand != "fit" and run_of_checkpoint(cfg.get("ckpt_path")):
+            return run_of_checkpoint(cfg.get("ckpt_path"))  # predictions go beside the checkpoint's run
         if name is None:
             name = time.strftime("%Y%m%d-%H%M%S") + (
                 "" if self.subcommand == "fit" else f"-{self.subcommand}"
             )
-        os.environ[RUN_NAME_ENV] = name
-        run_dir = os.path.join(root, name)
+        return os.path.join(root, name)
+
+    def before_instantiate_classes(self) -> None:
+        if self.subcommand is None:
+            return
+        cfg = self.config[self.subcommand]
+        check_checkpoint(cfg.get("ckpt_path"))
+        # the config as the user wrote it, saved as <run>/config.yaml: reusable for predict or a
+        # new run, with no paths of this run baked in (its run directory, resume checkpoint, ...)
+        self.config_to_save = cfg.clone()
+        self.config_to_save.ckpt_path, self.config_to_save.run_name = None, None
+        run_dir = os.environ.get(RUN_DIR_ENV) or self.choose_run_dir(cfg)
+        os.environ[RUN_DIR_ENV] = run_dir
+        name = os.path.basename(run_dir)
         cfg.trainer.default_root_dir = run_dir
+        if self.subcommand == "predict":
+            cfg.trainer.logger = False  # nothing to log: images go to <run>/predictions
         loggers = cfg.trainer.logger if isinstance(cfg.trainer.logger, list) else [cfg.trainer.logger]
         for logger in loggers:
             if "Wandb" in _class_path(logger):
@@ -124,15 +243,36 @@ class TextToImageCLI(LightningCLI):
             if _class_path(callback).endswith("ModelCheckpoint") and not callback.init_args.get("dirpath"):
                 callback.init_args.dirpath = os.path.join(run_dir, "checkpoints")
 
+    def instantiate_trainer(self, **kwargs):
+        trainer = super().instantiate_trainer(**kwargs)
+        for callback in trainer.callbacks:
+            if isinstance(callback, SaveConfigCallback) and hasattr(self, "config_to_save"):
+                callback.config = self.config_to_save
+        return trainer
+
+    def after_instantiate_classes(self) -> None:
+        super().after_instantiate_classes()
+        check = getattr(self.datamodule, "check_sources", None)
+        if self.subcommand in ("fit", "validate", "test") and check is not None:
+            try:  # a wrong shard path fails here, before a run folder or a W&B run exists
+                check("fit" if self.subcommand == "fit" else "validate")
+            except (FileNotFoundError, ValueError) as err:
+                raise SetupError(str(err)) from err
+
 
 def main() -> None:
-    TextToImageCLI(
-        save_config_callback=SaveAndLogConfig,
-        save_config_kwargs={"overwrite": True},
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        auto_configure_optimizers=False,
-    )
+    try:
+        TextToImageCLI(
+            parser_class=Parser,
+            save_config_callback=SaveAndLogConfig,
+            save_config_kwargs={"overwrite": True},
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            auto_configure_optimizers=False,
+        )
+    except SetupError as err:
+        sys.stderr.write(f"error: {err}\n")
+        sys.exit(2)
 
 
 if __name__ == "__main__":

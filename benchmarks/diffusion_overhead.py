@@ -41,7 +41,7 @@ def plain_loop(model, data) -> float:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        model.on_train_batch_end(None, batch, i)  # the same EMA update
+        model.update_ema(i)  # the same EMA update
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return len(data) / (time.perf_counter() - start)

@@ -62,6 +62,9 @@ class ShapesDataModule(TextImageDataModule):
             self.root, self.resolution, self.num_train, self.num_val, self.data_seed, self.shard_size
         )
 
+    def check_sources(self, stage: str = "fit") -> None:
+        """Nothing to check: the shards are rendered by ``prepare_data`` when they are missing."""
+
     @staticmethod
     def heldout() -> list[tuple[str, dict]]:
         """Held-out prompts (attribute combinations absent from training) with their attributes."""

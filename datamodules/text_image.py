@@ -12,9 +12,11 @@ round-robin to ranks and workers, the same count on every rank.
 
 from __future__ import annotations
 
+import glob
 import math
 import os
 import random
+import signal
 from collections.abc import Iterator
 from typing import Literal
 
@@ -193,6 +195,11 @@ class ShardStream(IterableDataset):
                 yield buffer.pop()
 
 
+def _ignore_ctrl_c(worker_id: int) -> None:
+    """Loader workers leave Ctrl-C to the main process, which stops at a step boundary and saves."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def collate(samples: list[dict]) -> dict:
     batch = {
         "image": torch.stack([s["image"] for s in samples]),
@@ -300,13 +307,27 @@ class TextImageDataModule(LightningDataModule):
         urls = expand_urls(spec)
         if not urls:
             raise FileNotFoundError(
-                f"data.{what}={spec!r} matches no shard; give a brace range, directory, glob or URL of .tar shards"
+                f"data.{what}={spec!r} matches no shard; give a folder of .tar shards, a glob "
+                f"(data/mine/*.tar) or a brace range (data/mine/shard-{{00000..00009}}.tar)"
             )
         local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
         missing = [u for u in local if not os.path.exists(u)]
         if missing and len(missing) == len(urls):
-            raise FileNotFoundError(f"data.{what}: none of the {len(urls)} shard(s) exist, e.g. {missing[0]}")
+            folder = os.path.dirname(missing[0]) or "."
+            found = sorted(glob.glob(os.path.join(folder, "*.tar")))
+            hint = (f"; {folder} holds {len(found)} shard(s) such as {os.path.basename(found[0])}: "
+                    f"pass the folder, --data.init_args.{what} {folder}") if found else ""  # fmt: skip
+            raise FileNotFoundError(
+                f"data.{what}: none of the {len(urls)} shard(s) exist, e.g. {missing[0]}{hint}"
+            )
         return urls
+
+    def check_sources(self, stage: str = "fit") -> None:
+        """Fail now, with the fix in the message, if the shards that ``stage`` reads do not exist."""
+        if stage == "fit" and self.train_shards is not None:
+            self._urls(self.train_shards, "train_shards")
+        if stage in ("fit", "validate") and self.val_shards is not None:
+            self._urls(self.val_shards, "val_shards")
 
     def setup(self, stage: str | None = None) -> None:
         rank, world = self._rank_world()
@@ -339,6 +360,7 @@ class TextImageDataModule(LightningDataModule):
             collate_fn=collate,
             persistent_workers=persistent and self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
+            worker_init_fn=_ignore_ctrl_c if self.num_workers > 0 else None,
         )
 
     def train_dataloader(self):

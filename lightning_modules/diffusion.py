@@ -20,7 +20,7 @@ from .ema import ema_decay, ema_update
 
 
 def _adamw(params):
-    return torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0)
+    return torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0, fused=True)  # one kernel over all parameters
 
 
 class TextToImageDiffusion(TextToImageModule):
@@ -146,7 +146,11 @@ class TextToImageDiffusion(TextToImageModule):
         """The optimizer step, then the EMA update: once per optimizer step, so with gradient
         accumulation the EMA horizon stays ``1 / (1 - ema_decay)`` optimizer steps."""
         super().optimizer_step(*args, **kwargs)
-        decay = ema_decay(self.ema_decay, self.global_step)
+        self.update_ema(self.global_step)
+
+    def update_ema(self, step: int) -> None:
+        """Move the EMA denoiser (and the EMA of a trainable text encoder) towards the live weights."""
+        decay = ema_decay(self.ema_decay, step)
         ema_update(self.ema_denoiser, self.denoiser, decay)
         if self.ema_text_encoder is not None:
             ema_update(self.ema_text_encoder, self.text_encoder, decay)

@@ -32,7 +32,7 @@ AdversarialLoss = Literal["bce", "hinge"]
 
 
 def _adam(params):
-    return torch.optim.Adam(params, lr=2e-4, betas=(0.5, 0.999))
+    return torch.optim.Adam(params, lr=2e-4, betas=(0.5, 0.999), fused=True)
 
 
 def discriminator_loss(real: Tensor, mismatched: Tensor, fake: Tensor, kind: AdversarialLoss) -> Tensor:
