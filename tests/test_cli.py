@@ -19,7 +19,7 @@ def run_cli(args, cwd, timeout=300, expect_failure=False):
         "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]),
     }
     env.pop("SLURM_JOB_ID", None)
-    env.pop("T2I_RUN_NAME", None)
+    env.pop("T2I_RUN_DIR", None)
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)  # fmt: skip
     if expect_failure:
@@ -131,7 +131,7 @@ def _tiny_bert(path, hidden=16):
                          intermediate_size=32)).save_pretrained(path)  # fmt: skip
 
 
-@pytest.mark.parametrize("config", ["diffusion/shapes.yaml", "diffusion/shapes_sr.yaml", "diffusion/shards_gpu.yaml",
+@pytest.mark.parametrize("config", ["diffusion/shapes.yaml", "diffusion/shapes32.yaml", "diffusion/shapes_sr.yaml", "diffusion/shards_gpu.yaml",
                                     "diffusion/shards_gpu_sr256.yaml", "gan/stackgan1_shapes.yaml",
                                     "gan/stackgan1_shapes32.yaml", "gan/stackganpp_shapes.yaml",
                                     "gan/stackganpp_shards_gpu.yaml"])  # fmt: skip
