@@ -189,7 +189,7 @@ def test_samplers_read_the_schedule_from_the_device_once_per_call(monkeypatch):
     assert calls == {"item": 0, "tolist": len(SAMPLERS)}
 
 
-@pytest.mark.parametrize("kind", ["linear", "cosine"])
+@pytest.mark.parametrize("kind", ["linear"])  # the cosine schedule: in image space, above
 @pytest.mark.parametrize("steps", [20, 7])
 def test_dpmpp_2m_matches_diffusers(kind, steps):
     s = NoiseSchedule(T, kind)
