@@ -170,6 +170,11 @@ class TextToImageDiffusion(TextToImageModule):
         }
 
     # ------------------------------------------------------------------ sampling
+    def denoiser_inputs(self, batch_size: int, seed: int | list[int] | None, options: dict) -> dict:
+        """Extra denoiser inputs for ``generate`` from the options a subclass adds (none here)."""
+        self.check_sampling(options)
+        return {}
+
     def denoise_fn(
         self, prompts: list[str], guidance_scale: float, threshold: float | None, use_ema: bool, cond: dict,
         clip_denoised: bool = False,
@@ -215,28 +220,11 @@ class TextToImageDiffusion(TextToImageModule):
         """Sample images for ``prompts``: (b, 3, image_size, image_size) in [-1, 1].
 
         Defaults come from the constructor; ``seed`` (an int, or one per prompt) fixes the
-        initial noise and every sampler's noise, so the same seed gives the same images.
+        initial noise and every sampler's noise, so the same seed gives the same images. Options
+        of subclasses (a super-resolution stage's ``low_res``) arrive in ``unknown`` and become
+        extra denoiser inputs through :meth:`denoiser_inputs`; anything else is a TypeError.
         """
-        self.check_sampling(unknown)
-        return self._sample(
-            prompts, seed, {}, sampler=sampler, steps=steps, guidance_scale=guidance_scale, eta=eta,
-            dynamic_threshold=dynamic_threshold, clip_denoised=clip_denoised, use_ema=use_ema,
-        )  # fmt: skip
-
-    def _sample(
-        self,
-        prompts: list[str],
-        seed: int | list[int] | None,
-        cond: dict,
-        sampler: Sampler | None = None,
-        steps: int | None = None,
-        guidance_scale: float | None = None,
-        eta: float = 0.0,
-        dynamic_threshold: float | None = None,
-        clip_denoised: bool | None = None,
-        use_ema: bool = True,
-    ) -> Tensor:
-        """``generate`` with extra denoiser inputs ``cond`` (a super-resolution stage's image)."""
+        cond = self.denoiser_inputs(len(prompts), seed, unknown)
         d = self.sampling_defaults
         sampler = sampler or d["sampler"]
         if sampler not in SAMPLERS:
@@ -299,28 +287,25 @@ class SuperResolutionDiffusion(TextToImageDiffusion):
         level = torch.randint(0, max(high, 1), (low.shape[0],), device=low.device)
         return self.prepare_low_res(low, level)
 
-    @torch.no_grad()
-    def generate(
-        self,
-        prompts: list[str],
-        *,
-        low_res: Tensor | None = None,
-        seed: int | list[int] | None = None,
-        **sampling,
-    ) -> Tensor:
-        """Upsample ``low_res`` (b, 3, low_res_size, low_res_size) in [-1, 1] guided by ``prompts``;
-        ``sampling`` takes the options of :meth:`TextToImageDiffusion.generate`."""
-        self.check_sampling(sampling)
+    def sampling_options(self) -> tuple[str, ...]:
+        return ("low_res", *super().sampling_options())
+
+    def denoiser_inputs(self, batch_size: int, seed: int | list[int] | None, options: dict) -> dict:
+        """``generate(prompts, low_res=...)``: the image to upsample, (b, 3, low_res_size,
+        low_res_size) in [-1, 1], noise-augmented at ``sample_aug_level``."""
+        options = dict(options)
+        low_res = options.pop("low_res", None)
+        self.check_sampling(options)
         if low_res is None:
             raise NotImplementedError(
                 "super-resolution needs low_res images; use DiffusionCascade to generate from text alone"
             )
         level = torch.full(
-            (len(prompts),), int(self.sample_aug_level * self.schedule.timesteps), device=self.device
+            (batch_size,), int(self.sample_aug_level * self.schedule.timesteps), device=self.device
         )
-        generator = self.generator(offset(seed, 1), self.device)
-        cond = self.prepare_low_res(low_res.to(self.device), level, generator)
-        return self._sample(prompts, seed, cond, **sampling)
+        return self.prepare_low_res(
+            low_res.to(self.device), level, self.generator(offset(seed, 1), self.device)
+        )
 
 
 class DiffusionCascade(TextToImageModule):

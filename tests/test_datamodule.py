@@ -27,6 +27,17 @@ def _good(i: int):
     return {"png": _encode(Image.new("RGB", (20, 12), (i * 20 % 255, 0, 0)), "PNG"), "txt": f"caption {i}"}
 
 
+def _write_tar(path: str, samples: list[tuple[str, dict]]) -> None:
+    """A shard of ``(key, {extension: bytes or str})`` samples, members written as given."""
+    with tarfile.open(path, "w") as tar:
+        for key, members in samples:
+            for ext, data in members.items():
+                data = data.encode() if isinstance(data, str) else data
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
 def _write_bad_shard(path: str) -> dict[str, int]:
     """One sample of each bad kind between good ones; returns the expected skip counts."""
     rgb = Image.new("RGB", (16, 16), (10, 200, 30))
@@ -54,13 +65,7 @@ def _write_bad_shard(path: str) -> dict[str, int]:
         ),
         ("good1", _good(1)),
     ]
-    with tarfile.open(path, "w") as tar:
-        for key, members in samples:
-            for ext, data in members.items():
-                data = data.encode() if isinstance(data, str) else data
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
+    _write_tar(path, samples)
     return {"corrupt_image": 2, "no_caption": 1, "empty_caption": 1, "bad_text_encoding": 1, "bad_json": 1,
             "no_image": 1, "too_large": 1}  # fmt: skip
 
@@ -193,13 +198,7 @@ def test_only_jpeg_png_and_webp_are_decoded_whatever_the_extension_says(tmp_path
     samples = [("eps", {"jpg": eps.getvalue(), "txt": "x"}), ("tiff", {"jpg": _encode(rgb, "TIFF"), "txt": "x"}),
                ("bmp", {"jpeg": _encode(rgb, "BMP"), "txt": "x"}), ("gif", {"png": _encode(rgb, "GIF"), "txt": "x"}),
                ("pngasjpg", {"jpg": _encode(rgb, "PNG"), "txt": "a png named .jpg is still a png"})]  # fmt: skip
-    with tarfile.open(path, "w") as tar:
-        for key, members in samples:
-            for ext, data in members.items():
-                data = data.encode() if isinstance(data, str) else data
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
+    _write_tar(path, samples)
     it = iter(_val_stream([path], val_samples=2))
     first = next(it)
     assert first["key"] == "pngasjpg"
