@@ -209,8 +209,9 @@ class TextToImageCLI(LightningCLI):
             except (FileNotFoundError, ValueError) as err:
                 raise SetupError(str(err)) from err
             cfg.ckpt_path = os.path.join(root, name, "checkpoints", "last.ckpt")
-        if name is None and self.subcommand != "fit" and run_of_checkpoint(cfg.get("ckpt_path")):
-            return run_of_checkpoint(cfg.get("ckpt_path"))  # predictions go beside the checkpoint's run
+        checkpoint_run = run_of_checkpoint(cfg.get("ckpt_path"))
+        if name is None and self.subcommand != "fit" and checkpoint_run:
+            return checkpoint_run  # predictions go beside the checkpoint's run
         if name is None:
             name = time.strftime("%Y%m%d-%H%M%S") + (
                 "" if self.subcommand == "fit" else f"-{self.subcommand}"

@@ -26,9 +26,10 @@ def _rel(path: str) -> str:
     return rel if not rel.startswith("..") else path
 
 
-def _metric(trainer, name: str) -> float | None:
-    value = trainer.callback_metrics.get(name)
-    return None if value is None else float(value)
+def _time_remaining(trainer) -> float | None:
+    """Seconds of training left before ``max_time`` (None without one)."""
+    timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+    return None if timer is None else timer.time_remaining("train")
 
 
 class ProgressLog(Callback):
@@ -60,9 +61,9 @@ class ProgressLog(Callback):
         left = []
         if trainer.max_steps and trainer.max_steps > 0 and rate > 0:
             left.append((trainer.max_steps - trainer.global_step) / rate)
-        timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
-        if timer is not None and timer.time_remaining("train") is not None:
-            left.append(timer.time_remaining("train"))
+        remaining = _time_remaining(trainer)
+        if remaining is not None:
+            left.append(remaining)
         return min(left) if left else None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -75,9 +76,9 @@ class ProgressLog(Callback):
         parts = [f"step {trainer.global_step}", f"{rate:.2f} steps/s"]
         parts += [f"{k} {float(v):.4f}" for k, v in sorted(trainer.callback_metrics.items())
                   if k.startswith("train/") and k.endswith("loss")]  # fmt: skip
-        score = _metric(trainer, "val/shapes_all_correct")
+        score = trainer.callback_metrics.get("val/shapes_all_correct")
         if score is not None:
-            parts.append(f"held-out {score:.3f}")
+            parts.append(f"held-out {float(score):.3f}")
         left = self.time_left(trainer, rate)
         parts.append(f"elapsed {_minutes(now - self._start)}")
         if left is not None:
@@ -138,29 +139,44 @@ class RunSummary(Callback):
             lines.append("generate from it: python train.py predict --config " + shlex.quote(_rel(config))
                          + " --ckpt_path " + shlex.quote(_rel(use))
                          + " --data.init_args.predict_prompts 'a small red circle on the left'")  # fmt: skip
+        further = self.longer(trainer) if stop is None else ""
+        first = self.first_command(run, drop=further.split()[:1])
+        again = first or f"fit --config {shlex.quote(_rel(os.path.join(run, 'config.yaml')))}"
+        lines.append(f"continue training: python train.py {again} --run_name {shlex.quote(os.path.basename(run))} --ckpt_path last{further}")  # fmt: skip
+        return lines
+
+    @staticmethod
+    def first_command(run: str, drop: list[str]) -> str | None:
+        """The command that made the run (from its ``run.json``), without its run name,
+        checkpoint and ``drop`` options."""
         try:
             with open(os.path.join(run, "run.json")) as f:
-                configs = json.load(f).get("configs", [])
+                argv = json.load(f).get("command", [])[1:]
         except (OSError, ValueError):
-            configs = []
-        again = " ".join(f"--config {shlex.quote(_rel(c))}" for c in configs) or f"--config {shlex.quote(_rel(os.path.join(run, 'config.yaml')))}"  # fmt: skip
-        further = self.longer(trainer) if stop is None else ""
-        lines.append(f"continue training: python train.py fit {again} --run_name {shlex.quote(os.path.basename(run))} --ckpt_path last{further}")  # fmt: skip
-        return lines
+            return None
+        kept, skip = [], False
+        for arg in argv:
+            if skip:
+                skip = False
+            elif arg in ("--run_name", "--ckpt_path", *drop):
+                skip = True
+            elif not arg.startswith(tuple(f"{name}=" for name in ("--run_name", "--ckpt_path", *drop))):
+                kept.append(arg)
+        return shlex.join(kept) if kept else None
 
     @staticmethod
     def longer(trainer) -> str:
         """The option that lets a continued run go on past the limit that ended this one."""
         if trainer.max_steps and 0 < trainer.max_steps <= trainer.global_step:
             return f" --trainer.max_steps {2 * trainer.max_steps}"
-        timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
-        if (
-            timer is not None
-            and timer.time_remaining("train") is not None
-            and timer.time_remaining("train") <= 0
-        ):
+        remaining = _time_remaining(trainer)
+        if remaining is not None and remaining <= 0:
+            timer = next(c for c in trainer.callbacks if isinstance(c, Timer))
             total = int(2 * timer._duration)  # the elapsed time is restored with the run
-            return f" --trainer.max_time 00:{total // 3600:02d}:{total % 3600 // 60:02d}:00"
+            days, rest = divmod(total, 86400)
+            return (
+                f" --trainer.max_time {days:02d}:{rest // 3600:02d}:{rest % 3600 // 60:02d}:{rest % 60:02d}"
+            )
         return ""
 
     def on_fit_end(self, trainer, pl_module) -> None:

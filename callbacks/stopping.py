@@ -34,7 +34,6 @@ class SaveOnInterrupt(Callback):
 
     def __init__(self):
         self.requested: str | None = None
-        self.saved: str | None = None
         self._previous_handler = None
 
     def _on_sigint(self, signum, frame) -> None:
@@ -47,7 +46,7 @@ class SaveOnInterrupt(Callback):
         )
 
     def on_train_start(self, trainer, pl_module) -> None:
-        self.requested, self.saved = None, None
+        self.requested = None
         if threading.current_thread() is threading.main_thread():
             self._previous_handler = signal.signal(signal.SIGINT, self._on_sigint)
 
@@ -73,7 +72,6 @@ class SaveOnInterrupt(Callback):
     def save(self, trainer) -> None:
         path = last_checkpoint_path(trainer)
         trainer.save_checkpoint(path)
-        self.saved = path
         rank_zero_info(
             f"{self.requested}: saved {path} at step {trainer.global_step}; continue with "
             f"`python train.py fit ... --run_name {os.path.basename(trainer.default_root_dir)} --ckpt_path last`"

@@ -401,15 +401,20 @@ class TextImageDataModule(LightningDataModule):
             self._skips[worker] = counts
         return batch
 
-    def skipped(self, split: str = "train") -> dict[str, int]:
-        """Samples skipped on this rank, by reason: for training, since the run began (a resumed
-        run adds to the counts saved in its checkpoint); for validation, in the latest pass."""
-        total: dict[str, int] = dict(self._skips_before) if split == "train" else {}
-        for worker, counts in self._skips.items():
+    @staticmethod
+    def _sum_reports(reports: dict[str, dict[str, int]], split: str, total: dict[str, int]) -> dict[str, int]:
+        """``total`` plus the counts of the workers' reports (``"<split>/<slot>" -> counts``) of ``split``."""
+        total = dict(total)
+        for worker, counts in reports.items():
             if worker.startswith(split + "/"):
                 for reason, n in counts.items():
                     total[reason] = total.get(reason, 0) + n
         return total
+
+    def skipped(self, split: str = "train") -> dict[str, int]:
+        """Samples skipped on this rank, by reason: for training, since the run began (a resumed
+        run adds to the counts saved in its checkpoint); for validation, in the latest pass."""
+        return self._sum_reports(self._skips, split, self._skips_before if split == "train" else {})
 
     def state_dict(self) -> dict:
         return {"skipped_train": self.skipped("train")}
@@ -419,9 +424,5 @@ class TextImageDataModule(LightningDataModule):
         self._skips = {}
         before = state.get("skipped_train")
         if before is None:  # checkpoints of earlier versions kept each worker's latest report
-            before = {}
-            for worker, counts in state.get("skipped", {}).items():
-                if worker.startswith("train/"):
-                    for reason, n in counts.items():
-                        before[reason] = before.get(reason, 0) + n
+            before = self._sum_reports(state.get("skipped", {}), "train", {})
         self._skips_before = {str(k): int(v) for k, v in before.items()}

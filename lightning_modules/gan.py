@@ -284,9 +284,10 @@ class TextToImageGAN(TextToImageModule):
         callbacks such as ``ShapesScore`` through ``generate``)."""
         captions, image = batch["caption"], batch["image"]
         sentence = self.sentence(captions)
+        ema_sentence = sentence if self.ema_text_encoder is None else self.sentence(captions, ema=True)
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(batch_idx)
-            fakes = self.run_generator(self.sentence(captions, ema=True), ema=True).images
+            fakes = self.run_generator(ema_sentence, ema=True).images
         reals = self.real_scales(image, fakes)
         d = self.discriminators[-1]
         h_real = d.features(reals[-1])
@@ -378,7 +379,7 @@ class StackGANStageII(TextToImageGAN):
             )
         # stage I samples with its EMA generator and the text encoder that goes with it
         text_encoder = stage1.ema_text_encoder if stage1.ema_text_encoder is not None else stage1.text_encoder
-        super().__init__(generator, discriminators, text_encoder.requires_grad_(False), **kwargs)
+        super().__init__(generator, discriminators, text_encoder, **kwargs)  # frozen with stage I
         self.stage1_generator = stage1.ema_generator
 
     def train(self, mode: bool = True):

@@ -62,6 +62,11 @@ def test_main_job_config_gives_a_grid_a_score_and_checkpoints_and_its_summary_co
     run_cli([*shlex.split(predict), "--trainer.enable_progress_bar", "false"], tmp_path)
     written = os.listdir(os.path.join(run, "predictions"))  # beside the checkpoint's run
     assert "grid.png" in written and any(p.endswith("seed0.png") for p in written)
+    again = re.search(r"continue training: python train.py (.*)", out).group(1)
+    assert "--trainer.max_steps 6" in again and again.count("--trainer.max_steps") == 1
+    resumed = run_cli([*shlex.split(again), "--trainer.enable_progress_bar", "false"], tmp_path)
+    assert "Restored all states from the checkpoint" in resumed.stdout + resumed.stderr
+    assert _ckpt_step(os.path.join(run, "checkpoints", "last.ckpt")) == 6
 
 
 @pytest.mark.parametrize(("sig", "name"), [(signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "Ctrl-C")])
