@@ -27,6 +27,7 @@ from networks.stackgan import ConditioningAugmentation, GeneratorOutput, colour_
 
 from .base import TextToImageModule
 from .ema import ema_decay, ema_update
+from .manual import ManualOptimization
 
 AdversarialLoss = Literal["bce", "hinge"]
 
@@ -71,7 +72,7 @@ def matching_aware_gradient_penalty(
     return norm.pow(power).mean()
 
 
-class TextToImageGAN(TextToImageModule):
+class TextToImageGAN(ManualOptimization, TextToImageModule):
     """A text-conditional GAN with a matching-aware discriminator per output scale.
 
     With ``networks.stackgan.StageIGenerator`` and one discriminator this is StackGAN stage I;
@@ -105,6 +106,7 @@ class TextToImageGAN(TextToImageModule):
     """
 
     _derived_arguments: tuple[str, ...] = ()  # constructor arguments a subclass computes (not saved)
+    steps_key = "gan_steps"
 
     def __init__(
         self,
@@ -128,7 +130,10 @@ class TextToImageGAN(TextToImageModule):
     ):
         super().__init__()
         self.save_hyperparameters(ignore=list(self._derived_arguments))
-        self.automatic_optimization = False
+        self.init_optimizers(
+            {"g": (g_optimizer, g_lr_scheduler), "d": (d_optimizer, d_lr_scheduler)},
+            {"g": g_clip_norm, "d": d_clip_norm},
+        )
         if d_steps_per_g_step < 1:
             raise ValueError(f"d_steps_per_g_step must be at least 1, got {d_steps_per_g_step}")
         self.generator_net, self.text_encoder = generator, text_encoder
@@ -141,9 +146,6 @@ class TextToImageGAN(TextToImageModule):
         self.loss_kind, self.kl_weight, self.uncond_weight = loss, kl_weight, uncond_weight
         self.colour_weight, self.ma_gp_weight, self.ma_gp_power = colour_weight, ma_gp_weight, ma_gp_power
         self.d_steps_per_g_step, self.ema_decay = d_steps_per_g_step, ema_decay
-        self.g_clip_norm, self.d_clip_norm = g_clip_norm, d_clip_norm
-        self.factories = {"g": (g_optimizer, g_lr_scheduler), "d": (d_optimizer, d_lr_scheduler)}
-        self.steps = {"g": 0, "d": 0}
         self._check_dims()
 
     def _check_dims(self) -> None:
@@ -226,31 +228,8 @@ class TextToImageGAN(TextToImageModule):
         return total, logs
 
     # ------------------------------------------------------------------ training
-    def _step(self, which: str, loss: Tensor) -> None:
-        opt = self.optimizers()[0 if which == "g" else 1]
-        opt.zero_grad(set_to_none=True)
-        self.manual_backward(loss)
-        clip = self.g_clip_norm if which == "g" else self.d_clip_norm
-        if clip is not None:
-            self.clip_gradients(opt, gradient_clip_val=clip, gradient_clip_algorithm="norm")
-        opt.step()
-        scheduler = self._schedulers().get(which)
-        if scheduler is not None:
-            scheduler.step()
-        self.steps[which] += 1
-
-    def _schedulers(self) -> dict:
-        schedulers = self.lr_schedulers()
-        if schedulers is None:
-            return {}
-        schedulers = schedulers if isinstance(schedulers, list) else [schedulers]
-        g_opt, d_opt = (o.optimizer for o in self.optimizers())
-        return {
-            ("g" if s.optimizer is g_opt else "d"): s for s in schedulers if s.optimizer in (g_opt, d_opt)
-        }
-
     def training_step(self, batch: dict, batch_idx: int) -> None:
-        g_opt, d_opt = self.optimizers()
+        g_opt, d_opt = self.optimizer("g"), self.optimizer("d")
         captions, image = batch["caption"], batch["image"]
         b = len(captions)
         with self.toggled_optimizer(d_opt):
@@ -258,7 +237,7 @@ class TextToImageGAN(TextToImageModule):
             with torch.no_grad():
                 fakes = self.run_generator(sentence.detach()).images
             d_loss, logs = self.d_loss(self.real_scales(image, fakes), fakes, sentence)
-            self._step("d", d_loss)
+            self.step_optimizer("d", d_loss)
         if self.ema_text_encoder is not None:  # the encoder trains with the discriminator
             ema_update(self.ema_text_encoder, self.text_encoder, ema_decay(self.ema_decay, self.steps["d"]))
         self.log("train/d_loss", d_loss.detach(), prog_bar=True, batch_size=b)
@@ -268,7 +247,7 @@ class TextToImageGAN(TextToImageModule):
                 sentence = sentence.detach()
                 out = self.run_generator(sentence)
                 g_loss, g_logs = self.g_loss(out, sentence)
-                self._step("g", g_loss)
+                self.step_optimizer("g", g_loss)
             decay = ema_decay(self.ema_decay, self.steps["g"])
             ema_update(self.ema_generator, self.generator_net, decay)
             self.log("train/g_loss", g_loss.detach(), prog_bar=True, batch_size=b)
@@ -297,27 +276,15 @@ class TextToImageGAN(TextToImageModule):
         accuracy = torch.cat([real > 0, mis < 0, fake < 0]).float().mean()
         self.log("val/d_accuracy", accuracy, sync_dist=True, batch_size=len(captions))
 
-    def configure_optimizers(self):
-        params = {
+    def optimizer_parameters(self) -> dict:
+        return {
             "g": list(self.generator_net.parameters()),
             "d": list(self.discriminators.parameters())
             + [p for p in self.text_encoder.parameters() if p.requires_grad],
         }
-        out = []
-        for which in ("g", "d"):
-            optimizer_factory, scheduler_factory = self.factories[which]
-            optimizer = optimizer_factory([p for p in params[which] if p.requires_grad])
-            entry = {"optimizer": optimizer}
-            if scheduler_factory is not None:
-                entry["lr_scheduler"] = {"scheduler": scheduler_factory(optimizer), "interval": "step"}
-            out.append(entry)
-        return out
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["gan_steps"] = dict(self.steps)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.steps.update(checkpoint.get("gan_steps", {}))
+        super().on_load_checkpoint(checkpoint)
         state = checkpoint["state_dict"]
         if self.ema_text_encoder is not None and not any(k.startswith("ema_text_encoder.") for k in state):
             # a checkpoint from before the text encoder had an EMA: start it from the live weights

@@ -151,9 +151,9 @@ def test_colour_consistency_is_zero_across_scales_of_one_image_and_grows_with_a_
 class Recording(TextToImageGAN):
     """Records which parameters each optimizer step changed."""
 
-    def _step(self, which, loss):
+    def step_optimizer(self, which, loss):
         before = {n: p.detach().clone() for n, p in self.named_parameters()}
-        super()._step(which, loss)
+        super().step_optimizer(which, loss)
         changed = {n for n, p in self.named_parameters() if not torch.equal(p, before[n])}
         self.changed.setdefault(which, set()).update(changed)
 
