@@ -19,6 +19,8 @@ import time
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
+from networks.errors import ConfigError
+
 RUN_DIR_ENV = "T2I_RUN_DIR"  # shared with the processes DDP launches, so all ranks agree
 RUN_INFO = "run.json"  # what made a run: its model class and --config files
 
@@ -251,8 +253,20 @@ class TextToImageCLI(LightningCLI):
                 callback.config = self.config_to_save
         return trainer
 
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except ConfigError as err:  # a setting the networks or the method cannot work with
+            raise SetupError(str(err)) from err
+
     def after_instantiate_classes(self) -> None:
         super().after_instantiate_classes()
+        check_data = getattr(self.model, "check_datamodule", None)
+        if self.subcommand in ("fit", "validate", "test") and check_data is not None and self.datamodule is not None:
+            try:  # e.g. an image size the model cannot encode
+                check_data(self.datamodule)
+            except ConfigError as err:
+                raise SetupError(str(err)) from err
         check = getattr(self.datamodule, "check_sources", None)
         if self.subcommand in ("fit", "validate", "test") and check is not None:
             try:  # a wrong shard path fails here, before a run folder or a W&B run exists

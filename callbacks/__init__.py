@@ -1,9 +1,10 @@
-"""Callbacks shared by every method: sample grids, held-out scores, prediction files, data health,
+"""Callbacks shared by every method: sample grids, reconstruction grids, held-out scores, prediction files, data health,
 progress and run summaries, stopping without loss, CPU threads, W&B."""
 
 from .data_health import SkippedSamplesLogger
 from .prediction_writer import PromptImageWriter
 from .progress import ProgressLog, RunSummary
+from .reconstructions import ReconstructionGrid
 from .sample_grid import SampleGrid
 from .shapes_score import ShapesScore
 from .stopping import SaveOnInterrupt, ValidateAtEnd
@@ -14,6 +15,7 @@ __all__ = [
     "AutoOfflineWandbLogger",
     "ProgressLog",
     "PromptImageWriter",
+    "ReconstructionGrid",
     "RunSummary",
     "SampleGrid",
     "SaveOnInterrupt",

@@ -133,8 +133,14 @@ class RunSummary(Callback):
         grids = sorted(glob.glob(os.path.join(run, "samples", "step_*.png")))
         if grids:
             lines.append(f"final sample grid: {_rel(grids[-1])}")
+        reconstructions = sorted(glob.glob(os.path.join(run, "samples", "recon_*.png")))
+        if reconstructions:
+            lines.append(f"final reconstructions: {_rel(reconstructions[-1])}")
         use = best or last
-        if use:
+        generates = hasattr(trainer.lightning_module, "generate")
+        if use and not generates:  # an autoencoder: the first stage of the methods that build on it
+            lines.append(f"build on it: set autoencoder_checkpoint: {_rel(use)} (lightning_modules.autoencoder.load_autoencoder)")
+        if use and generates:
             config = os.path.join(run, "config.yaml")
             lines.append("generate from it: python train.py predict --config " + shlex.quote(_rel(config))
                          + " --ckpt_path " + shlex.quote(_rel(use))
