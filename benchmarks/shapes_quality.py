@@ -1,9 +1,13 @@
 """Quality and speed on a trained shapes checkpoint of any method: the shapes scorer's
 "all attributes correct" rate on held-out prompts (attribute combinations never seen in
 training) and images per second; for diffusion, per sampler: DDPM (full steps), DDIM-50 and
-DPM-Solver++-20. A GAN has one row (``--samplers`` does not apply).
+DPM-Solver++-20. A GAN or a CVAE has one row (``--samplers`` does not apply).
 
-    python benchmarks/shapes_quality.py runs/<run>/checkpoints/last.ckpt --seeds 2
+With ``--diversity N`` it adds how different the images of one prompt are: for every held-out
+prompt, N seeds, the mean absolute pixel difference (images on a [0, 1] scale) over all pairs,
+averaged over the prompts. 0 is one image per prompt whatever the seed.
+
+    python benchmarks/shapes_quality.py runs/<run>/checkpoints/last.ckpt --seeds 2 --diversity 8
 """
 
 import argparse
@@ -23,6 +27,9 @@ def main() -> None:
     p.add_argument("--guidance", type=float, default=None)
     p.add_argument("--config", help="the run's config.yaml, for checkpoints that do not rebuild themselves")
     p.add_argument("--samplers", default="ddpm:1000,ddim:50,dpmpp_2m:20")
+    p.add_argument(
+        "--diversity", type=int, default=0, help="seeds per prompt for the diversity column (0: none)"
+    )
     a = p.parse_args()
     model = from_run_config(a.config, a.checkpoint) if a.config else load(a.checkpoint)
     if torch.cuda.is_available():
@@ -36,6 +43,7 @@ def main() -> None:
         rows = [("generate", 1, {})]
     print(
         f"{'method':<12}{'steps':>6}{'all':>8}{'colour':>8}{'shape':>8}{'size':>8}{'position':>9}{'img/s':>9}"
+        + (f"{'diversity':>10}" if a.diversity else "")
     )
     for name, steps, sampling in rows:
         images, attrs = [], []
@@ -49,8 +57,27 @@ def main() -> None:
                 attrs.extend(at for _, at in chunk)
         rate = len(images) / (time.perf_counter() - start)
         s = score_batch(images, attrs)
-        print(f"{name:<12}{steps:>6}{s['all']:>8.3f}{s['colour']:>8.3f}{s['shape']:>8.3f}{s['size']:>8.3f}"
-              f"{s['position']:>9.3f}{rate:>9.2f}")  # fmt: skip
+        line = (f"{name:<12}{steps:>6}{s['all']:>8.3f}{s['colour']:>8.3f}{s['shape']:>8.3f}{s['size']:>8.3f}"
+                f"{s['position']:>9.3f}{rate:>9.2f}")  # fmt: skip
+        if a.diversity:
+            line += f"{diversity(model, prompts, a.diversity, sampling, a.batch):>10.4f}"
+        print(line, flush=True)
+
+
+def diversity(model, prompts, seeds: int, sampling: dict, batch: int) -> float:
+    """Mean over prompts of the mean absolute pixel difference ([0, 1] scale) between the images of
+    ``seeds`` different seeds."""
+    per_prompt = []
+    for i in range(0, len(prompts), batch):
+        chunk = [c for c, _ in prompts[i : i + batch]]
+        images = torch.stack([model.generate(chunk, seed=[s * 7919 + i + j for j in range(len(chunk))], **sampling)
+                              .float().cpu() for s in range(seeds)], dim=1)  # (prompts, seeds, 3, h, w)  # fmt: skip
+        images = (images + 1) / 2
+        for per_seed in images:
+            flat = per_seed.flatten(1)
+            d = (flat[:, None] - flat[None]).abs().mean(-1)
+            per_prompt.append(float(d.sum() / (seeds * (seeds - 1))))
+    return sum(per_prompt) / len(per_prompt)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,9 @@ class ReconstructionGrid(Callback):
         self.images: torch.Tensor | None = None
         self._last_step, self._last_interval = -1, 0
 
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+    def on_validation_batch_end(
+        self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
+    ) -> None:
         if self.images is None and batch_idx == 0 and trainer.is_global_zero:
             self.images = batch["image"][: self.num_images].detach().clone()
 

@@ -23,7 +23,6 @@ import math
 import os
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
@@ -211,7 +210,9 @@ class Autoencoder(ManualOptimization, BaseModule):
                 fake = self.discriminator(x_rec.detach())
                 d_loss = hinge_d_loss(real.float(), fake.float())
                 self.step_optimizer("d", d_loss)
-            logs.update(d_loss=d_loss.detach(), logits_real=real.detach().mean(), logits_fake=fake.detach().mean())
+            logs.update(
+                d_loss=d_loss.detach(), logits_real=real.detach().mean(), logits_fake=fake.detach().mean()
+            )
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=b)
         self.log("train/rec_loss", rec.detach(), prog_bar=True, batch_size=b)
         self.log_dict({f"train/{k}": v for k, v in {**logs, **rec_logs}.items()}, batch_size=b)
@@ -299,7 +300,12 @@ class KLAutoencoder(Autoencoder):
     """
 
     def __init__(
-        self, encoder: nn.Module, decoder: nn.Module, latent_channels: int = 4, kl_weight: float = 1e-6, **kwargs
+        self,
+        encoder: nn.Module,
+        decoder: nn.Module,
+        latent_channels: int = 4,
+        kl_weight: float = 1e-6,
+        **kwargs,
     ):
         if encoder.out_channels != 2 * latent_channels or decoder.in_channels != latent_channels:
             raise ConfigError(
@@ -327,7 +333,9 @@ class KLAutoencoder(Autoencoder):
         pixels = 3 * (self.downsample_factor * mean.shape[-1]) * (self.downsample_factor * mean.shape[-2])
         return z.to(h.dtype), self.kl_weight * kl / pixels, {"kl": kl.detach()}
 
-    def encode(self, images: Tensor, sample: bool = False, generator: torch.Generator | None = None) -> Tensor:
+    def encode(
+        self, images: Tensor, sample: bool = False, generator: torch.Generator | None = None
+    ) -> Tensor:
         """The posterior's mean (``sample``: a draw from it)."""
         mean, logvar = self.posterior(self.encoder(images))
         if not sample:

@@ -142,4 +142,3 @@ class ConditionalVAE(TextToImageModule):
         eps = randn(mu.shape, self.generator(seed, self.device), device=self.device)
         z = mu + temperature * eps * (0.5 * logvar).exp()
         return self.net.decode(z, text).clamp(-1, 1)
-

@@ -124,13 +124,19 @@ class Decoder(nn.Module):
         self.upsample_factor = 2 ** (len(channel_mult) - 1)
         widths = [channels * m for m in channel_mult][::-1]
         width = widths[0]
-        layers: list[nn.Module] = [nn.Conv2d(in_channels, width, 3, padding=1), _mid(width, attention, dropout)]
+        layers: list[nn.Module] = [
+            nn.Conv2d(in_channels, width, 3, padding=1),
+            _mid(width, attention, dropout),
+        ]
         for level, w in enumerate(widths):
             for _ in range(num_res_blocks + 1):
                 layers.append(ResBlock(width, w, dropout))
                 width = w
             if level < len(widths) - 1:
-                layers += [nn.Upsample(scale_factor=2.0, mode="nearest"), nn.Conv2d(width, width, 3, padding=1)]
+                layers += [
+                    nn.Upsample(scale_factor=2.0, mode="nearest"),
+                    nn.Conv2d(width, width, 3, padding=1),
+                ]
         layers += [group_norm(width), nn.SiLU()]
         self.net = nn.Sequential(*layers)
         self.conv_out = nn.Conv2d(width, out_channels, 3, padding=1)

@@ -39,7 +39,11 @@ class PatchDiscriminator(nn.Module):
         for i in range(1, num_layers + 1):
             out = channels * min(2**i, 8)
             stride = 2 if i < num_layers else 1
-            layers += [nn.Conv2d(width, out, 4, stride, 1, bias=norm == "none"), _norm(norm, out), nn.LeakyReLU(0.2)]
+            layers += [
+                nn.Conv2d(width, out, 4, stride, 1, bias=norm == "none"),
+                _norm(norm, out),
+                nn.LeakyReLU(0.2),
+            ]
             width = out
         layers.append(nn.Conv2d(width, 1, 4, 1, 1))
         self.net = nn.Sequential(*layers)

@@ -82,7 +82,9 @@ class PerceptualLoss(nn.Module):
         state = state.get("state_dict", state)
         missing, unexpected = self.lpips.net.load_state_dict(trunk_state_dict(state, net), strict=False)
         if missing:
-            raise ConfigError(f"{option}: {file} is not torchvision {net} weights (missing {missing[:3]} ...)")
+            raise ConfigError(
+                f"{option}: {file} is not torchvision {net} weights (missing {missing[:3]} ...)"
+            )
         self.requires_grad_(False).eval()
 
     def train(self, mode: bool = True):

@@ -26,7 +26,9 @@ def work(rank: int, out: str, port: int) -> None:
     restarted = []
     original = vq.restart_dead_codes
     vq.restart_dead_codes = lambda flat: restarted.append(original(flat)) or restarted[-1]
-    dead = (vq.ema_count * 0.9 < 0.8).nonzero().flatten().tolist()  # those still dead after this batch's counts
+    dead = (
+        (vq.ema_count * 0.9 < 0.8).nonzero().flatten().tolist()
+    )  # those still dead after this batch's counts
     vq(z)
     flat = vq._flat_inputs(z).tolist()
     results = [None, None]

@@ -11,7 +11,13 @@ import torchvision
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lightning_modules.autoencoder import KLAutoencoder, VQAutoencoder, adaptive_weight, load_autoencoder, psnr
+from lightning_modules.autoencoder import (
+    KLAutoencoder,
+    VQAutoencoder,
+    adaptive_weight,
+    load_autoencoder,
+    psnr,
+)
 from networks.autoencoder import Decoder, Encoder
 from networks.errors import ConfigError, MissingFileError
 from networks.patchgan import PatchDiscriminator, hinge_d_loss
@@ -20,7 +26,9 @@ from networks.quantizer import VectorQuantizer
 
 
 def _nets(latent=16, out=None, mult=(1, 2)):
-    enc = Encoder(channels=16, channel_mult=mult, num_res_blocks=1, attention=True, out_channels=out or latent)
+    enc = Encoder(
+        channels=16, channel_mult=mult, num_res_blocks=1, attention=True, out_channels=out or latent
+    )
     dec = Decoder(in_channels=latent, channels=16, channel_mult=mult, num_res_blocks=1, attention=True)
     return enc, dec
 
@@ -135,7 +143,9 @@ def test_overfitting_a_batch_lowers_the_reconstruction_loss(kind):
         model = _vq(disc=False)
     else:
         enc, dec = _nets(latent=4, out=8)
-        model = KLAutoencoder(enc, dec, latent_channels=4, image_size=16, optimizer=lambda p: torch.optim.Adam(p, lr=2e-3))
+        model = KLAutoencoder(
+            enc, dec, latent_channels=4, image_size=16, optimizer=lambda p: torch.optim.Adam(p, lr=2e-3)
+        )
     x = _images()
     before = float((model.reconstruct(x) - x).abs().mean())
     model.train()
@@ -159,7 +169,9 @@ def test_validation_logs_codebook_usage_over_the_epoch_and_psnr():
         counts += torch.bincount(model.encode(xi)[1].flatten(), minlength=64)
     m = trainer.callback_metrics
     assert float(m["val/codebook_usage"]) == pytest.approx(float((counts > 0).float().mean()))
-    assert float(m["val/psnr"]) == pytest.approx(float(torch.cat([psnr(xi, model.reconstruct(xi)) for xi in x]).mean()), rel=1e-4)
+    assert float(m["val/psnr"]) == pytest.approx(
+        float(torch.cat([psnr(xi, model.reconstruct(xi)) for xi in x]).mean()), rel=1e-4
+    )
     assert 1 <= float(m["val/perplexity"]) <= 64
 
 
@@ -215,7 +227,9 @@ def test_perceptual_loss_trains_the_autoencoder_and_stays_out_of_its_checkpoint(
     _random_vgg_file(weights)
     enc, dec = _nets()
     quantizer = VectorQuantizer(64, dim=16)
-    model = VQAutoencoder(enc, dec, quantizer, image_size=16, perceptual_weight=1.0, perceptual_path=str(weights))
+    model = VQAutoencoder(
+        enc, dec, quantizer, image_size=16, perceptual_weight=1.0, perceptual_path=str(weights)
+    )
     trainer = _trainer(2, limit_val_batches=0)
     seen = {}
 
@@ -275,7 +289,9 @@ def test_settings_that_cannot_work_are_clear_errors(tmp_path):
     enc, dec = _nets()
     with pytest.raises(ConfigError, match="image_size 17 is not a multiple of the downsampling factor 2"):
         VQAutoencoder(enc, dec, VectorQuantizer(8, dim=16), image_size=17)
-    with pytest.raises(MissingFileError, match="model.init_args.perceptual_path: .*does not exist.*perceptual weight to 0"):
+    with pytest.raises(
+        MissingFileError, match="model.init_args.perceptual_path: .*does not exist.*perceptual weight to 0"
+    ):
         VQAutoencoder(enc, dec, VectorQuantizer(8, dim=16), image_size=16, perceptual_weight=1.0,
                       perceptual_path=str(tmp_path / "missing.pth"))  # fmt: skip
     with pytest.raises(ConfigError, match="perceptual_weight: 0"):

@@ -27,7 +27,10 @@ def test_shapes_config_runs_fast_dev_run(config, tmp_path):
     if "autoencoder/" in config and "vqvae" not in config:
         args += ["--model.init_args.disc_start", "1"]  # the second step trains the discriminator too
     proc = run_cli(args, tmp_path)
-    assert "max_steps=2` reached" in proc.stdout + proc.stderr or "max_steps=3` reached" in proc.stdout + proc.stderr
+    assert (
+        "max_steps=2` reached" in proc.stdout + proc.stderr
+        or "max_steps=3` reached" in proc.stdout + proc.stderr
+    )
 
 
 def test_gpu_vqgan_config_runs_on_a_cpu_with_a_local_perceptual_trunk(shapes16, tmp_path):
@@ -46,7 +49,10 @@ def test_gpu_vqgan_config_runs_on_a_cpu_with_a_local_perceptual_trunk(shapes16, 
             "--model.init_args.quantizer.init_args.codebook_size", "64", "--model.init_args.discriminator.init_args.num_layers", "2",
             "--model.init_args.perceptual_path", str(tmp_path), "--model.init_args.disc_start", "1"]  # fmt: skip
     proc = run_cli(args, tmp_path)
-    assert "max_steps=2` reached" in proc.stdout + proc.stderr or "max_steps=3` reached" in proc.stdout + proc.stderr
+    assert (
+        "max_steps=2` reached" in proc.stdout + proc.stderr
+        or "max_steps=3` reached" in proc.stdout + proc.stderr
+    )
 
 
 def test_vqgan_under_two_process_ddp_keeps_one_codebook(shapes16, tmp_path):
@@ -95,7 +101,8 @@ def test_settings_that_cannot_work_fail_in_one_line_before_any_work(option, valu
 def test_data_and_model_image_sizes_must_agree(tmp_path):
     proc = run_cli(["fit", "--config", os.path.join(ROOT, "configs", "autoencoder", "kl_shapes.yaml"),
                     "--model.init_args.image_size", "16", *_shapes_args(tmp_path)], tmp_path, expect_failure=True)  # fmt: skip
-    assert proc.returncode == 2 and "the data's image_size is 32 but model.init_args.image_size is 16" in proc.stderr
+    assert (
+        proc.returncode == 2
+        and "the data's image_size is 32 but model.init_args.image_size is 16" in proc.stderr
+    )
     assert not os.path.exists(tmp_path / "runs")
-
-

@@ -30,7 +30,8 @@ def test_kl_between_diagonal_gaussians_matches_torch_distributions():
     torch.manual_seed(0)
     mu_q, lv_q, mu_p, lv_p = (torch.randn(5, 7) for _ in range(4))
     expected = torch.distributions.kl_divergence(
-        torch.distributions.Normal(mu_q, (0.5 * lv_q).exp()), torch.distributions.Normal(mu_p, (0.5 * lv_p).exp())
+        torch.distributions.Normal(mu_q, (0.5 * lv_q).exp()),
+        torch.distributions.Normal(mu_p, (0.5 * lv_p).exp()),
     )
     assert torch.allclose(diagonal_gaussian_kl(mu_q, lv_q, mu_p, lv_p), expected, atol=1e-5)
 
@@ -70,7 +71,9 @@ def test_generate_is_seeded_per_prompt_and_temperature_zero_is_the_prior_mean():
     model = _model().eval()
     a = model.generate(CAPTIONS[:2], seed=[3, 4])
     assert torch.equal(a, model.generate(CAPTIONS[:2], seed=[3, 4]))
-    assert torch.allclose(a[1:], model.generate(CAPTIONS[1:2], seed=[4]), atol=1e-5)  # its own prompt and seed
+    assert torch.allclose(
+        a[1:], model.generate(CAPTIONS[1:2], seed=[4]), atol=1e-5
+    )  # its own prompt and seed
     assert not torch.allclose(a, model.generate(CAPTIONS[:2], seed=[5, 6]))
     cold = model.generate(CAPTIONS[:1], seed=1, temperature=0.0)
     assert torch.equal(cold, model.generate(CAPTIONS[:1], seed=2, temperature=0.0))

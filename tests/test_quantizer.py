@@ -52,7 +52,9 @@ def test_loss_is_codebook_term_plus_beta_times_commitment_and_beta_weights_the_e
     # encoder side: beta * d||z - sg[e]||^2 / dz; codebook side: d||sg[z] - e||^2 / de, unweighted
     expected_z = (beta * 2 * (flat - q) / n).detach().view(2, 3, 3, 4).permute(0, 3, 1, 2)
     assert torch.allclose(z.grad, expected_z, atol=1e-7)
-    expected_codes = torch.zeros_like(vq.codebook).index_add_(0, out.indices.flatten(), (2 * (q - flat) / n).detach())
+    expected_codes = torch.zeros_like(vq.codebook).index_add_(
+        0, out.indices.flatten(), (2 * (q - flat) / n).detach()
+    )
     assert torch.allclose(vq.codebook.grad, expected_codes, atol=1e-7)
 
 
@@ -97,7 +99,9 @@ def test_dead_codes_are_restarted_from_encoder_outputs(ema):
     vq(z)
     flat = _flat(z)
     for k in (4, 5):
-        assert (vq.codebook[k] - flat).abs().sum(1).min() < 1e-5, "a restarted code is one of the batch's vectors"
+        assert (vq.codebook[k] - flat).abs().sum(1).min() < 1e-5, (
+            "a restarted code is one of the batch's vectors"
+        )
         assert vq.ema_count[k] == 0.5
     used = torch.bincount(vq.nearest(flat), minlength=8)
     assert (used[[4, 5]] > 0).any()  # the restarted codes now take vectors
