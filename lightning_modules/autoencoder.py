@@ -261,7 +261,8 @@ class VQAutoencoder(Autoencoder):
         return q.latents, q.loss, logs
 
     def encode(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        q = self.quantizer(self.encoder(images))
+        """Images -> (quantized latents, code indices); the codebook is left as it is."""
+        q = self.quantizer(self.encoder(images), update=False)
         return q.latents, q.indices
 
     def decode_indices(self, indices: Tensor) -> Tensor:
@@ -353,12 +354,10 @@ def load_autoencoder(path: str, map_location: str | torch.device = "cpu") -> Aut
             f"autoencoder checkpoint {path!r} not found: train one first (configs/autoencoder/) and "
             "give its checkpoints/last.ckpt or best-*.ckpt"
         )
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    cls = {c.__name__: c for c in (VQAutoencoder, KLAutoencoder)}.get(
-        checkpoint.get("hyper_parameters", {}).get("_class_name", ""), None
-    )
-    if cls is None:
-        cls = KLAutoencoder if "latent_channels" in checkpoint.get("hyper_parameters", {}) else VQAutoencoder
+    hparams = torch.load(path, map_location="cpu", weights_only=False).get("hyper_parameters", {})
+    name = str(hparams.get("_class_path", "")).rsplit(".", 1)[-1]  # recorded by the CLI
+    classes = {c.__name__: c for c in (VQAutoencoder, KLAutoencoder)}
+    cls = classes.get(name) or (KLAutoencoder if "latent_channels" in hparams else VQAutoencoder)
     model = cls.load_from_checkpoint(
         path, map_location=map_location, weights_only=False, perceptual_weight=0.0, perceptual_path=None
     )

@@ -125,14 +125,16 @@ class VectorQuantizer(nn.Module):
         return distances.argmin(dim=1)
 
     # ------------------------------------------------------------------ forward
-    def forward(self, z: Tensor) -> Quantized:
+    def forward(self, z: Tensor, update: bool | None = None) -> Quantized:
+        """Quantize ``z``; ``update`` (default: in training mode) updates the usage statistics,
+        the EMA codes and restarts dead codes."""
         b, _, h, w = z.shape
         with torch.autocast(z.device.type, enabled=False):  # distances and statistics in fp32
             z = z.float()
             flat = self._flat_inputs(z)
             indices = self.nearest(flat.detach())
             counts = torch.bincount(indices, minlength=self.codebook_size).float()
-            if self.training:
+            if self.training if update is None else update:
                 counts = self._update(flat.detach(), indices, counts)
             q = self.codes()[indices]
             commit = F.mse_loss(flat, q.detach())

@@ -80,6 +80,10 @@ def test_autoencoder_contract_shapes_and_ranges():
         assert images.shape == x.shape and images.min() >= -1 and images.max() <= 1
     assert torch.allclose(model.decode(latents), model.decode_indices(indices), atol=1e-5)
     assert model.downsample_factor == 2 and model.latent_channels == 16
+    model.train()  # encode never updates the codebook, even in training mode
+    codes, counts = model.quantizer.codebook.clone(), model.quantizer.ema_count.clone()
+    model.encode(x)
+    assert torch.equal(model.quantizer.codebook, codes) and torch.equal(model.quantizer.ema_count, counts)
     enc, dec = _nets(latent=4, out=8)
     kl = KLAutoencoder(enc, dec, latent_channels=4, image_size=16).eval()
     z = kl.encode(x)
