@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.loggers import WandbLogger
 from PIL import Image
 
 from .images import to_pil
+from .sample_grid import PeriodicGrid
 
 
 def pair_grid(inputs: torch.Tensor, reconstructions: torch.Tensor, min_tile: int = 64) -> Image.Image:
@@ -26,7 +23,7 @@ def pair_grid(inputs: torch.Tensor, reconstructions: torch.Tensor, min_tile: int
     return Image.fromarray(canvas)
 
 
-class ReconstructionGrid(Callback):
+class ReconstructionGrid(PeriodicGrid):
     """Every ``every_n_steps`` training steps and at the end of every validation, reconstruct
     ``num_images`` fixed validation images (the first of the first validation batch) with
     ``pl_module.reconstruct``; write ``<run dir>/samples/recon_<step>.png`` and log it to W&B
@@ -37,43 +34,19 @@ class ReconstructionGrid(Callback):
         every_n_steps: step interval (0: only at validations).
     """
 
-    def __init__(self, num_images: int = 8, every_n_steps: int = 0):
-        self.num_images, self.every_n_steps = num_images, every_n_steps
-        self.images: torch.Tensor | None = None
-        self._last_step, self._last_interval = -1, 0
+    prefix, key = "recon_", "reconstructions"
 
-    def on_validation_batch_end(
-        self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
-    ) -> None:
+    def __init__(self, num_images: int = 8, every_n_steps: int = 0):
+        super().__init__(every_n_steps)
+        self.num_images = num_images
+        self.images: torch.Tensor | None = None
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if self.images is None and batch_idx == 0 and trainer.is_global_zero:
             self.images = batch["image"][: self.num_images].detach().clone()
 
-    def log_grid(self, trainer: Trainer, pl_module: LightningModule) -> str | None:
-        if not trainer.is_global_zero or self.images is None or trainer.global_step == self._last_step:
+    def make_grid(self, trainer, pl_module) -> tuple[Image.Image, str] | None:
+        if self.images is None:
             return None
-        self._last_step = trainer.global_step
-        was_training = pl_module.training
-        pl_module.eval()
-        try:
-            images = self.images.to(pl_module.device)
-            grid = pair_grid(images, pl_module.reconstruct(images))
-        finally:
-            pl_module.train(was_training)
-        out_dir = os.path.join(trainer.default_root_dir, "samples")
-        os.makedirs(out_dir, exist_ok=True)
-        path = os.path.join(out_dir, f"recon_{trainer.global_step:07d}.png")
-        grid.save(path)
-        for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                logger.log_image(key="reconstructions", images=[grid], caption=["input above, reconstruction below"],
-                                 step=trainer.global_step)  # fmt: skip
-        return path
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.every_n_steps and trainer.global_step // self.every_n_steps > self._last_interval:
-            self._last_interval = trainer.global_step // self.every_n_steps
-            self.log_grid(trainer, pl_module)
-
-    def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        if not trainer.sanity_checking:
-            self.log_grid(trainer, pl_module)
+        images = self.images.to(pl_module.device)
+        return pair_grid(images, pl_module.reconstruct(images)), "input above, reconstruction below"

@@ -151,15 +151,6 @@ class Autoencoder(ManualOptimization, BaseModule):
         latents, _, _ = self.bottleneck(self.encoder(images))
         return self.decode(latents)
 
-    def check_datamodule(self, datamodule) -> None:
-        """Called by the CLI before any work: the data's image size is this model's."""
-        size = getattr(datamodule, "image_size", None)
-        if size is not None and size != self.image_size:
-            raise ConfigError(
-                f"the data's image_size is {size} but model.init_args.image_size is {self.image_size}; "
-                "set both to the same multiple of the downsampling factor"
-            )
-
     # ------------------------------------------------------------------ losses
     def pixel_loss(self, x: Tensor, x_rec: Tensor) -> Tensor:
         diff = x_rec.float() - x.float()

@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch import LightningModule
 from torch import Tensor
 
+from networks.errors import ConfigError
 from networks.noise import Generators, run_seed, seeded, stream_seed
 
 
@@ -26,6 +27,15 @@ class BaseModule(LightningModule):
     ones, and a resumed run continues on a stream of its own instead of replaying the first one.
     Subclasses that override ``on_train_start`` call ``super().on_train_start()``.
     """
+
+    def check_datamodule(self, datamodule) -> None:
+        """Called by the CLI before any work: a model with an ``image_size`` takes the data's."""
+        size, mine = getattr(datamodule, "image_size", None), getattr(self, "image_size", None)
+        if size is not None and mine is not None and size != mine:
+            raise ConfigError(
+                f"the data's image_size is {size} but {type(self).__name__} makes or encodes {mine} px images; "
+                f"set the data's image_size (--data.init_args.image_size) and the model's to the same value"
+            )
 
     def on_train_start(self) -> None:
         seed = stream_seed(run_seed(), "train", self.global_rank, self.global_step)

@@ -68,14 +68,6 @@ class ConditionalVAE(TextToImageModule):
     def image_size(self) -> int:
         return self.net.image_size
 
-    def check_datamodule(self, datamodule) -> None:
-        size = getattr(datamodule, "image_size", None)
-        if size is not None and size != self.image_size:
-            raise ConfigError(
-                f"the data's image_size is {size} but the CVAE net makes {self.image_size} px images; "
-                "set the net's image_size and the data's image_size to the same value"
-            )
-
     def beta_at(self, step: int) -> float:
         if not self.kl_anneal_steps:
             return self.beta
