@@ -7,16 +7,37 @@ With ``--diversity N`` it adds how different the images of one prompt are: for e
 prompt, N seeds, the mean absolute pixel difference (images on a [0, 1] scale) over all pairs,
 averaged over the prompts. 0 is one image per prompt whatever the seed.
 
+``edges`` is the mean absolute difference between neighbouring pixels of the generated images
+over that of the shapes renderer's own images for the same prompts: 1 is the data's, below 1 is
+blurrier, above 1 has more high-frequency content (noise, speckle) than the data. The last row, ``data``, is the renderer itself (its score, and with
+``--diversity`` the diversity of N renders of each prompt).
+
     python benchmarks/shapes_quality.py runs/<run>/checkpoints/last.ckpt --seeds 2 --diversity 8
 """
 
 import argparse
 import time
 
+import numpy as np
 import torch
 from common import from_run_config, load  # benchmarks/common.py
 
-from datamodules.shapes import heldout_prompts, score_batch
+from datamodules.shapes import heldout_prompts, objects_for, render, score_batch
+
+
+def rendered(prompts, resolution: int, seed: int) -> torch.Tensor:
+    """The renderer's images of ``prompts`` (the data's look), (n, 3, s, s) in [-1, 1]."""
+    out = []
+    for i, (_, attrs) in enumerate(prompts):
+        img = render(objects_for(attrs, np.random.default_rng([seed, i])), resolution)
+        out.append(torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1)
+    return torch.stack(out)
+
+
+def edge_energy(images: torch.Tensor) -> float:
+    """Mean absolute difference between horizontally and vertically neighbouring pixels."""
+    x = torch.as_tensor(images).float()
+    return float(((x[..., 1:, :] - x[..., :-1, :]).abs().mean() + (x[..., 1:] - x[..., :-1]).abs().mean()) / 2)
 
 
 def main() -> None:
@@ -43,8 +64,9 @@ def main() -> None:
         rows = [("generate", 1, {})]
     print(
         f"{'method':<12}{'steps':>6}{'all':>8}{'colour':>8}{'shape':>8}{'size':>8}{'position':>9}{'img/s':>9}"
-        + (f"{'diversity':>10}" if a.diversity else "")
+        + f"{'edges':>10}" + (f"{'diversity':>10}" if a.diversity else "")
     )
+    reference = edge_energy(torch.cat([rendered(prompts, model.image_size, seed) for seed in range(a.seeds)]))
     for name, steps, sampling in rows:
         images, attrs = [], []
         start = time.perf_counter()
@@ -59,25 +81,38 @@ def main() -> None:
         s = score_batch(images, attrs)
         line = (f"{name:<12}{steps:>6}{s['all']:>8.3f}{s['colour']:>8.3f}{s['shape']:>8.3f}{s['size']:>8.3f}"
                 f"{s['position']:>9.3f}{rate:>9.2f}")  # fmt: skip
+        line += f"{edge_energy(torch.stack(images)) / reference:>10.3f}"
         if a.diversity:
             line += f"{diversity(model, prompts, a.diversity, sampling, a.batch):>10.4f}"
         print(line, flush=True)
+    data = torch.cat([rendered(prompts, model.image_size, seed) for seed in range(a.seeds)])
+    s = score_batch(list(data), [at for _ in range(a.seeds) for _, at in prompts])
+    line = (f"{'data':<12}{'':>6}{s['all']:>8.3f}{s['colour']:>8.3f}{s['shape']:>8.3f}{s['size']:>8.3f}"
+            f"{s['position']:>9.3f}{'':>9}{1.0:>10.3f}")  # fmt: skip
+    if a.diversity:
+        renders = torch.stack([rendered(prompts, model.image_size, 1000 + s) for s in range(a.diversity)], dim=1)
+        line += f"{mean_pairwise_distance(renders):>10.4f}"
+    print(line)
 
 
 def diversity(model, prompts, seeds: int, sampling: dict, batch: int) -> float:
     """Mean over prompts of the mean absolute pixel difference ([0, 1] scale) between the images of
     ``seeds`` different seeds."""
-    per_prompt = []
+    chunks = []
     for i in range(0, len(prompts), batch):
         chunk = [c for c, _ in prompts[i : i + batch]]
-        images = torch.stack([model.generate(chunk, seed=[s * 7919 + i + j for j in range(len(chunk))], **sampling)
-                              .float().cpu() for s in range(seeds)], dim=1)  # (prompts, seeds, 3, h, w)  # fmt: skip
-        images = (images + 1) / 2
-        for per_seed in images:
-            flat = per_seed.flatten(1)
-            d = (flat[:, None] - flat[None]).abs().mean(-1)
-            per_prompt.append(float(d.sum() / (seeds * (seeds - 1))))
-    return sum(per_prompt) / len(per_prompt)
+        chunks.append(torch.stack([model.generate(chunk, seed=[s * 7919 + i + j for j in range(len(chunk))], **sampling)
+                                   .float().cpu() for s in range(seeds)], dim=1))  # fmt: skip
+    return mean_pairwise_distance(torch.cat(chunks))
+
+
+def mean_pairwise_distance(images: torch.Tensor) -> float:
+    """``images`` (prompts, seeds, 3, h, w) in [-1, 1] -> the mean over prompts of the mean absolute
+    pixel difference on a [0, 1] scale over all pairs of seeds."""
+    flat = ((images + 1) / 2).flatten(2)
+    n = flat.shape[1]
+    d = (flat[:, :, None] - flat[:, None]).abs().mean(-1)  # (prompts, n, n)
+    return float((d.sum((1, 2)) / (n * (n - 1))).mean())
 
 
 if __name__ == "__main__":
