@@ -256,8 +256,13 @@ class TextToImageCLI(LightningCLI):
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
-        except ConfigError as err:  # a setting the networks or the method cannot work with
-            raise SetupError(str(err)) from err
+        except Exception as err:  # a setting the networks or the method cannot work with
+            cause = err
+            while cause is not None and not isinstance(cause, ConfigError):
+                cause = cause.__cause__ or cause.__context__  # jsonargparse wraps nested classes' errors
+            if cause is None:
+                raise
+            raise SetupError(str(cause)) from err
 
     def after_instantiate_classes(self) -> None:
         super().after_instantiate_classes()

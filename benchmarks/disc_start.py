@@ -6,6 +6,7 @@ per-batch metrics of a run trained with a CSV logger next to W&B and ``log_every
                          {class_path: lightning.pytorch.loggers.CSVLogger, init_args: {save_dir: runs, name: csv}}]' \
       --run_name vqgan
     python benchmarks/disc_start.py runs/vqgan
+    python benchmarks/disc_start.py runs/vqgan2 --history runs/vqgan   # vqgan2 started from a vqgan checkpoint
 
 Reports the non-finite (NaN or inf) losses before and after ``disc_start``, the reconstruction loss
 over the 200 autoencoder steps before it, the worst 100-step mean after it, and how many
@@ -38,8 +39,13 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("run", help="the run directory (with csv/version_*/metrics.csv)")
     p.add_argument("--window", type=int, default=100)
+    p.add_argument("--history", help="the run this one started from (fit --ckpt_path <its checkpoint>): its "
+                   "steps before this run's first step come first")  # fmt: skip
     a = p.parse_args()
     rows = rows_of(a.run)
+    if a.history and rows:
+        first = int(rows[0]["step"])
+        rows = [r for r in rows_of(a.history) if int(r["step"]) < first] + rows
     values = {k: [float(r[k]) if r.get(k) else None for r in rows] for k in KEYS}
     start = next((i for i, v in enumerate(values["train/g_loss"]) if v is not None), None)
     if start is None:

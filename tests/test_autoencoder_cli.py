@@ -95,7 +95,7 @@ def test_settings_that_cannot_work_fail_in_one_line_before_any_work(option, valu
         args += ["--model.init_args.perceptual_path", str(tmp_path / "no" / "vgg16.pth")]
     proc = run_cli(args, tmp_path, expect_failure=True)
     assert proc.returncode == 2 and says in proc.stderr
-    assert "Traceback" not in proc.stderr and proc.stderr.strip().splitlines()[0].startswith("error: ")
+    assert "Traceback" not in proc.stderr and proc.stderr.strip().splitlines()[-1].startswith("error: ")
     assert not os.path.exists(tmp_path / "runs") and not os.path.exists(tmp_path / "shapes")
 
 
