@@ -134,9 +134,9 @@ class VectorQuantizer(nn.Module):
             flat = self._flat_inputs(z)
             indices = self.nearest(flat.detach())
             counts = torch.bincount(indices, minlength=self.codebook_size).float()
+            q = self.codes()[indices]  # the codes this batch was assigned, before they move
             if self.training if update is None else update:
                 counts = self._update(flat.detach(), indices, counts)
-            q = self.codes()[indices]
             commit = F.mse_loss(flat, q.detach())
             loss = self.beta * commit
             if not self.use_ema:

@@ -96,8 +96,11 @@ def test_dead_codes_are_restarted_from_encoder_outputs(ema):
     vq = VectorQuantizer(8, dim=3, ema=ema, dead_code_threshold=0.5).train()
     vq.ema_count.copy_(torch.tensor([5.0, 5, 5, 5, 0.0, 0.0, 5, 5]))  # codes 4 and 5 unused lately
     z = torch.randn(2, 3, 4, 4) + 10  # far from every code: the batch would pick one code at most
-    vq(z)
     flat = _flat(z)
+    assigned = vq.codebook.detach()[vq.nearest(flat)].clone()
+    out = vq(z)
+    # this batch is decoded from the codes it was assigned, not from codes moved or restarted after
+    assert torch.allclose(_flat(out.latents), assigned, atol=1e-6)
     for k in (4, 5):
         assert (vq.codebook[k] - flat).abs().sum(1).min() < 1e-5, (
             "a restarted code is one of the batch's vectors"
