@@ -266,17 +266,19 @@ class TextToImageCLI(LightningCLI):
 
     def after_instantiate_classes(self) -> None:
         super().after_instantiate_classes()
-        check_data = getattr(self.model, "check_datamodule", None)
-        if self.subcommand in ("fit", "validate", "test") and check_data is not None and self.datamodule is not None:
-            try:  # e.g. an image size the model cannot encode
-                check_data(self.datamodule)
-            except ConfigError as err:
-                raise SetupError(str(err)) from err
+        if self.subcommand not in ("fit", "validate", "test"):
+            return
         check = getattr(self.datamodule, "check_sources", None)
-        if self.subcommand in ("fit", "validate", "test") and check is not None:
+        if check is not None:
             try:  # a wrong shard path fails here, before a run folder or a W&B run exists
                 check("fit" if self.subcommand == "fit" else "validate")
             except (FileNotFoundError, ValueError) as err:
+                raise SetupError(str(err)) from err
+        check_data = getattr(self.model, "check_datamodule", None)
+        if check_data is not None and self.datamodule is not None:
+            try:  # e.g. an image size the model cannot encode
+                check_data(self.datamodule)
+            except ConfigError as err:
                 raise SetupError(str(err)) from err
 
 
