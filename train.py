@@ -196,11 +196,42 @@ class Parser(LightningArgumentParser):
         sys.exit(2)
 
 
+def _flat_options(node, prefix: str = "") -> dict:
+    """A config node (Namespace or dict) as ``{"init_args.x.init_args.y": value}``."""
+    if node is None:
+        return {}
+    if hasattr(node, "as_dict"):
+        node = node.as_dict()
+    if not isinstance(node, dict):
+        return {prefix.rstrip("."): node}
+    out = {}
+    for key, value in node.items():
+        out.update(_flat_options(value, f"{prefix}{key}."))
+    return out
+
+
 class TextToImageCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument(
             "--run_name", type=str | None, default=None, help="name of the run directory and the W&B run id"
         )
+
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI replaces the model options by the checkpoint's hyperparameters when
+        ``--ckpt_path`` is given; say which options given on the command line or in the configs
+        that drops, instead of dropping them silently."""
+        sub = self.config.get("subcommand")
+        model = self.config[sub].get("model") if sub else None
+        before = _flat_options(model.clone() if model is not None else None)
+        super()._parse_ckpt_path()
+        after = _flat_options(self.config[sub].get("model") if sub else None)
+        replaced = [f"{k} {before[k]!r} -> {after[k]!r}" for k in before if k in after and before[k] != after[k]]
+        if replaced:
+            sys.stderr.write(
+                "warning: --ckpt_path: the checkpoint's model options replace these given options: "
+                + "; ".join(replaced)
+                + " (to change a model option from a checkpoint, edit hyper_parameters in a copy of it)\n"
+            )
 
     def choose_run_dir(self, cfg) -> str:
         root = cfg.trainer.default_root_dir or "runs"

@@ -107,3 +107,18 @@ def test_data_and_model_image_sizes_must_agree(tmp_path):
         and "the data's image_size is 32 but KLAutoencoder makes or encodes 16 px images" in proc.stderr
     )
     assert not os.path.exists(tmp_path / "runs")
+
+
+def test_a_model_option_dropped_by_ckpt_path_is_named(tmp_path):
+    """LightningCLI takes the model options from the checkpoint given with --ckpt_path: a resume
+    of the same experiment warns about nothing, a changed option is named."""
+    config = os.path.join(ROOT, "configs", "autoencoder", "vqvae_shapes.yaml")
+    base = ["fit", "--config", config, *_common(tmp_path), *_shapes_args(tmp_path), "--trainer.max_time", "null"]
+    run_cli([*base, "--trainer.max_steps", "2", "--run_name", "first"], tmp_path)
+    last = str(tmp_path / "runs" / "first" / "checkpoints" / "last.ckpt")
+    same = run_cli([*base, "--trainer.max_steps", "3", "--run_name", "first", "--ckpt_path", last], tmp_path)
+    assert "warning: --ckpt_path" not in same.stderr
+    changed = run_cli([*base, "--trainer.max_steps", "4", "--run_name", "first", "--ckpt_path", last,
+                       "--model.init_args.rec_loss", "l1"], tmp_path)  # fmt: skip
+    assert "warning: --ckpt_path: the checkpoint's model options replace" in changed.stderr
+    assert "init_args.rec_loss 'l1' -> 'l2'" in changed.stderr
