@@ -10,7 +10,8 @@ per-batch metrics of a run trained with a CSV logger next to W&B and ``log_every
 
 Reports the non-finite (NaN or inf) losses before and after ``disc_start``, the reconstruction loss
 over the 200 autoencoder steps before it, the worst 100-step mean after it, and how many
-autoencoder steps the 100-step mean takes to come back to the pre-discriminator value.
+autoencoder steps (from the discriminator's start) the 100-step mean takes to come back to the
+pre-discriminator value after its worst point.
 """
 
 import argparse
@@ -59,7 +60,9 @@ def main() -> None:
     rec = values["train/rec_loss"]
     before = sum(rec[start - 200 : start]) / len(rec[start - 200 : start])
     means = [sum(rec[i : i + a.window]) / a.window for i in range(start, len(rec) - a.window + 1)]
-    back = next((i for i, m in enumerate(means) if m <= before), None)
+    peak = means.index(max(means)) if means else 0
+    # back: the first window after the worst one whose mean is at or below the value before
+    back = next((i for i, m in enumerate(means) if i > peak and m <= before), None)
     weights = [w for w in values["train/disc_weight"][start:] if w is not None]
     print(f"{a.run}: {len(rows)} autoencoder steps logged, discriminator on from step {start}")
     print(f"non-finite losses: {nonfinite(0, start)} before, {nonfinite(start, len(rows))} after "
