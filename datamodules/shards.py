@@ -26,7 +26,8 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 # PPM or EPS parser (PIL's EPS plugin would start Ghostscript) ever sees shard data.
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")
 TEXT_EXTENSIONS = ("txt", "json")
-KNOWN_EXTENSIONS = IMAGE_EXTENSIONS + TEXT_EXTENSIONS
+TOKEN_EXTENSIONS = ("tokens.npy",)  # pre-computed image tokens, read with allow_pickle=False
+KNOWN_EXTENSIONS = IMAGE_EXTENSIONS + TEXT_EXTENSIONS + TOKEN_EXTENSIONS
 
 # Reasons a sample (or a whole shard) is skipped; each is counted under ``data/skipped/<reason>``.
 SKIP_REASONS = (
@@ -39,6 +40,8 @@ SKIP_REASONS = (
     "corrupt_image",  # the image does not decode (corrupt, truncated, not JPEG / PNG / WEBP)
     "too_large",  # more pixels than ``max_pixels`` or a member over ``max_member_bytes``
     "bad_mode",  # a colour mode that cannot be turned into RGB
+    "no_tokens",  # tokens were asked for (tokens_shape) and the sample has no tokens.npy
+    "bad_tokens",  # tokens.npy does not load without pickle, or has another shape or a non-integer dtype
 )
 
 

@@ -13,6 +13,7 @@ round-robin to ranks and workers, the same count on every rank.
 from __future__ import annotations
 
 import glob
+import io
 import math
 import os
 import random
@@ -93,8 +94,10 @@ class ShardStream(IterableDataset):
         shuffle_buffer: int = 512,
         max_pixels: int = 16_000_000,
         image_size: int | None = None,
+        tokens_shape: tuple[int, ...] | None = None,
     ):
         self.urls, self.transform, self.mode = list(urls), transform, mode
+        self.tokens_shape = tuple(tokens_shape) if tokens_shape is not None else None
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.val_samples, self.shuffle_buffer = val_samples, shuffle_buffer
         self.max_pixels, self.image_size = max_pixels, image_size
@@ -118,11 +121,17 @@ class ShardStream(IterableDataset):
             captions = parse_captions(members["txt"])
             meta = parse_meta(members.get("json"))
             image = decode_image(members[image_ext], self.max_pixels, self.image_size)
+            tokens = (
+                decode_tokens(members.get(TOKENS_MEMBER), self.tokens_shape) if self.tokens_shape else None
+            )
         except SampleError as err:
             skips.add(err.reason)
             return None
         caption = rng.choice(captions) if self.mode == "train" else captions[0]
-        return {"image": self.transform(image, rng), "caption": caption, "key": key, "meta": meta}
+        sample = {"image": self.transform(image, rng), "caption": caption, "key": key, "meta": meta}
+        if tokens is not None:
+            sample["tokens"] = tokens
+        return sample
 
     def _samples(self, urls: list[str], skips: SkipCounter, rng: random.Random, keep=None) -> Iterator[dict]:
         index = 0
@@ -195,6 +204,24 @@ class ShardStream(IterableDataset):
                 yield buffer.pop()
 
 
+TOKENS_MEMBER = "tokens.npy"  # pre-computed image tokens (scripts/tokenize_shards.py)
+
+
+def decode_tokens(raw: bytes | None, shape: tuple[int, ...]) -> torch.Tensor:
+    """A ``{key}.tokens.npy`` member -> a long tensor of ``shape``; numpy's loader with
+    ``allow_pickle=False`` (a member is data, never code). Missing, unreadable, of another shape or
+    not integer: a ``SampleError``, so the sample is skipped and counted."""
+    if raw is None:
+        raise SampleError("no_tokens")
+    try:
+        array = np.load(io.BytesIO(raw), allow_pickle=False)
+    except (ValueError, OSError, EOFError):
+        raise SampleError("bad_tokens") from None
+    if array.shape != tuple(shape) or array.dtype.kind not in "iu":
+        raise SampleError("bad_tokens")
+    return torch.from_numpy(array.astype(np.int64))
+
+
 def _ignore_ctrl_c(worker_id: int) -> None:
     """Loader workers leave Ctrl-C to the main process, which stops at a step boundary and saves."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -207,6 +234,8 @@ def collate(samples: list[dict]) -> dict:
         "key": [s["key"] for s in samples],
         "meta": [s["meta"] for s in samples],
     }
+    if "tokens" in samples[0]:
+        batch["tokens"] = torch.stack([s["tokens"] for s in samples])
     if SKIPS_KEY in samples[-1]:
         batch[SKIPS_KEY] = samples[-1][SKIPS_KEY]
     return batch
@@ -266,6 +295,10 @@ class TextImageDataModule(LightningDataModule):
         max_pixels: images with more pixels are skipped (decompression bombs).
         predict_prompts: prompts for ``predict``: a list, a text file (one a line) or one prompt.
         predict_seeds: each prompt is generated once per seed.
+        tokens_shape: read pre-computed image tokens of this shape (e.g. ``[8, 8]``) from each
+            sample's ``tokens.npy`` member into ``batch["tokens"]`` (``scripts/tokenize_shards.py``);
+            a sample without them, or with another shape or dtype, is skipped and counted. The
+            tokens belong to the centre crop: ``crop: random`` and ``hflip`` are refused.
     """
 
     def __init__(
@@ -284,8 +317,15 @@ class TextImageDataModule(LightningDataModule):
         max_pixels: int = 16_000_000,
         predict_prompts: str | list[str] | None = None,
         predict_seeds: list[int] | None = None,
+        tokens_shape: list[int] | None = None,
     ):
         super().__init__()
+        if tokens_shape is not None and (crop != "center" or hflip):
+            raise ValueError(
+                "pre-computed tokens (data.init_args.tokens_shape) encode the centre crop of each image: "
+                "set crop: center and hflip: false, or drop tokens_shape to encode every batch on the fly"
+            )
+        self.tokens_shape = tokens_shape
         self.train_shards, self.val_shards = train_shards, val_shards
         self.image_size, self.crop, self.hflip = image_size, crop, hflip
         self.batch_size, self.num_workers = batch_size, num_workers
@@ -344,12 +384,13 @@ class TextImageDataModule(LightningDataModule):
             self.train_stream = ShardStream(
                 urls, build_transform(self.image_size, self.crop, self.hflip), "train", rank, world,
                 seed, shuffle_buffer=self.shuffle_buffer, max_pixels=self.max_pixels, image_size=self.image_size,
+                tokens_shape=self.tokens_shape,
             )  # fmt: skip
         if stage in (None, "fit", "validate", "test") and self.val_shards is not None:
             self.val_stream = ShardStream(
                 self._urls(self.val_shards, "val_shards"), build_transform(self.image_size, "center", False), "val",
                 rank, world, seed, val_samples=self.val_samples, max_pixels=self.max_pixels,
-                image_size=self.image_size,
+                image_size=self.image_size, tokens_shape=self.tokens_shape,
             )  # fmt: skip
 
     def _loader(self, stream: ShardStream, persistent: bool) -> DataLoader:

@@ -259,6 +259,14 @@ class VQAutoencoder(Autoencoder):
     def decode_indices(self, indices: Tensor) -> Tensor:
         return self.decode(self.quantizer.lookup(indices))
 
+    def encode_latents(self, images: Tensor) -> Tensor:
+        """Images -> the encoder's continuous, pre-quantisation latents (for latent diffusion)."""
+        return self.encoder(images)
+
+    def decode_latents(self, latents: Tensor) -> Tensor:
+        """Pre-quantisation latents -> images: quantised (codebook unchanged), then decoded."""
+        return self.decode(self.quantizer(latents, update=False).latents)
+
     def on_validation_epoch_start(self) -> None:
         self.val_counts.zero_()
 
@@ -334,16 +342,26 @@ class KLAutoencoder(Autoencoder):
             return mean
         return mean + torch.randn(mean.shape, generator=generator, device=mean.device) * (0.5 * logvar).exp()
 
+    def encode_latents(self, images: Tensor) -> Tensor:
+        """Images -> the posterior's mean (for latent diffusion)."""
+        return self.encode(images)
 
-def load_autoencoder(path: str, map_location: str | torch.device = "cpu") -> Autoencoder:
+    def decode_latents(self, latents: Tensor) -> Tensor:
+        return self.decode(latents)
+
+
+def load_autoencoder(
+    path: str, map_location: str | torch.device = "cpu", option: str | None = None
+) -> Autoencoder:
     """A trained autoencoder from its checkpoint, frozen and in eval mode, with no trainer.
 
     The perceptual loss and its weights file are not needed to encode or decode, and are not
-    loaded (the checkpoint may come from a machine whose weights path does not exist here)."""
-    if not os.path.isfile(path):
+    loaded (the checkpoint may come from a machine whose weights path does not exist here).
+    ``option`` names the setting the path came from, for the error when it does not exist."""
+    if not path or not os.path.isfile(path):
         raise MissingFileError(
-            f"autoencoder checkpoint {path!r} not found: train one first (configs/autoencoder/) and "
-            "give its checkpoints/last.ckpt or best-*.ckpt"
+            f"{option + ': ' if option else ''}autoencoder checkpoint {path!r} not found: train one first "
+            "(configs/autoencoder/) and give its checkpoints/last.ckpt or best-*.ckpt"
         )
     hparams = torch.load(path, map_location="cpu", weights_only=False).get("hyper_parameters", {})
     name = str(hparams.get("_class_path", "")).rsplit(".", 1)[-1]  # recorded by the CLI
@@ -353,3 +371,28 @@ def load_autoencoder(path: str, map_location: str | torch.device = "cpu") -> Aut
         path, map_location=map_location, weights_only=False, perceptual_weight=0.0, perceptual_path=None
     )
     return model.requires_grad_(False).eval()
+
+
+class FrozenAutoencoderUser:
+    """Mixin of the methods that build on a trained autoencoder (token priors, latent diffusion):
+    it is loaded frozen from its checkpoint path, stays in eval mode whatever mode the method is
+    put in, and its weights stay out of the method's checkpoints (which store the path)."""
+
+    def attach_autoencoder(
+        self, path: str, option: str = "model.init_args.autoencoder", vq: bool = False
+    ) -> Autoencoder:
+        autoencoder = load_autoencoder(path, option=option)
+        if vq and not isinstance(autoencoder, VQAutoencoder):
+            raise ConfigError(
+                f"{option}: {path!r} is a {type(autoencoder).__name__}, but a token prior needs discrete codes: "
+                "give a VQ autoencoder's checkpoint (configs/autoencoder/vqgan_shapes.yaml or vqvae_shapes.yaml), "
+                "or train latent diffusion (configs/diffusion/latent_shapes.yaml) on this one"
+            )
+        self.autoencoder = keep_out_of_checkpoints(autoencoder)
+        return autoencoder
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if getattr(self, "autoencoder", None) is not None:
+            self.autoencoder.eval()  # frozen: batch-norm statistics and dropout never change
+        return self

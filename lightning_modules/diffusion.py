@@ -12,9 +12,11 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from networks.diffusion import SAMPLERS, NoiseSchedule, Prediction, Sampler, dynamic_threshold
+from networks.errors import ConfigError
 from networks.noise import Generators, offset, randn
 from networks.text_encoders import TextEncoding
 
+from .autoencoder import FrozenAutoencoderUser
 from .base import TextToImageModule
 from .ema import ema_decay, ema_update
 
@@ -23,8 +25,15 @@ def _adamw(params):
     return torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0, fused=True)  # one kernel over all parameters
 
 
-class TextToImageDiffusion(TextToImageModule):
-    """A denoiser trained to reverse a noise schedule, conditioned on a text encoder.
+class TextToImageDiffusion(FrozenAutoencoderUser, TextToImageModule):
+    """A denoiser trained to reverse a noise schedule, conditioned on a text encoder; in pixel
+    space, or in the latent space of a frozen autoencoder (latent diffusion).
+
+    Latent diffusion (``autoencoder`` set): training encodes the images (the KL autoencoder's
+    posterior mean, a VQ autoencoder's pre-quantisation latents) and multiplies them by
+    ``latent_scale``, estimated as ``1 / std`` of the first training batch's latents (averaged
+    over ranks) unless given, and saved in the checkpoint, so a resumed run keeps it.
+    ``generate`` samples latents and decodes ``latents / latent_scale``.
 
     Args:
         denoiser: network ``(x_t, t, TextEncoding, ...) -> prediction`` (e.g. ``networks.unet.UNet``).
@@ -45,6 +54,10 @@ class TextToImageDiffusion(TextToImageModule):
         clip_denoised: static thresholding: clamp every predicted x0 to [-1, 1] (when no dynamic
             threshold is set). With eps-prediction the x0 implied at the noisiest steps is
             ``(x - sigma * eps) / alpha`` with ``alpha`` near 0, so unclamped samplers blow up.
+            None: on in pixel space, off in latent space (latents are not bounded by [-1, 1]).
+        autoencoder: checkpoint path of a trained KL or VQ autoencoder: diffusion in its latent
+            space (frozen, not stored in this method's checkpoints). None: pixel space.
+        latent_scale: the latents' scale factor; None estimates it on the first training batch.
     """
 
     def __init__(
@@ -64,10 +77,18 @@ class TextToImageDiffusion(TextToImageModule):
         sample_steps: int = 20,
         guidance_scale: float = 3.0,
         dynamic_threshold: float | None = None,
-        clip_denoised: bool = True,
+        clip_denoised: bool | None = None,
+        autoencoder: str | None = None,
+        latent_scale: float | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
+        self.autoencoder = None
+        if autoencoder is not None:
+            self.attach_autoencoder(autoencoder)
+            self.check_latent_setup(denoiser, image_size, clip_denoised, dynamic_threshold)
+            # 0 until estimated on the first training batch (a buffer, so checkpoints keep it)
+            self.register_buffer("latent_scale", torch.tensor(float(latent_scale or 0.0)))
         self.denoiser, self.text_encoder = denoiser, text_encoder
         self.schedule = NoiseSchedule(timesteps, schedule)
         self.image_size, self.prediction, self.min_snr_gamma = image_size, prediction, min_snr_gamma
@@ -78,13 +99,63 @@ class TextToImageDiffusion(TextToImageModule):
             "steps": sample_steps,
             "guidance_scale": guidance_scale,
             "dynamic_threshold": dynamic_threshold,
-            "clip_denoised": clip_denoised,
+            "clip_denoised": (autoencoder is None) if clip_denoised is None else clip_denoised,
         }
         self.text_trainable = any(p.requires_grad for p in text_encoder.parameters())
         self.ema_denoiser = copy.deepcopy(denoiser).requires_grad_(False).eval()
         self.ema_text_encoder = (
             copy.deepcopy(text_encoder).requires_grad_(False).eval() if self.text_trainable else None
         )
+
+    # ------------------------------------------------------------------ latent space
+    def check_latent_setup(self, denoiser, image_size, clip_denoised, dynamic_threshold) -> None:
+        ae, option = self.autoencoder, "model.init_args"
+        if ae.image_size != image_size:
+            raise ConfigError(
+                f"{option}.image_size is {image_size} but the autoencoder was trained on {ae.image_size} px images: "
+                f"set image_size (and the data's) to {ae.image_size}"
+            )
+        channels = getattr(denoiser, "in_channels", ae.latent_channels)
+        if channels != ae.latent_channels:
+            raise ConfigError(
+                f"the denoiser takes {channels} channels but the autoencoder's latents have {ae.latent_channels}: "
+                f"set {option}.denoiser.init_args.in_channels and out_channels to {ae.latent_channels}"
+            )
+        if clip_denoised or dynamic_threshold is not None:
+            raise ConfigError(
+                f"{option}.clip_denoised and dynamic_threshold clamp to the pixel range [-1, 1], which latents "
+                "do not have: leave both unset for latent diffusion"
+            )
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """The shape the denoiser works on: the image, or the autoencoder's latent."""
+        if self.autoencoder is None:
+            return (3, self.image_size, self.image_size)
+        return self.autoencoder.latent_shape
+
+    @torch.no_grad()
+    def to_latents(self, images: Tensor) -> Tensor:
+        """Images -> scaled latents; the first call in training sets ``latent_scale`` if unset."""
+        z = self.autoencoder.encode_latents(images).float()
+        if self.latent_scale == 0:
+            var = z.var()
+            trainer = self._trainer
+            if trainer is not None and trainer.world_size > 1:  # the same scale on every rank
+                var = trainer.strategy.reduce(var, reduce_op="mean")
+            self.latent_scale.fill_(float(1.0 / var.sqrt().clamp_min(1e-8)))
+            if trainer is not None:
+                self.print(
+                    f"latent_scale set to {float(self.latent_scale):.4f} (1 / std of the first batch's latents)"
+                )
+        return z * self.latent_scale
+
+    def from_latents(self, latents: Tensor) -> Tensor:
+        if self.latent_scale == 0:
+            raise RuntimeError(
+                "latent_scale is not set: train the model (or give model.init_args.latent_scale) first"
+            )
+        return self.autoencoder.decode_latents(latents / self.latent_scale)
 
     # ------------------------------------------------------------------ training
     def conditioning(self, batch: dict) -> dict:
@@ -114,6 +185,8 @@ class TextToImageDiffusion(TextToImageModule):
                 f"batch images are {x0.shape[-1]} px but the model makes {self.image_size} px; "
                 "set model.init_args.image_size and data image_size to the same value"
             )
+        if self.autoencoder is not None:
+            x0 = self.to_latents(x0)
         t, noise, drop = self.training_draws(
             x0, self.cond_drop_prob if cond_drop_prob is None else cond_drop_prob
         )
@@ -233,11 +306,16 @@ class TextToImageDiffusion(TextToImageModule):
         guidance_scale = d["guidance_scale"] if guidance_scale is None else guidance_scale
         threshold = dynamic_threshold if dynamic_threshold is not None else d["dynamic_threshold"]
         generator = self.generator(seed, self.device)
-        shape = (len(prompts), 3, self.image_size, self.image_size)
-        noise = randn(shape, generator, device=self.device)
+        noise = randn((len(prompts), *self.sample_shape), generator, device=self.device)
         clip = d["clip_denoised"] if clip_denoised is None else clip_denoised
+        if self.autoencoder is not None and (clip or threshold is not None):
+            raise ValueError(
+                "clip_denoised and dynamic_threshold clamp to pixels' [-1, 1]: not for latent diffusion"
+            )
         denoise = self.denoise_fn(list(prompts), guidance_scale, threshold, use_ema, cond, clip)
         x = SAMPLERS[sampler](denoise, self.schedule, noise, steps=steps, eta=eta, generator=generator)
+        if self.autoencoder is not None:
+            x = self.from_latents(x)
         return x.clamp(-1, 1)
 
 
@@ -263,6 +341,10 @@ class SuperResolutionDiffusion(TextToImageDiffusion):
         sample_aug_level: float = 0.1,
         **kwargs,
     ):
+        if kwargs.get("autoencoder") is not None:
+            raise ConfigError(
+                "a super-resolution stage works in pixel space: remove model.init_args.autoencoder"
+            )
         super().__init__(denoiser, text_encoder, **kwargs)
         self.low_res_size, self.max_aug_level, self.sample_aug_level = (
             low_res_size,

@@ -57,3 +57,14 @@ def stream_seed(*parts) -> int:
 def run_seed() -> int:
     """The run's seed, as ``seed_everything`` (LightningCLI's ``--seed_everything``) set it; 0 if unset."""
     return int(os.environ.get("PL_GLOBAL_SEED", 0))
+
+
+def rand(shape: Sequence[int], generator: Generators, device=None, dtype=None) -> Tensor:
+    """Uniform noise in [0, 1) of ``shape`` (``shape[0]`` is the batch), seeded like :func:`randn`."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
+        return torch.stack(
+            [torch.rand(tuple(shape[1:]), generator=g, device=device, dtype=dtype) for g in generator]
+        )
+    return torch.rand(tuple(shape), generator=generator, device=device, dtype=dtype)

@@ -128,7 +128,7 @@ class UNet(nn.Module):
     ):
         super().__init__()
         emb_dim = 4 * base_channels
-        self.base_channels, self.cond_channels = base_channels, cond_channels
+        self.base_channels, self.cond_channels, self.in_channels = base_channels, cond_channels, in_channels
         self.time_embed = nn.Sequential(
             nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
         )

@@ -19,3 +19,59 @@ def shapes16(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("shapes16"))
     write_shapes_shards(root, resolution=16, num_train=600, num_val=64, seed=0, shard_size=100)
     return root
+
+
+def block_images(n: int = 4, size: int = 16, seed: int = 0):
+    """``n`` distinct images: a coloured 8 x 8 block on black, each at its own corner and colour."""
+    import torch
+
+    colours = torch.tensor([[1, -1, -1], [-1, 1, -1], [-1, -1, 1], [1, 1, -1]], dtype=torch.float)
+    x = -torch.ones(n, 3, size, size)
+    half = size // 2
+    for i in range(n):
+        r, c = (i // 2 % 2) * half, (i % 2) * half
+        x[i, :, r : r + half, c : c + half] = colours[i % 4].view(3, 1, 1)
+    return x
+
+
+BLOCK_CAPTIONS = ["a red square", "a green square", "a blue square", "a yellow square"]
+
+
+@pytest.fixture(scope="session")
+def tiny_autoencoders(tmp_path_factory):
+    """Checkpoints of a tiny VQ autoencoder (K = 32, f4: 4 x 4 tokens of 16 px images) and a tiny
+    KL autoencoder (4 channels, f4), each trained briefly on the four block images."""
+    import lightning as L
+    import torch
+    from torch.utils.data import DataLoader
+
+    from lightning_modules.autoencoder import KLAutoencoder, VQAutoencoder
+    from networks.autoencoder import Decoder, Encoder
+    from networks.quantizer import VectorQuantizer
+
+    root = tmp_path_factory.mktemp("autoencoders")
+    x = block_images()
+    loader = DataLoader([{"image": x, "caption": list(BLOCK_CAPTIONS)}] * 150, batch_size=None)
+    paths = {}
+    for kind in ("vq", "kl"):
+        torch.manual_seed(0)
+        latent = 8 if kind == "vq" else 4
+        enc = Encoder(
+            channels=16,
+            channel_mult=(1, 2, 2),
+            num_res_blocks=1,
+            out_channels=latent * (1 if kind == "vq" else 2),
+        )
+        dec = Decoder(in_channels=latent, channels=16, channel_mult=(1, 2, 2), num_res_blocks=1)
+        opt = lambda p: torch.optim.Adam(p, lr=3e-3)  # noqa: E731
+        if kind == "vq":
+            q = VectorQuantizer(32, dim=8, cosine=True, ema=True, dead_code_threshold=0.5)
+            model = VQAutoencoder(enc, dec, q, image_size=16, optimizer=opt)
+        else:
+            model = KLAutoencoder(enc, dec, latent_channels=4, image_size=16, optimizer=opt)
+        trainer = L.Trainer(max_steps=150, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, accelerator="cpu", limit_val_batches=0)  # fmt: skip
+        trainer.fit(model, loader)
+        paths[kind] = str(root / f"{kind}.ckpt")
+        trainer.save_checkpoint(paths[kind])
+    return paths

@@ -1,0 +1,112 @@
+"""Latent diffusion: the diffusion method in a frozen autoencoder's latent space. The scale factor
+is estimated once, saved and reused on resume; the autoencoder stays out of the checkpoint; four
+captions generate their own images; settings that cannot work are clear errors."""
+
+import lightning as L
+import pytest
+import torch
+from conftest import BLOCK_CAPTIONS, block_images
+from torch.utils.data import DataLoader
+
+from lightning_modules.diffusion import SuperResolutionDiffusion, TextToImageDiffusion
+from networks.errors import ConfigError, MissingFileError
+from networks.text_encoders import TransformerTextEncoder
+from networks.unet import UNet
+
+
+def _latent(path, channels=4, **kw):
+    torch.manual_seed(0)
+    unet = UNet(in_channels=channels, out_channels=channels, base_channels=32, channel_mult=[1, 2], num_res_blocks=1,
+                attention_levels=[1], context_dim=32, heads=2)  # fmt: skip
+    text = TransformerTextEncoder(width=32, depth=1, heads=2, max_length=16, tokenizer="byte")
+    kw.setdefault("optimizer", lambda p: torch.optim.Adam(p, lr=2e-3))
+    return TextToImageDiffusion(unet, text, image_size=16, autoencoder=path, **kw)
+
+
+def _batches(n, repeat=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = block_images().repeat(repeat, 1, 1, 1)
+    return [{"image": x * (0.5 + torch.rand(1, generator=g)), "caption": list(BLOCK_CAPTIONS) * repeat}
+            for _ in range(n)]  # fmt: skip
+
+
+def _trainer(steps, **kw):
+    return L.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                     enable_model_summary=False, accelerator="cpu", limit_val_batches=0, **kw)  # fmt: skip
+
+
+def test_latent_scale_is_one_over_the_first_batch_std_and_is_kept_on_resume(tiny_autoencoders, tmp_path):
+    model = _latent(tiny_autoencoders["kl"])
+    assert model.latent_scale == 0  # not estimated yet
+    batches = _batches(6)
+    trainer = _trainer(3)
+    trainer.fit(model, DataLoader(batches[:3], batch_size=None))
+    expected = 1.0 / model.autoencoder.encode_latents(batches[0]["image"]).float().std(unbiased=True)
+    assert torch.isclose(model.latent_scale, expected, rtol=1e-5)
+    path = str(tmp_path / "latent.ckpt")
+    trainer.save_checkpoint(path)
+    state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    assert "latent_scale" in state and not any(k.startswith("autoencoder.") for k in state)
+    resumed = _latent(tiny_autoencoders["kl"])
+    _trainer(5).fit(
+        resumed, DataLoader(batches[3:], batch_size=None), ckpt_path=path, weights_only=False
+    )  # other batches, other std
+    assert torch.equal(resumed.latent_scale, model.latent_scale)
+    # a scale given in the config is used as it is
+    fixed = _latent(tiny_autoencoders["kl"], latent_scale=0.5)
+    _trainer(1).fit(fixed, DataLoader(batches[:1], batch_size=None))
+    assert fixed.latent_scale == 0.5
+
+
+def test_loss_is_on_scaled_latents_and_generate_decodes_to_images(tiny_autoencoders):
+    model = _latent(tiny_autoencoders["kl"], latent_scale=2.0)
+    seen = []
+    model.denoiser.register_forward_hook(lambda m, i, o: seen.append(i[0].shape))
+    model.loss({"image": block_images(), "caption": list(BLOCK_CAPTIONS)})
+    assert seen[-1] == (4, 4, 4, 4)  # the denoiser works on (4, 4 x 4) latents of the 16 px images
+    out = model.eval().generate(["a red square"], seed=0, steps=4)
+    assert out.shape == (1, 3, 16, 16) and out.min() >= -1 and out.max() <= 1
+    with pytest.raises(ValueError, match="latent"):
+        model.generate(["a"], clip_denoised=True)
+
+
+@pytest.mark.parametrize("kind", ["kl", "vq"])
+def test_each_of_four_captions_generates_its_own_image(tiny_autoencoders, kind):
+    model = _latent(tiny_autoencoders[kind], channels=4 if kind == "kl" else 8, cond_drop_prob=0.2, ema_decay=0.0,
+                    prediction="x0", min_snr_gamma=None)  # fmt: skip
+    torch.manual_seed(0)
+    _trainer(300).fit(model, DataLoader(_batches(1) * 300, batch_size=None))
+    model.ema_denoiser.load_state_dict(model.denoiser.state_dict())
+    model.ema_text_encoder.load_state_dict(model.text_encoder.state_dict())
+    model.eval()
+    targets = model.autoencoder.reconstruct(block_images())
+    out = model.generate(list(BLOCK_CAPTIONS), seed=0, sampler="ddim", steps=20, guidance_scale=2.0)
+    dist = torch.cdist(out.flatten(1), targets.flatten(1))
+    assert torch.equal(dist.argmin(1), torch.arange(4)), dist
+
+
+def test_a_latent_model_loads_from_its_checkpoint_and_the_autoencoder_path(tiny_autoencoders, tmp_path):
+    model = _latent(tiny_autoencoders["kl"])
+    trainer = _trainer(2)
+    trainer.fit(model, DataLoader(_batches(2), batch_size=None))
+    trainer.save_checkpoint(tmp_path / "m.ckpt")
+    loaded = TextToImageDiffusion.load_from_checkpoint(tmp_path / "m.ckpt", weights_only=False).eval()
+    assert torch.equal(loaded.latent_scale, model.latent_scale) and not loaded.autoencoder.training
+    model.eval()
+    assert torch.equal(loaded.generate(["a"], seed=3, steps=3), model.generate(["a"], seed=3, steps=3))
+
+
+def test_settings_that_cannot_work_are_clear_errors(tiny_autoencoders, tmp_path):
+    with pytest.raises(MissingFileError, match="model.init_args.autoencoder"):
+        _latent(str(tmp_path / "none.ckpt"))
+    with pytest.raises(ConfigError, match="in_channels and out_channels to 4"):
+        _latent(tiny_autoencoders["kl"], channels=3)
+    with pytest.raises(ConfigError, match="clip_denoised"):
+        _latent(tiny_autoencoders["kl"], clip_denoised=True)
+    unet = UNet(in_channels=4, out_channels=4, base_channels=16, channel_mult=[1], num_res_blocks=1, attention_levels=[],
+                context_dim=32)  # fmt: skip
+    text = TransformerTextEncoder(width=32, depth=1, heads=2, max_length=16, tokenizer="byte")
+    with pytest.raises(ConfigError, match="image_size is 32 .* 16 px"):
+        TextToImageDiffusion(unet, text, image_size=32, autoencoder=tiny_autoencoders["kl"])
+    with pytest.raises(ConfigError, match="pixel space"):
+        SuperResolutionDiffusion(unet, text, autoencoder=tiny_autoencoders["kl"])
