@@ -37,5 +37,6 @@ def load(path: str):
     import lightning_modules.cvae  # noqa: F401  (checkpoints may only name imported classes)
     import lightning_modules.diffusion  # noqa: F401
     import lightning_modules.gan  # noqa: F401
+    import lightning_modules.priors  # noqa: F401
 
     return LightningModule.load_from_checkpoint(path, map_location="cpu", weights_only=False).eval()

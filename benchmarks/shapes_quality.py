@@ -1,7 +1,8 @@
 """Quality and speed on a trained shapes checkpoint of any method: the shapes scorer's
 "all attributes correct" rate on held-out prompts (attribute combinations never seen in
 training) and images per second; for diffusion, per sampler: DDPM (full steps), DDIM-50 and
-DPM-Solver++-20. A GAN or a CVAE has one row (``--samplers`` does not apply).
+DPM-Solver++-20. A GAN, a CVAE or a token prior has one row (``--samplers`` does not apply;
+``--guidance`` and ``--sampling '{"steps": 8}'`` pass options to ``generate``).
 
 With ``--diversity N`` it adds how different the images of one prompt are: for every held-out
 prompt, N seeds, the mean absolute pixel difference (images on a [0, 1] scale) over all pairs,
@@ -16,6 +17,7 @@ blurrier, above 1 has more high-frequency content (noise, speckle) than the data
 """
 
 import argparse
+import json
 import time
 
 import numpy as np
@@ -48,6 +50,7 @@ def main() -> None:
     p.add_argument("--guidance", type=float, default=None)
     p.add_argument("--config", help="the run's config.yaml, for checkpoints that do not rebuild themselves")
     p.add_argument("--samplers", default="ddpm:1000,ddim:50,dpmpp_2m:20")
+    p.add_argument("--sampling", default="{}", help='other options of generate, as JSON: \'{"steps": 8}\'')
     p.add_argument(
         "--diversity", type=int, default=0, help="seeds per prompt for the diversity column (0: none)"
     )
@@ -57,11 +60,13 @@ def main() -> None:
         model = model.cuda()
     prompts = heldout_prompts()
     print(f"{len(prompts)} held-out single-object prompts x {a.seeds} seed(s), resolution {model.image_size}")
-    if hasattr(model, "sampling_defaults"):  # diffusion: one row per sampler
-        rows = [(name, int(steps), {"sampler": name, "steps": int(steps), "guidance_scale": a.guidance})
+    extra = json.loads(a.sampling)
+    if "sampler" in model.sampling_options():  # diffusion: one row per sampler
+        rows = [(name, int(steps), {"sampler": name, "steps": int(steps), "guidance_scale": a.guidance, **extra})
                 for name, steps in (spec.split(":") for spec in a.samplers.split(","))]  # fmt: skip
-    else:
-        rows = [("generate", 1, {})]
+    else:  # one row; a token prior's guidance and decoding options through --guidance and --sampling
+        guidance = {"guidance_scale": a.guidance} if a.guidance is not None else {}
+        rows = [("generate", int(extra.get("steps", 1)), {**guidance, **extra})]
     print(
         f"{'method':<12}{'steps':>6}{'all':>8}{'colour':>8}{'shape':>8}{'size':>8}{'position':>9}{'img/s':>9}"
         + f"{'edges':>10}" + (f"{'diversity':>10}" if a.diversity else "")

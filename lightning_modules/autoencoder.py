@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from networks.errors import ConfigError, MissingFileError
 from networks.frozen import keep_out_of_checkpoints
-from networks.patchgan import hinge_d_loss
+from networks.patchgan import hinge_d_loss, r1_penalty
 from networks.perceptual import PerceptualLoss
 from networks.quantizer import VectorQuantizer, perplexity, usage
 
@@ -70,6 +70,8 @@ class Autoencoder(ManualOptimization, BaseModule):
         discriminator: a ``networks.patchgan.PatchDiscriminator`` (VQGAN) or None (VQ-VAE).
         disc_start: autoencoder steps before the discriminator is switched on.
         disc_weight: weight of the adversarial loss (times the adaptive weight).
+        d_r1_weight: gamma of an R1 gradient penalty on real images, ``gamma / 2 * |grad D(x)|^2``,
+            added to the discriminator's loss (0: none, as in taming).
         adaptive_disc_weight: scale the adversarial loss by the ratio of the reconstruction and
             adversarial gradient norms at the decoder's last layer (taming); False: by 1.
         optimizer, d_optimizer: optimizer factories of the autoencoder and the discriminator.
@@ -90,6 +92,7 @@ class Autoencoder(ManualOptimization, BaseModule):
         disc_start: int = 0,
         disc_weight: float = 0.5,
         adaptive_disc_weight: bool = True,
+        d_r1_weight: float = 0.0,
         optimizer: OptimizerCallable = _adam,
         d_optimizer: OptimizerCallable = _adam,
         lr_scheduler: LRSchedulerCallable | None = None,
@@ -127,6 +130,7 @@ class Autoencoder(ManualOptimization, BaseModule):
                 PerceptualLoss(perceptual_path, perceptual_net, option="model.init_args.perceptual_path")
             )
         self.disc_start, self.disc_weight, self.adaptive = disc_start, disc_weight, adaptive_disc_weight
+        self.d_r1_weight = d_r1_weight
         factories = {"ae": (optimizer, lr_scheduler)}
         if discriminator is not None:
             factories["d"] = (d_optimizer, d_lr_scheduler)
@@ -197,10 +201,14 @@ class Autoencoder(ManualOptimization, BaseModule):
             self.step_optimizer("ae", loss)
         if disc_on:
             with self.toggled_optimizer(self.optimizer("d")):
-                real = self.discriminator(x.detach())
+                if self.d_r1_weight > 0:
+                    real, r1 = r1_penalty(self.discriminator, x)
+                    logs["r1"] = r1.detach()
+                else:
+                    real, r1 = self.discriminator(x.detach()), 0.0
                 fake = self.discriminator(x_rec.detach())
                 d_loss = hinge_d_loss(real.float(), fake.float())
-                self.step_optimizer("d", d_loss)
+                self.step_optimizer("d", d_loss + 0.5 * self.d_r1_weight * r1)
             logs.update(
                 d_loss=d_loss.detach(), logits_real=real.detach().mean(), logits_fake=fake.detach().mean()
             )

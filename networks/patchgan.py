@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -60,3 +61,14 @@ class PatchDiscriminator(nn.Module):
 
 def hinge_d_loss(real: Tensor, fake: Tensor) -> Tensor:
     return 0.5 * (F.relu(1 - real).mean() + F.relu(1 + fake).mean())
+
+
+def r1_penalty(discriminator: nn.Module, real: Tensor) -> tuple[Tensor, Tensor]:
+    """(logits, R1 penalty) of ``real`` images: the penalty is the squared norm of the gradient of
+    each image's mean patch logit with respect to its pixels, averaged over the batch (Mescheder
+    et al. 2018). It keeps the discriminator smooth around real images, so that a reconstruction
+    cannot fool it with a perturbation too small to see."""
+    real = real.detach().requires_grad_(True)
+    logits = discriminator(real)
+    (grad,) = torch.autograd.grad(logits.float().flatten(1).mean(1).sum(), real, create_graph=True)
+    return logits, grad.float().pow(2).flatten(1).sum(1).mean()

@@ -20,7 +20,7 @@ from lightning_modules.autoencoder import (
 )
 from networks.autoencoder import Decoder, Encoder
 from networks.errors import ConfigError, MissingFileError
-from networks.patchgan import PatchDiscriminator, hinge_d_loss
+from networks.patchgan import PatchDiscriminator, hinge_d_loss, r1_penalty
 from networks.perceptual import PerceptualLoss, trunk_state_dict
 from networks.quantizer import VectorQuantizer
 
@@ -133,6 +133,27 @@ def test_discriminator_is_off_before_disc_start_and_on_after_with_the_adaptive_w
     assert after["train/loss"] == pytest.approx(after["train/rec_loss"] + 0.25 * after["train/commit_loss"]
                                                 + 0.5 * after["train/disc_weight"] * after["train/g_loss"], rel=1e-4)  # fmt: skip
     assert any(not torch.equal(a, b) for a, b in zip(d_before, model.discriminator.parameters()))
+
+
+def test_r1_penalty_is_the_squared_input_gradient_of_the_mean_patch_logit():
+    d = nn.Conv2d(3, 1, 1, bias=True)
+    with torch.no_grad():
+        d.weight.copy_(torch.tensor([1.0, -2.0, 0.5]).view(1, 3, 1, 1))
+    x = torch.randn(4, 3, 5, 5)
+    logits, r1 = r1_penalty(d, x)
+    assert torch.equal(logits, d(x))
+    # mean patch logit = mean over the 25 pixels of w . x_p: its gradient is w / 25 at each pixel
+    assert torch.isclose(r1, torch.tensor(5.25 / 25))
+    assert r1.requires_grad  # it trains the discriminator (double backpropagation)
+    model = _vq(disc_start=0, d_r1_weight=10.0)
+    seen = {}
+
+    class Spy(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.update({k: float(v) for k, v in trainer.callback_metrics.items()})
+
+    _trainer(2, callbacks=[Spy()], limit_val_batches=0).fit(model, _loader(_images(), 2))
+    assert seen["train/r1"] > 0
 
 
 def test_hinge_discriminator_loss():
