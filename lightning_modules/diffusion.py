@@ -32,8 +32,10 @@ class TextToImageDiffusion(FrozenAutoencoderUser, TextToImageModule):
     Latent diffusion (``autoencoder`` set): training encodes the images (the KL autoencoder's
     posterior mean, a VQ autoencoder's pre-quantisation latents) and multiplies them by
     ``latent_scale``, estimated as ``1 / std`` of the first training batch's latents (averaged
-    over ranks) unless given, and saved in the checkpoint, so a resumed run keeps it.
-    ``generate`` samples latents and decodes ``latents / latent_scale``.
+    over ranks) unless given, and saved in the checkpoint, so a resumed run keeps it. The largest
+    scaled latent of that batch (``latent_bound``, the maximum over ranks) is saved with it and
+    plays the part of the pixels' 1 in ``clip_denoised``. ``generate`` samples latents and decodes
+    ``latents / latent_scale``.
 
     Args:
         denoiser: network ``(x_t, t, TextEncoding, ...) -> prediction`` (e.g. ``networks.unet.UNet``).
@@ -54,7 +56,9 @@ class TextToImageDiffusion(FrozenAutoencoderUser, TextToImageModule):
         clip_denoised: static thresholding: clamp every predicted x0 to [-1, 1] (when no dynamic
             threshold is set). With eps-prediction the x0 implied at the noisiest steps is
             ``(x - sigma * eps) / alpha`` with ``alpha`` near 0, so unclamped samplers blow up.
-            None: on in pixel space, off in latent space (latents are not bounded by [-1, 1]).
+            In latent space the clamp is to ``[-latent_bound, latent_bound]``: with eps-prediction
+            and the cosine schedule the unclamped latents reach thousands (measured in
+            BENCHMARKS.md). None: on.
         autoencoder: checkpoint path of a trained KL or VQ autoencoder: diffusion in its latent
             space (frozen, not stored in this method's checkpoints). None: pixel space.
         latent_scale: the latents' scale factor; None estimates it on the first training batch.
@@ -86,9 +90,10 @@ class TextToImageDiffusion(FrozenAutoencoderUser, TextToImageModule):
         self.autoencoder = None
         if autoencoder is not None:
             self.attach_autoencoder(autoencoder)
-            self.check_latent_setup(denoiser, image_size, clip_denoised, dynamic_threshold)
-            # 0 until estimated on the first training batch (a buffer, so checkpoints keep it)
+            self.check_latent_setup(denoiser, image_size, dynamic_threshold)
+            # 0 until estimated on the first training batch (buffers, so checkpoints keep them)
             self.register_buffer("latent_scale", torch.tensor(float(latent_scale or 0.0)))
+            self.register_buffer("latent_bound", torch.tensor(0.0))
         self.denoiser, self.text_encoder = denoiser, text_encoder
         self.schedule = NoiseSchedule(timesteps, schedule)
         self.image_size, self.prediction, self.min_snr_gamma = image_size, prediction, min_snr_gamma
@@ -99,7 +104,7 @@ class TextToImageDiffusion(FrozenAutoencoderUser, TextToImageModule):
             "steps": sample_steps,
             "guidance_scale": guidance_scale,
             "dynamic_threshold": dynamic_threshold,
-            "clip_denoised": (autoencoder is None) if clip_denoised is None else clip_denoised,
+            "clip_denoised": True if clip_denoised is None else clip_denoised,
         }
         self.text_trainable = any(p.requires_grad for p in text_encoder.parameters())
         self.ema_denoiser = copy.deepcopy(denoiser).requires_grad_(False).eval()
@@ -108,7 +113,7 @@ class TextToImageDiffusion(FrozenAutoencoderUser, TextToImageModule):
         )
 
     # ------------------------------------------------------------------ latent space
-    def check_latent_setup(self, denoiser, image_size, clip_denoised, dynamic_threshold) -> None:
+    def check_latent_setup(self, denoiser, image_size, dynamic_threshold) -> None:
         ae, option = self.autoencoder, "model.init_args"
         if ae.image_size != image_size:
             raise ConfigError(
@@ -121,10 +126,10 @@ class TextToImageDiffusion(FrozenAutoencoderUser, TextToImageModule):
                 f"the denoiser takes {channels} channels but the autoencoder's latents have {ae.latent_channels}: "
                 f"set {option}.denoiser.init_args.in_channels and out_channels to {ae.latent_channels}"
             )
-        if clip_denoised or dynamic_threshold is not None:
+        if dynamic_threshold is not None:
             raise ConfigError(
-                f"{option}.clip_denoised and dynamic_threshold clamp to the pixel range [-1, 1], which latents "
-                "do not have: leave both unset for latent diffusion"
+                f"{option}.dynamic_threshold rescales to the pixel range [-1, 1], which latents do not have: "
+                "leave it unset for latent diffusion (clip_denoised clamps latents to their measured bound)"
             )
 
     @property
@@ -136,18 +141,23 @@ class TextToImageDiffusion(FrozenAutoencoderUser, TextToImageModule):
 
     @torch.no_grad()
     def to_latents(self, images: Tensor) -> Tensor:
-        """Images -> scaled latents; the first call in training sets ``latent_scale`` if unset."""
+        """Images -> scaled latents; the first call sets ``latent_scale`` (if unset) and ``latent_bound``."""
         z = self.autoencoder.encode_latents(images).float()
+        trainer = self._trainer
+        distributed = trainer is not None and trainer.world_size > 1
         if self.latent_scale == 0:
             var = z.var()
-            trainer = self._trainer
-            if trainer is not None and trainer.world_size > 1:  # the same scale on every rank
+            if distributed:  # the same scale on every rank
                 var = trainer.strategy.reduce(var, reduce_op="mean")
             self.latent_scale.fill_(float(1.0 / var.sqrt().clamp_min(1e-8)))
+        if self.latent_bound == 0:
+            bound = (z * self.latent_scale).abs().max()
+            if distributed:
+                bound = trainer.strategy.reduce(bound, reduce_op="max")
+            self.latent_bound.fill_(float(bound))
             if trainer is not None:
-                self.print(
-                    f"latent_scale set to {float(self.latent_scale):.4f} (1 / std of the first batch's latents)"
-                )
+                self.print(f"latent_scale {float(self.latent_scale):.4f} (1 / std of the first batch's latents), "
+                           f"latent_bound {float(self.latent_bound):.3f}")  # fmt: skip
         return z * self.latent_scale
 
     def from_latents(self, latents: Tensor) -> Tensor:
@@ -268,7 +278,8 @@ class TextToImageDiffusion(FrozenAutoencoderUser, TextToImageModule):
                 out = u + guidance_scale * (c - u)
             x0, eps = self.schedule.to_x0_eps(self.prediction, out.to(x.dtype), x, t)
             if threshold is not None or clip_denoised:
-                x0 = dynamic_threshold(x0, threshold) if threshold is not None else x0.clamp(-1, 1)
+                bound = float(self.latent_bound) if self.autoencoder is not None else 1.0
+                x0 = dynamic_threshold(x0, threshold) if threshold is not None else x0.clamp(-bound, bound)
                 alpha, sigma = self.schedule.alpha_sigma(t, x)
                 eps = (x - alpha * x0) / sigma.clamp(min=1e-8)
             return x0, eps
@@ -308,10 +319,8 @@ class TextToImageDiffusion(FrozenAutoencoderUser, TextToImageModule):
         generator = self.generator(seed, self.device)
         noise = randn((len(prompts), *self.sample_shape), generator, device=self.device)
         clip = d["clip_denoised"] if clip_denoised is None else clip_denoised
-        if self.autoencoder is not None and (clip or threshold is not None):
-            raise ValueError(
-                "clip_denoised and dynamic_threshold clamp to pixels' [-1, 1]: not for latent diffusion"
-            )
+        if self.autoencoder is not None and threshold is not None:
+            raise ValueError("dynamic_threshold rescales to the pixels' [-1, 1]: not for latent diffusion")
         denoise = self.denoise_fn(list(prompts), guidance_scale, threshold, use_ema, cond, clip)
         x = SAMPLERS[sampler](denoise, self.schedule, noise, steps=steps, eta=eta, generator=generator)
         if self.autoencoder is not None:

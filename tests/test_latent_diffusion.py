@@ -41,17 +41,23 @@ def test_latent_scale_is_one_over_the_first_batch_std_and_is_kept_on_resume(tiny
     batches = _batches(6)
     trainer = _trainer(3)
     trainer.fit(model, DataLoader(batches[:3], batch_size=None))
-    expected = 1.0 / model.autoencoder.encode_latents(batches[0]["image"]).float().std(unbiased=True)
-    assert torch.isclose(model.latent_scale, expected, rtol=1e-5)
+    first = model.autoencoder.encode_latents(batches[0]["image"]).float()
+    assert torch.isclose(model.latent_scale, 1.0 / first.std(unbiased=True), rtol=1e-5)
+    assert torch.isclose(model.latent_bound, (first * model.latent_scale).abs().max(), rtol=1e-5)
     path = str(tmp_path / "latent.ckpt")
     trainer.save_checkpoint(path)
     state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
-    assert "latent_scale" in state and not any(k.startswith("autoencoder.") for k in state)
+    assert (
+        "latent_scale" in state
+        and "latent_bound" in state
+        and not any(k.startswith("autoencoder.") for k in state)
+    )
     resumed = _latent(tiny_autoencoders["kl"])
     _trainer(5).fit(
         resumed, DataLoader(batches[3:], batch_size=None), ckpt_path=path, weights_only=False
     )  # other batches, other std
     assert torch.equal(resumed.latent_scale, model.latent_scale)
+    assert torch.equal(resumed.latent_bound, model.latent_bound)
     # a scale given in the config is used as it is
     fixed = _latent(tiny_autoencoders["kl"], latent_scale=0.5)
     _trainer(1).fit(fixed, DataLoader(batches[:1], batch_size=None))
@@ -64,10 +70,22 @@ def test_loss_is_on_scaled_latents_and_generate_decodes_to_images(tiny_autoencod
     model.denoiser.register_forward_hook(lambda m, i, o: seen.append(i[0].shape))
     model.loss({"image": block_images(), "caption": list(BLOCK_CAPTIONS)})
     assert seen[-1] == (4, 4, 4, 4)  # the denoiser works on (4, 4 x 4) latents of the 16 px images
-    out = model.eval().generate(["a red square"], seed=0, steps=4)
-    assert out.shape == (1, 3, 16, 16) and out.min() >= -1 and out.max() <= 1
+    model.latent_bound.fill_(1.5)
+    decoded = []
+    decode = model.autoencoder.decode_latents
+    model.autoencoder.decode_latents = lambda z: (
+        decoded.append(z * 2.0) or decode(z)
+    )  # back to the scaled latents
+    out = model.eval().generate(["a red square", "a blue square"], seed=0, steps=4, sampler="ddim")
+    assert out.shape == (2, 3, 16, 16) and out.min() >= -1 and out.max() <= 1
+    # every predicted x0 is clamped to the latents' bound, so the last (DDIM's x0) is inside it
+    assert decoded[-1].abs().max() <= 1.5 + 1e-5
+    unclamped = model.generate(
+        ["a red square", "a blue square"], seed=0, steps=4, sampler="ddim", clip_denoised=False
+    )
+    assert decoded[-1].abs().max() > 1.5 and not torch.equal(unclamped, out)  # an untrained model leaves it
     with pytest.raises(ValueError, match="latent"):
-        model.generate(["a"], clip_denoised=True)
+        model.generate(["a"], dynamic_threshold=0.995)
 
 
 @pytest.mark.parametrize("kind", ["kl", "vq"])
@@ -101,8 +119,8 @@ def test_settings_that_cannot_work_are_clear_errors(tiny_autoencoders, tmp_path)
         _latent(str(tmp_path / "none.ckpt"))
     with pytest.raises(ConfigError, match="in_channels and out_channels to 4"):
         _latent(tiny_autoencoders["kl"], channels=3)
-    with pytest.raises(ConfigError, match="clip_denoised"):
-        _latent(tiny_autoencoders["kl"], clip_denoised=True)
+    with pytest.raises(ConfigError, match="dynamic_threshold"):
+        _latent(tiny_autoencoders["kl"], dynamic_threshold=0.995)
     unet = UNet(in_channels=4, out_channels=4, base_channels=16, channel_mult=[1], num_res_blocks=1, attention_levels=[],
                 context_dim=32)  # fmt: skip
     text = TransformerTextEncoder(width=32, depth=1, heads=2, max_length=16, tokenizer="byte")
