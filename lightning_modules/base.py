@@ -37,6 +37,16 @@ class BaseModule(LightningModule):
                 f"set the data's image_size (--data.init_args.image_size) and the model's to the same value"
             )
 
+    def optimizer_with_scheduler(self, optimizer, scheduler_factory=None):
+        """What ``configure_optimizers`` returns for one optimizer and an optional scheduler factory
+        (stepped every training step)."""
+        if scheduler_factory is None:
+            return optimizer
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler_factory(optimizer), "interval": "step"},
+        }
+
     def on_train_start(self) -> None:
         seed = stream_seed(run_seed(), "train", self.global_rank, self.global_step)
         torch.manual_seed(seed)  # every device's default generator

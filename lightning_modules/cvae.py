@@ -110,11 +110,7 @@ class ConditionalVAE(TextToImageModule):
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = self.optimizer_factory(params)
-        if self.lr_scheduler_factory is None:
-            return optimizer
-        scheduler = {"scheduler": self.lr_scheduler_factory(optimizer), "interval": "step"}
-        return {"optimizer": optimizer, "lr_scheduler": scheduler}
+        return self.optimizer_with_scheduler(self.optimizer_factory(params), self.lr_scheduler_factory)
 
     @torch.no_grad()
     def generate(

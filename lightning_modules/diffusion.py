@@ -244,13 +244,7 @@ class TextToImageDiffusion(FrozenAutoencoderUser, TextToImageModule):
             for p in list(self.denoiser.parameters()) + list(self.text_encoder.parameters())
             if p.requires_grad
         ]
-        optimizer = self.optimizer_factory(params)
-        if self.lr_scheduler_factory is None:
-            return optimizer
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": self.lr_scheduler_factory(optimizer), "interval": "step"},
-        }
+        return self.optimizer_with_scheduler(self.optimizer_factory(params), self.lr_scheduler_factory)
 
     # ------------------------------------------------------------------ sampling
     def denoiser_inputs(self, batch_size: int, seed: int | list[int] | None, options: dict) -> dict:

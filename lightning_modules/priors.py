@@ -134,13 +134,9 @@ class TokenPrior(FrozenAutoencoderUser, TextToImageModule):
         modules = nn.ModuleList(
             [self.transformer] + ([self.text_encoder] if self.text_encoder is not None else [])
         )
-        optimizer = self.optimizer_factory(decay_groups(modules))
-        if self.lr_scheduler_factory is None:
-            return optimizer
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": self.lr_scheduler_factory(optimizer), "interval": "step"},
-        }
+        return self.optimizer_with_scheduler(
+            self.optimizer_factory(decay_groups(modules)), self.lr_scheduler_factory
+        )
 
     # ------------------------------------------------------------------ sampling
     guided = staticmethod(guided_logits)

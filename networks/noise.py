@@ -20,13 +20,17 @@ Generators = torch.Generator | Sequence[torch.Generator] | None
 
 def randn(shape: Sequence[int], generator: Generators, device=None, dtype=None) -> Tensor:
     """Standard normal noise of ``shape`` (``shape[0]`` is the batch)."""
+    return _draw(torch.randn, shape, generator, device, dtype)
+
+
+def _draw(fn, shape: Sequence[int], generator: Generators, device, dtype) -> Tensor:
+    """``fn(shape)`` (``torch.randn``, ``torch.rand``) from ``generator``; with one generator per
+    sample, row ``i`` is drawn by generator ``i`` alone."""
     if isinstance(generator, (list, tuple)):
         if len(generator) != shape[0]:
             raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
-        return torch.stack(
-            [torch.randn(tuple(shape[1:]), generator=g, device=device, dtype=dtype) for g in generator]
-        )
-    return torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
+        return torch.stack([fn(tuple(shape[1:]), generator=g, device=device, dtype=dtype) for g in generator])
+    return fn(tuple(shape), generator=generator, device=device, dtype=dtype)
 
 
 def seeded(seed: int | Sequence[int] | None, device: torch.device | str = "cpu") -> Generators:
@@ -61,10 +65,4 @@ def run_seed() -> int:
 
 def rand(shape: Sequence[int], generator: Generators, device=None, dtype=None) -> Tensor:
     """Uniform noise in [0, 1) of ``shape`` (``shape[0]`` is the batch), seeded like :func:`randn`."""
-    if isinstance(generator, (list, tuple)):
-        if len(generator) != shape[0]:
-            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
-        return torch.stack(
-            [torch.rand(tuple(shape[1:]), generator=g, device=device, dtype=dtype) for g in generator]
-        )
-    return torch.rand(tuple(shape), generator=generator, device=device, dtype=dtype)
+    return _draw(torch.rand, shape, generator, device, dtype)
