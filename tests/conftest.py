@@ -41,7 +41,6 @@ BLOCK_CAPTIONS = ["a red square", "a green square", "a blue square", "a yellow s
 def tiny_autoencoders(tmp_path_factory):
     """Checkpoints of a tiny VQ autoencoder (K = 32, f4: 4 x 4 tokens of 16 px images) and a tiny
     KL autoencoder (4 channels, f4), each trained briefly on the four block images."""
-    import lightning as L
     import torch
     from torch.utils.data import DataLoader
 
@@ -69,9 +68,17 @@ def tiny_autoencoders(tmp_path_factory):
             model = VQAutoencoder(enc, dec, q, image_size=16, optimizer=opt)
         else:
             model = KLAutoencoder(enc, dec, latent_channels=4, image_size=16, optimizer=opt)
-        trainer = L.Trainer(max_steps=150, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                            enable_model_summary=False, accelerator="cpu", limit_val_batches=0)  # fmt: skip
-        trainer.fit(model, loader)
-        paths[kind] = str(root / f"{kind}.ckpt")
-        trainer.save_checkpoint(paths[kind])
+        paths[kind] = fit_and_save(model, loader, 150, str(root / f"{kind}.ckpt"))
     return paths
+
+
+def fit_and_save(model, loader, steps: int, path: str) -> str:
+    """Train ``model`` for ``steps`` steps on ``loader`` (no logger, no validation) and save a
+    checkpoint at ``path``, as the CLI would; returns ``path``."""
+    import lightning as L
+
+    trainer = L.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu", limit_val_batches=0)  # fmt: skip
+    trainer.fit(model, loader)
+    trainer.save_checkpoint(path)
+    return path

@@ -5,9 +5,9 @@ the autoencoder path, and an autoencoder that cannot work fails in one line befo
 import glob
 import os
 
-import lightning as L
 import pytest
 import torch
+from conftest import fit_and_save
 from test_cli import ROOT, run_cli
 from torch.utils.data import DataLoader
 
@@ -33,11 +33,7 @@ def autoencoders32(tmp_path_factory):
             model = VQAutoencoder(enc, dec, VectorQuantizer(512, dim=8), image_size=32)
         else:
             model = KLAutoencoder(enc, dec, latent_channels=4, image_size=32)
-        trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                            enable_model_summary=False, accelerator="cpu", limit_val_batches=0)  # fmt: skip
-        trainer.fit(model, loader)
-        paths[kind] = str(root / f"{kind}.ckpt")
-        trainer.save_checkpoint(paths[kind])
+        paths[kind] = fit_and_save(model, loader, 1, str(root / f"{kind}.ckpt"))
     return paths
 
 
