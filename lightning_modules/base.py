@@ -10,10 +10,21 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 from lightning.pytorch import LightningModule
-from torch import Tensor
+from torch import Tensor, nn
 
 from networks.errors import ConfigError
 from networks.noise import Generators, run_seed, seeded, stream_seed
+
+
+def decay_groups(module: nn.Module) -> list[dict]:
+    """Parameter groups: weight decay on the weights of Linear layers only; biases, norms,
+    embeddings and position tables without (minGPT, taming-transformers)."""
+    decay = {id(m.weight) for m in module.modules() if isinstance(m, nn.Linear)}
+    params = [p for p in module.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in params if id(p) in decay]},
+        {"params": [p for p in params if id(p) not in decay], "weight_decay": 0.0},
+    ]
 
 
 class BaseModule(LightningModule):

@@ -27,22 +27,11 @@ from networks.transformer import (
 )
 
 from .autoencoder import FrozenAutoencoderUser
-from .base import TextToImageModule
+from .base import TextToImageModule, decay_groups
 
 
 def _adamw(params):
     return torch.optim.AdamW(params, lr=3e-4, betas=(0.9, 0.95), weight_decay=0.01, fused=True)
-
-
-def decay_groups(module: nn.Module) -> list[dict]:
-    """Parameter groups: weight decay on the weights of Linear layers only; biases, norms,
-    embeddings and position tables without (minGPT, taming-transformers)."""
-    decay = {id(m.weight) for m in module.modules() if isinstance(m, nn.Linear)}
-    params = [p for p in module.parameters() if p.requires_grad]
-    return [
-        {"params": [p for p in params if id(p) in decay]},
-        {"params": [p for p in params if id(p) not in decay], "weight_decay": 0.0},
-    ]
 
 
 class TokenPrior(FrozenAutoencoderUser, TextToImageModule):

@@ -13,7 +13,8 @@ import torch
 from conftest import BLOCK_CAPTIONS, block_images
 from torch.utils.data import DataLoader
 
-from lightning_modules.priors import AutoregressivePrior, MaskGITPrior, decay_groups
+from lightning_modules.base import decay_groups
+from lightning_modules.priors import AutoregressivePrior, MaskGITPrior
 from networks.errors import ConfigError, MissingFileError
 from networks.text_encoders import TransformerTextEncoder
 from networks.transformer import (

@@ -1,0 +1,82 @@
+"""CLIP: retrieval recall, the clamped temperature, four captions that retrieve their own images
+after overfitting, loading from a checkpoint with no trainer, and the shapes config through the CLI."""
+
+import math
+import os
+
+import pytest
+import torch
+from conftest import BLOCK_CAPTIONS, block_images, fit_and_save
+from test_cli import ROOT, run_cli
+from torch.utils.data import DataLoader
+
+from lightning_modules.clip import CLIP, load_clip, retrieval_recall
+from networks.clip import ImageTower
+from networks.errors import ConfigError, MissingFileError
+from networks.text_encoders import TransformerTextEncoder
+
+
+def _clip(**kw):
+    torch.manual_seed(0)
+    image = ImageTower(image_size=16, channels=8, channel_mult=(1, 2, 2), feature_channels=8, width=32)
+    text = TransformerTextEncoder(width=32, depth=1, heads=2, max_length=16, tokenizer="byte")
+    kw.setdefault("optimizer", lambda p: torch.optim.AdamW(p, lr=2e-3, weight_decay=0.0))
+    return CLIP(image, text, embed_dim=16, **kw)
+
+
+def _loader(steps):
+    return DataLoader([{"image": block_images(), "caption": list(BLOCK_CAPTIONS)}] * steps, batch_size=None)
+
+
+def test_retrieval_recall_on_a_hand_made_similarity():
+    image = torch.eye(3)
+    text = torch.tensor([[1.0, 0, 0], [0, 0, 1.0], [0, 1.0, 0]])  # pairs 1 and 2 swapped
+    r = retrieval_recall(image, text, ks=(1, 2))
+    assert r["i2t_r1"] == pytest.approx(1 / 3) and r["t2i_r1"] == pytest.approx(1 / 3)
+    assert r["i2t_r2"] == 1.0  # each swapped pair is second; a tie (0 = 0) does not push it down
+    text[1], text[2] = torch.tensor([0, 0.9, 0.44]), torch.tensor([0, 0.3, 0.95])  # now each its own best
+    assert retrieval_recall(image, text, ks=(1,)) == {"i2t_r1": 1.0, "t2i_r1": 1.0}
+
+
+@pytest.mark.parametrize("loss", ["clip", "siglip"])
+def test_each_caption_retrieves_its_own_image_after_overfitting(loss, tmp_path):
+    model = _clip(loss=loss)
+    path = fit_and_save(model, _loader(120), 120, str(tmp_path / "clip.ckpt"))
+    model.eval()
+    with torch.no_grad():
+        r = retrieval_recall(model.encode_image(block_images()), model.encode_text(BLOCK_CAPTIONS), ks=(1,))
+    assert r == {"i2t_r1": 1.0, "t2i_r1": 1.0}
+    frozen = load_clip(path)
+    assert not frozen.training and not any(p.requires_grad for p in frozen.parameters())
+    with torch.no_grad():
+        assert torch.allclose(frozen.encode_text(BLOCK_CAPTIONS), model.encode_text(BLOCK_CAPTIONS))
+        features = frozen.encode_image(block_images())
+    assert torch.allclose(features.norm(dim=-1), torch.ones(4))
+
+
+def test_temperature_starts_at_one_over_007_and_stays_clamped_at_100(tmp_path):
+    model = _clip()
+    assert math.isclose(model.logit_scale.exp().item(), 1 / 0.07, rel_tol=1e-6)
+    with torch.no_grad():
+        model.logit_scale.fill_(10.0)  # exp(10) is far above 100
+    fit_and_save(model, _loader(1), 1, str(tmp_path / "c.ckpt"))
+    assert model.logit_scale.item() == pytest.approx(math.log(100.0))
+
+
+def test_bad_clip_checkpoints_are_clear_errors(tiny_autoencoders, tmp_path):
+    with pytest.raises(MissingFileError, match="model.init_args.clip: CLIP checkpoint"):
+        load_clip(str(tmp_path / "none.ckpt"), option="model.init_args.clip")
+    with pytest.raises(ConfigError, match="is not a CLIP checkpoint"):
+        load_clip(tiny_autoencoders["vq"])
+    with pytest.raises(ConfigError, match="'clip' or 'siglip'"):
+        _clip(loss="infonce")
+
+
+def test_shapes_config_runs_fast_dev_run(tmp_path):
+    args = ["fit", "--config", os.path.join(ROOT, "configs", "clip", "clip_shapes.yaml"), "--trainer.fast_dev_run", "2",
+            "--trainer.default_root_dir", str(tmp_path / "runs"), "--trainer.enable_progress_bar", "false",
+            "--data.init_args.batch_size", "4", "--data.init_args.num_workers", "0",
+            "--data.init_args.root", str(tmp_path / "shapes"), "--data.init_args.num_train", "40",
+            "--data.init_args.num_val", "8", "--data.init_args.shard_size", "20"]  # fmt: skip
+    proc = run_cli(args, tmp_path)
+    assert "max_steps=2` reached" in proc.stdout + proc.stderr
