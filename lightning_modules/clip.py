@@ -17,6 +17,8 @@ from torch import Tensor, nn
 
 from networks.clip_loss import INIT_LOGIT_SCALE, MAX_LOGIT_SCALE, clip_loss, siglip_loss
 from networks.errors import ConfigError, MissingFileError
+from networks.frozen import keep_out_of_checkpoints
+from networks.text_encoders import TextEncoding
 
 from .base import BaseModule, decay_groups
 
@@ -148,3 +150,35 @@ def load_clip(path: str, map_location: str | torch.device = "cpu", option: str |
         )
     model = CLIP.load_from_checkpoint(path, map_location=map_location, weights_only=False)
     return model.requires_grad_(False).eval()
+
+
+class CLIPTextEncoder(nn.Module):
+    """The text tower of a trained CLIP with the text-encoder interface (tokens, mask, pooled),
+    frozen, so that diffusion, the GANs and the priors condition on the project's own CLIP
+    (Imagen-style). Its weights stay out of the method's checkpoints, which store the path.
+
+    Args:
+        path: the CLIP checkpoint.
+        projected: pool into the shared image-text space (``text_proj``, l2-normalised) instead of
+            the tower's own pooled vector; ``dim`` stays the tokens' width.
+    """
+
+    def __init__(self, path: str, projected: bool = False):
+        super().__init__()
+        clip = load_clip(path, option="model.init_args.text_encoder.init_args.path")
+        self.tower, self.proj, self.projected = clip.text_tower, clip.text_proj, projected
+        self.dim = clip.text_tower.dim
+        self.requires_grad_(False).eval()
+        keep_out_of_checkpoints(self)
+
+    def train(self, mode: bool = True) -> CLIPTextEncoder:
+        super().train(mode)
+        self.tower.eval()  # frozen: dropout stays off
+        return self
+
+    @torch.no_grad()
+    def forward(self, captions: list[str]) -> TextEncoding:
+        out = self.tower(list(captions))
+        if not self.projected:
+            return out
+        return TextEncoding(out.tokens, out.mask, F.normalize(self.proj(out.pooled).float(), dim=-1))

@@ -80,3 +80,36 @@ def test_shapes_config_runs_fast_dev_run(tmp_path):
             "--data.init_args.num_val", "8", "--data.init_args.shard_size", "20"]  # fmt: skip
     proc = run_cli(args, tmp_path)
     assert "max_steps=2` reached" in proc.stdout + proc.stderr
+
+
+def test_the_clip_text_tower_conditions_diffusion_frozen_and_out_of_its_checkpoint(tmp_path):
+    from lightning_modules.clip import CLIPTextEncoder
+
+    clip = _clip()
+    path = fit_and_save(clip, _loader(2), 2, str(tmp_path / "clip.ckpt"))
+    adapter = CLIPTextEncoder(path)
+    clip.eval()
+    out = adapter(BLOCK_CAPTIONS)
+    assert out.tokens.shape[:2] == out.mask.shape and out.pooled.shape == (4, adapter.dim)
+    assert torch.equal(out.pooled, clip.text_tower(BLOCK_CAPTIONS).pooled)
+    projected = CLIPTextEncoder(path, projected=True)(BLOCK_CAPTIONS).pooled
+    assert torch.allclose(projected, clip.encode_text(BLOCK_CAPTIONS))
+    runs = tmp_path / "runs"
+    run_cli(["fit", "--config", os.path.join(ROOT, "configs", "diffusion", "shapes.yaml"), "--trainer.fast_dev_run", "2",
+             "--trainer.default_root_dir", str(runs), "--trainer.enable_progress_bar", "false",
+             "--trainer.enable_checkpointing", "false", "--trainer.callbacks", "[]",
+             "--data.init_args.batch_size", "4", "--data.init_args.num_workers", "0",
+             "--data.init_args.root", str(tmp_path / "shapes"), "--data.init_args.num_train", "40",
+             "--data.init_args.num_val", "8", "--data.init_args.shard_size", "20",
+             "--model.init_args.text_encoder", "lightning_modules.clip.CLIPTextEncoder",
+             "--model.init_args.text_encoder.init_args.path", path,
+             "--model.init_args.denoiser.init_args.context_dim", "32"], tmp_path)  # fmt: skip
+    # a method with the adapter: the CLIP's weights are not in its state dict, and it loads from the path
+    from lightning_modules.diffusion import TextToImageDiffusion
+    from networks.unet import UNet
+
+    unet = UNet(base_channels=16, channel_mult=[1, 2], num_res_blocks=1, attention_levels=[1], context_dim=32, heads=2)
+    model = TextToImageDiffusion(unet, CLIPTextEncoder(path), image_size=16)
+    assert not model.text_trainable and not any(k.startswith("text_encoder.") for k in model.state_dict())
+    with pytest.raises(MissingFileError, match="text_encoder.init_args.path"):
+        CLIPTextEncoder(str(tmp_path / "none.ckpt"))
