@@ -94,6 +94,7 @@ class TextToImageDiffusion(FrozenAutoencoderUser, TextToImageModule):
             # 0 until estimated on the first training batch (buffers, so checkpoints keep them)
             self.register_buffer("latent_scale", torch.tensor(float(latent_scale or 0.0)))
             self.register_buffer("latent_bound", torch.tensor(0.0))
+            self._latents_checked = False
         self.denoiser, self.text_encoder = denoiser, text_encoder
         self.schedule = NoiseSchedule(timesteps, schedule)
         self.image_size, self.prediction, self.min_snr_gamma = image_size, prediction, min_snr_gamma
@@ -143,21 +144,23 @@ class TextToImageDiffusion(FrozenAutoencoderUser, TextToImageModule):
     def to_latents(self, images: Tensor) -> Tensor:
         """Images -> scaled latents; the first call sets ``latent_scale`` (if unset) and ``latent_bound``."""
         z = self.autoencoder.encode_latents(images).float()
-        trainer = self._trainer
-        distributed = trainer is not None and trainer.world_size > 1
-        if self.latent_scale == 0:
-            var = z.var()
-            if distributed:  # the same scale on every rank
-                var = trainer.strategy.reduce(var, reduce_op="mean")
-            self.latent_scale.fill_(float(1.0 / var.sqrt().clamp_min(1e-8)))
-        if self.latent_bound == 0:
-            bound = (z * self.latent_scale).abs().max()
-            if distributed:
-                bound = trainer.strategy.reduce(bound, reduce_op="max")
-            self.latent_bound.fill_(float(bound))
-            if trainer is not None:
-                self.print(f"latent_scale {float(self.latent_scale):.4f} (1 / std of the first batch's latents), "
-                           f"latent_bound {float(self.latent_bound):.3f}")  # fmt: skip
+        if not self._latents_checked:  # once: comparing a device tensor on every step would sync
+            trainer = self._trainer
+            distributed = trainer is not None and trainer.world_size > 1
+            if self.latent_scale == 0:
+                var = z.var()
+                if distributed:  # the same scale on every rank
+                    var = trainer.strategy.reduce(var, reduce_op="mean")
+                self.latent_scale.fill_(float(1.0 / var.sqrt().clamp_min(1e-8)))
+            if self.latent_bound == 0:
+                bound = (z * self.latent_scale).abs().max()
+                if distributed:
+                    bound = trainer.strategy.reduce(bound, reduce_op="max")
+                self.latent_bound.fill_(float(bound))
+                if trainer is not None:
+                    self.print(f"latent_scale {float(self.latent_scale):.4f} (1 / std of the first batch's latents), "
+                               f"latent_bound {float(self.latent_bound):.3f}")  # fmt: skip
+            self._latents_checked = True
         return z * self.latent_scale
 
     def from_latents(self, latents: Tensor) -> Tensor:
