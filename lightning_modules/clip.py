@@ -49,7 +49,9 @@ class CLIP(BaseModule):
     Args:
         image_tower: images in [-1, 1] -> ``(b, image_tower.dim)`` (e.g. ``networks.clip.ImageTower``).
         text_tower: an injected text encoder; its ``pooled`` vector is used.
-        embed_dim: size of the shared space.
+        embed_dim: size of the shared space; None: no projection of this module's own (the towers
+            already end in one space of the same size, as open_clip's do: a pretrained pair keeps
+            its alignment).
         loss: ``clip`` (symmetric InfoNCE, open_clip's) or ``siglip`` (pairwise sigmoid).
         init_logit_bias: SigLIP's learnable bias at the start (SigLIP: -10).
         optimizer, lr_scheduler: factories; weight decay on Linear weights only.
@@ -64,7 +66,7 @@ class CLIP(BaseModule):
         self,
         image_tower: nn.Module,
         text_tower: nn.Module,
-        embed_dim: int = 256,
+        embed_dim: int | None = 256,
         loss: str = "clip",
         init_logit_bias: float = -10.0,
         optimizer: OptimizerCallable = _adamw,
@@ -75,8 +77,16 @@ class CLIP(BaseModule):
         if loss not in ("clip", "siglip"):
             raise ConfigError(f"model.init_args.loss must be 'clip' or 'siglip', got {loss!r}")
         self.image_tower, self.text_tower, self.loss_kind = image_tower, text_tower, loss
-        self.image_proj = nn.Linear(image_tower.dim, embed_dim, bias=False)
-        self.text_proj = nn.Linear(text_tower.dim, embed_dim, bias=False)
+        if embed_dim is None:
+            if image_tower.dim != text_tower.dim:
+                raise ConfigError(
+                    f"model.init_args.embed_dim is null but the towers' sizes differ (image {image_tower.dim}, "
+                    f"text {text_tower.dim}): give embed_dim to project both into one space"
+                )
+            self.image_proj, self.text_proj = nn.Identity(), nn.Identity()
+        else:
+            self.image_proj = nn.Linear(image_tower.dim, embed_dim, bias=False)
+            self.text_proj = nn.Linear(text_tower.dim, embed_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(INIT_LOGIT_SCALE))
         self.logit_bias = nn.Parameter(torch.tensor(init_logit_bias)) if loss == "siglip" else None
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler

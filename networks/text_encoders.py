@@ -16,6 +16,7 @@ to torch and einops at import time.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Literal, NamedTuple
 
 import torch
@@ -31,6 +32,18 @@ class TextEncoding(NamedTuple):
     pooled: Tensor  # (b, d)
 
 
+def warn_truncated(captions: list[str], lengths: list[int], limit: int) -> None:
+    """Warn (once per call) when captions have more tokens than the text tower's context; they
+    are truncated, never a crash."""
+    long = [c for c, n in zip(captions, lengths) if n > limit]
+    if long:
+        warnings.warn(
+            f"{len(long)} caption(s) longer than the text tower's {limit} tokens were truncated "
+            f"(first: {long[0][:60]!r}...); raise the tower's context length (max_length) to keep them whole",
+            stacklevel=3,
+        )
+
+
 class ByteTokenizer:
     """UTF-8 bytes as tokens: 0 pad, 1 start, 2 end, byte value + 3."""
 
@@ -38,6 +51,7 @@ class ByteTokenizer:
 
     def __call__(self, texts: list[str], max_length: int) -> Tensor:
         out = torch.zeros(len(texts), max_length, dtype=torch.long)
+        warn_truncated(texts, [len(t.encode("utf-8")) + 2 for t in texts], max_length)
         for i, text in enumerate(texts):
             ids = [1] + [b + 3 for b in text.encode("utf-8")][: max_length - 2] + [2]
             out[i, : len(ids)] = torch.tensor(ids)
@@ -56,8 +70,10 @@ class BPETokenizer:
 
     def __call__(self, texts: list[str], max_length: int) -> Tensor:
         out = torch.zeros(len(texts), max_length, dtype=torch.long)
-        for i, text in enumerate(texts):
-            ids = [self.sot] + self.tok.encode(text)[: max_length - 2] + [self.eot]
+        encoded = [self.tok.encode(text) for text in texts]
+        warn_truncated(texts, [len(e) + 2 for e in encoded], max_length)
+        for i, e in enumerate(encoded):
+            ids = [self.sot] + e[: max_length - 2] + [self.eot]
             out[i, : len(ids)] = torch.tensor(ids)
         return out
 
@@ -167,8 +183,11 @@ class PretrainedTextEncoder(nn.Module):
 
     @torch.no_grad()
     def forward(self, captions: list[str]) -> TextEncoding:
+        captions = list(captions)
+        lengths = [len(ids) for ids in self.tokenizer(captions, truncation=False)["input_ids"]]
+        warn_truncated(captions, lengths, self.max_length)
         enc = self.tokenizer(
-            list(captions),
+            captions,
             padding="max_length",
             truncation=True,
             max_length=self.max_length,

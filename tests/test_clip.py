@@ -1,6 +1,7 @@
 """CLIP: retrieval recall, the clamped temperature, four captions that retrieve their own images
 after overfitting, loading from a checkpoint with no trainer, and the shapes config through the CLI."""
 
+import json
 import math
 import os
 
@@ -113,3 +114,93 @@ def test_the_clip_text_tower_conditions_diffusion_frozen_and_out_of_its_checkpoi
     assert not model.text_trainable and not any(k.startswith("text_encoder.") for k in model.state_dict())
     with pytest.raises(MissingFileError, match="text_encoder.init_args.path"):
         CLIPTextEncoder(str(tmp_path / "none.ckpt"))
+
+
+TINY_OPEN_CLIP = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 16, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+    "text_cfg": {"context_length": 12, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+def _open_clip_pair():
+    from networks.open_clip_towers import OpenCLIPImageTower, OpenCLIPTextTower
+
+    torch.manual_seed(0)
+    return OpenCLIPImageTower("ViT-B-32", overrides=TINY_OPEN_CLIP), OpenCLIPTextTower("ViT-B-32", overrides=TINY_OPEN_CLIP)
+
+
+def test_open_clip_towers_train_as_clip_and_their_weights_load_from_a_local_file(tmp_path):
+    import open_clip
+
+    image, text = _open_clip_pair()
+    out = text(["a red square", "a blue circle on the left"])
+    assert out.tokens.shape == (2, 12, 16) and out.pooled.shape == (2, 16) and text.dim == image.dim == 16
+    assert out.mask.sum(1).tolist() == [5, 8]  # start, words, end
+    assert torch.allclose(out.tokens[1, 7], out.pooled[1], atol=1e-6)  # pooled: the end token's state
+    model = CLIP(image, text, embed_dim=None, optimizer=lambda p: torch.optim.AdamW(p, lr=2e-3, weight_decay=0.0))
+    fit_and_save(model, _loader(80), 80, str(tmp_path / "c.ckpt"))
+    model.eval()
+    with torch.no_grad():
+        r = retrieval_recall(model.encode_image(block_images()), model.encode_text(BLOCK_CAPTIONS), ks=(1,))
+    assert r == {"i2t_r1": 1.0, "t2i_r1": 1.0}
+    # the trained towers as an open_clip checkpoint file -> the same features from a fresh pair
+    full = open_clip.create_model("ViT-B-32", pretrained=None, **TINY_OPEN_CLIP)
+    full.visual.load_state_dict(image.visual.state_dict())
+    full.load_state_dict({k: v for k, v in text.model.state_dict().items()}, strict=False)
+    torch.save({"state_dict": full.state_dict()}, tmp_path / "open_clip.pt")
+    from networks.open_clip_towers import OpenCLIPImageTower, OpenCLIPTextTower
+
+    image2 = OpenCLIPImageTower("ViT-B-32", weights=str(tmp_path / "open_clip.pt"), overrides=TINY_OPEN_CLIP)
+    text2 = OpenCLIPTextTower("ViT-B-32", weights=str(tmp_path / "open_clip.pt"), overrides=TINY_OPEN_CLIP)
+    with torch.no_grad():
+        assert torch.allclose(image2.eval()(block_images()), image.eval()(block_images()), atol=1e-5)
+        assert torch.allclose(text2(BLOCK_CAPTIONS).pooled, text(BLOCK_CAPTIONS).pooled, atol=1e-5)
+
+
+def test_open_clip_bad_names_and_missing_weights_are_clear_errors(tmp_path):
+    from networks.open_clip_towers import OpenCLIPImageTower, OpenCLIPTextTower
+
+    with pytest.raises(ConfigError, match=r"image_tower.init_args.name: open_clip has no model 'ViT-Q-99'.*ViT-"):
+        OpenCLIPImageTower("ViT-Q-99")
+    with pytest.raises(MissingFileError, match=r"text_tower.init_args.weights: .*not found.*Nothing is downloaded"):
+        OpenCLIPTextTower("ViT-B-32", weights=str(tmp_path / "absent.bin"), overrides=TINY_OPEN_CLIP)
+    image, text = _open_clip_pair()
+    with pytest.raises(ConfigError, match="embed_dim is null but the towers' sizes differ"):
+        CLIP(ImageTower(image_size=16, channels=8, channel_mult=(1, 2, 2), feature_channels=8, width=24), text, embed_dim=None)
+
+
+@pytest.mark.parametrize("tower", ["byte", "bpe", "open_clip"])
+def test_a_prompt_longer_than_the_context_is_truncated_with_a_warning(tower):
+    long = "a red square on the left " * 20
+    encoder = _open_clip_pair()[1] if tower == "open_clip" else TransformerTextEncoder(width=32, depth=1, heads=2, max_length=16, tokenizer=tower)
+    with pytest.warns(UserWarning, match=r"1 caption\(s\) longer than the text tower's (12|16) tokens were truncated"):
+        out = encoder(["a red square", long])
+    assert out.mask[1].all() and out.pooled.isfinite().all()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        encoder(["a red square"])  # a short one: no warning
+
+
+def test_gpu_shards_config_trains_under_two_process_ddp_on_open_clip_towers(shapes16, tmp_path):
+    """The GPU config's DDP strategy on two CPU processes (gloo), open_clip's ViT-B-32 shrunk to
+    16 px: both ranks step together to max_steps and the validation's recall over all ranks'
+    features chooses the best checkpoint."""
+    tiny = json.dumps(TINY_OPEN_CLIP)
+    runs = tmp_path / "runs"
+    run_cli(["fit", "--config", os.path.join(ROOT, "configs", "clip", "clip_shards_gpu.yaml"), "--run_name", "ddp",
+             "--trainer.default_root_dir", str(runs), "--trainer.enable_progress_bar", "false",
+             "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.precision", "32-true",
+             "--trainer.max_steps", "3", "--trainer.val_check_interval", "3",
+             "--data.init_args.train_shards", os.path.join(shapes16, "train"),
+             "--data.init_args.val_shards", os.path.join(shapes16, "val"), "--data.init_args.val_samples", "8",
+             "--data.init_args.image_size", "16", "--data.init_args.batch_size", "4", "--data.init_args.num_workers", "0",
+             "--model.init_args.lr_scheduler.init_args.total_steps", "10",
+             "--model.init_args.image_tower.init_args.overrides", tiny,
+             "--model.init_args.text_tower.init_args.overrides", tiny], tmp_path, timeout=600)  # fmt: skip
+    ckpt = torch.load(runs / "ddp" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 3
+    scores = [s["best_model_score"] for k, s in ckpt["callbacks"].items() if "retrieval_t2i_r1" in k]
+    assert scores and 0.0 <= float(scores[0]) <= 1.0
