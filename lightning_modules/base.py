@@ -3,7 +3,9 @@ text-to-image method shares on top: the ``generate`` contract, its options and `
 
 from __future__ import annotations
 
+import importlib
 import inspect
+import os
 import random
 from collections.abc import Mapping, Sequence
 
@@ -12,7 +14,7 @@ import torch
 from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 
-from networks.errors import ConfigError
+from networks.errors import ConfigError, MissingFileError
 from networks.noise import Generators, run_seed, seeded, stream_seed
 
 
@@ -118,3 +120,26 @@ class TextToImageModule(BaseModule):
     def generator(seed: int | Sequence[int] | None, device: torch.device) -> Generators:
         """Generators on ``device`` for ``seed``: None, one for an int, one per sample for a list."""
         return seeded(seed, device)
+
+
+def load_method(path: str, option: str, map_location: str | torch.device = "cpu") -> TextToImageModule:
+    """Any text-to-image method from its checkpoint (the class the CLI recorded in it), frozen and
+    in eval mode, with no trainer: for reranking, guidance and evaluation."""
+    if not path or not os.path.isfile(path):
+        raise MissingFileError(
+            f"{option}: checkpoint {path!r} not found: train the method first and give its "
+            "checkpoints/last.ckpt or best-*.ckpt"
+        )
+    class_path = torch.load(path, map_location="cpu", weights_only=False).get("hyper_parameters", {}).get("_class_path")
+    cls = None
+    if class_path:
+        module, _, name = str(class_path).rpartition(".")
+        cls = getattr(importlib.import_module(module), name, None)
+    if cls is None or not issubclass(cls, TextToImageModule):
+        raise ConfigError(
+            f"{option}: {path!r} is not a text-to-image method's checkpoint "
+            f"({class_path or 'no model class recorded'}): give one saved by train.py fit of a method "
+            "(diffusion, GAN, VAE, token prior)"
+        )
+    model = cls.load_from_checkpoint(path, map_location=map_location, weights_only=False)
+    return model.requires_grad_(False).eval()

@@ -76,9 +76,16 @@ def fit_and_save(model, loader, steps: int, path: str) -> str:
     """Train ``model`` for ``steps`` steps on ``loader`` (no logger, no validation) and save a
     checkpoint at ``path``, as the CLI would; returns ``path``."""
     import lightning as L
+    import torch
 
     trainer = L.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, accelerator="cpu", limit_val_batches=0)  # fmt: skip
     trainer.fit(model, loader)
     trainer.save_checkpoint(path)
+    from lightning_modules.base import TextToImageModule
+
+    if isinstance(model, TextToImageModule):  # the CLI records the class (load_method reads it)
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt["hyper_parameters"]["_class_path"] = f"{type(model).__module__}.{type(model).__name__}"
+        torch.save(ckpt, path)
     return path

@@ -1,0 +1,266 @@
+"""Methods that use a trained CLIP at sampling time: reranking any other method's samples
+(DALL-E) and steering a VQGAN's latent by gradient (VQGAN+CLIP). Neither is trained: both are
+used through ``predict``, evaluation and ``generate``. Their CLIP and generator are loaded frozen
+from checkpoint paths and stay out of their own checkpoints.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision.transforms import v2
+
+from networks.errors import ConfigError
+from networks.frozen import keep_out_of_checkpoints
+from networks.noise import stream_seed
+
+from .autoencoder import FrozenAutoencoderUser, VQAutoencoder
+from .base import TextToImageModule, load_method
+from .clip import load_clip
+
+
+def per_prompt_seeds(seed: int | list[int] | None, n: int) -> list[int]:
+    """One seed per prompt: a list as it is, an int spread over the prompts, None drawn from the
+    global RNG (so a seeded run repeats)."""
+    if isinstance(seed, (list, tuple)):
+        if len(seed) != n:
+            raise ValueError(f"{len(seed)} seeds for {n} prompts")
+        return [int(s) for s in seed]
+    if seed is None:
+        return torch.randint(0, 2**62, (n,)).tolist()
+    return [stream_seed(int(seed), "prompt", i) for i in range(n)]
+
+
+class CLIPScorer:
+    """Mixin: a frozen CLIP from ``path`` (``self.clip``) and the cosine similarity of images and
+    their prompts under it, images resized to the CLIP's input size."""
+
+    def attach_clip(self, path: str, option: str = "model.init_args.clip"):
+        self.clip = keep_out_of_checkpoints(load_clip(path, option=option))
+        return self.clip
+
+    def clip_input(self, images: Tensor) -> Tensor:
+        size = self.clip.image_size
+        if size is not None and images.shape[-1] != size:
+            images = F.interpolate(images, size=(size, size), mode="bicubic", antialias=True).clamp(-1, 1)
+        return images
+
+    @torch.no_grad()
+    def clip_similarity(self, images: Tensor, prompts: list[str]) -> Tensor:
+        """``(b,)``: cosine similarity of image ``i`` and prompt ``i``."""
+        return (self.clip.encode_image(self.clip_input(images)) * self.clip.encode_text(prompts)).sum(-1)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for name in ("clip", "method"):
+            if getattr(self, name, None) is not None:
+                getattr(self, name).eval()  # frozen
+        return self
+
+
+class CLIPRerank(CLIPScorer, TextToImageModule):
+    """Best of N: generate ``candidates`` samples per prompt with another method, return the one
+    its CLIP finds most similar to the prompt (DALL-E's reranking).
+
+    Args:
+        generator: checkpoint of any text-to-image method (its class is read from the checkpoint).
+        clip: checkpoint of a CLIP (``configs/clip/``).
+        candidates: N, samples per prompt.
+        batch_size: images per call of the generator; candidates of several prompts share a call.
+        sampling: ``generate`` options of the generator (e.g. ``{steps: 20}``).
+
+    Candidate ``j`` of a prompt with seed ``s`` is the generator's sample for seed ``s`` when
+    ``j = 0`` and for ``stream_seed(s, "candidate", j)`` otherwise, so N = 1 is the generator
+    itself and a prompt's candidates do not depend on the batch it is in. :meth:`rank` returns
+    every candidate with its score.
+    """
+
+    def __init__(
+        self,
+        generator: str,
+        clip: str,
+        candidates: int = 16,
+        batch_size: int = 64,
+        sampling: dict | None = None,
+        return_all: bool = False,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        if candidates < 1 or batch_size < 1:
+            raise ConfigError("model.init_args.candidates and batch_size must be at least 1")
+        self.method = keep_out_of_checkpoints(load_method(generator, option="model.init_args.generator"))
+        self.attach_clip(clip)
+        self.candidates, self.batch_size, self.return_all = candidates, batch_size, return_all
+        self.sampling = dict(sampling or {})
+        self.method.check_sampling(self.sampling)
+
+    @property
+    def image_size(self) -> int | None:
+        return getattr(self.method, "image_size", None)
+
+    def sampling_options(self) -> tuple[str, ...]:
+        return ("candidates", *self.method.sampling_options())
+
+    @torch.no_grad()
+    def rank(
+        self, prompts: list[str], *, seed: int | list[int] | None = None, candidates: int | None = None, **sampling
+    ) -> tuple[Tensor, Tensor]:
+        """Every candidate and its CLIP similarity: ``(b, n, 3, h, w)`` and ``(b, n)``."""
+        self.check_sampling(sampling)
+        n, options = candidates or self.candidates, {**self.sampling, **sampling}
+        seeds = per_prompt_seeds(seed, len(prompts))
+        flat = [(p, s if j == 0 else stream_seed(s, "candidate", j)) for p, s in zip(prompts, seeds) for j in range(n)]
+        images, scores = [], []
+        for start in range(0, len(flat), self.batch_size):
+            chunk = flat[start : start + self.batch_size]
+            texts = [p for p, _ in chunk]
+            x = self.method.generate(texts, seed=[s for _, s in chunk], **options)
+            images.append(x)
+            scores.append(self.clip_similarity(x, texts))
+        images, scores = torch.cat(images), torch.cat(scores)
+        return images.view(len(prompts), n, *images.shape[1:]), scores.view(len(prompts), n)
+
+    def generate(
+        self, prompts: list[str], *, seed: int | list[int] | None = None, candidates: int | None = None, **sampling
+    ) -> Tensor:
+        if (candidates or self.candidates) == 1 and not isinstance(seed, (list, tuple)):
+            self.check_sampling(sampling)  # N = 1 with one stream: the generator's own call
+            return self.method.generate(list(prompts), seed=seed, **{**self.sampling, **sampling})
+        images, scores = self.rank(list(prompts), seed=seed, candidates=candidates, **sampling)
+        return images[torch.arange(len(prompts)), scores.argmax(1)]
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        """The best candidate as ``image``; with ``return_all``, also every candidate and score."""
+        if not self.return_all:
+            return super().predict_step(batch, batch_idx)
+        images, scores = self.rank(list(batch["caption"]), seed=[int(s) for s in batch["seed"]])
+        best = images[torch.arange(len(images)), scores.argmax(1)]
+        return {**batch, "image": best, "candidates": images, "scores": scores}
+
+
+def spherical_distance(x: Tensor, y: Tensor) -> Tensor:
+    """Squared great-circle distance of unit vectors (the VQGAN+CLIP notebooks' loss)."""
+    return (x - y).norm(dim=-1).div(2).arcsin().pow(2).mul(2)
+
+
+class VQGANCLIP(CLIPScorer, FrozenAutoencoderUser, TextToImageModule):
+    """CLIP-guided generation: a VQGAN latent per prompt, optimised with Adam so that random
+    cutouts of its decoded image move towards the prompt under CLIP.
+
+    The latent lives in the quantiser's lookup space, starts from random codes, goes through the
+    quantiser straight-through (forward: the nearest code; backward: identity) and is clamped to
+    the codebook's range after every step. Each step scores ``cutouts`` random crops of the image
+    (side between ``cut_min`` of it and all of it, resized to the CLIP's input) after a small
+    random affine map and colour jitter (torchvision v2), with the spherical-distance loss.
+
+    Args:
+        autoencoder: checkpoint of a VQ autoencoder (VQGAN or VQ-VAE).
+        clip: checkpoint of a CLIP.
+        steps, lr: Adam steps and learning rate.
+        cutouts, cut_min: crops per step and their smallest side, as a fraction of the image.
+        affine_degrees, affine_translate, jitter: strength of the augmentations (0 turns one off).
+
+    Seeded per prompt: the initial codes and every cutout of a prompt come from its own seed, so
+    its image does not depend on the batch. ``last_loss_curve`` holds the CLIP loss of every
+    step and prompt of the latest ``generate`` call, ``(steps, b)``.
+    """
+
+    def __init__(
+        self,
+        autoencoder: str,
+        clip: str,
+        steps: int = 100,
+        lr: float = 0.1,
+        cutouts: int = 16,
+        cut_min: float = 0.6,
+        affine_degrees: float = 5.0,
+        affine_translate: float = 0.05,
+        jitter: float = 0.05,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        vq = self.attach_autoencoder(autoencoder, vq=True)
+        self.attach_clip(clip)
+        if not 0 < cut_min <= 1:
+            raise ConfigError(f"model.init_args.cut_min must be in (0, 1], got {cut_min}")
+        self.steps, self.lr, self.cutouts, self.cut_min = steps, lr, cutouts, cut_min
+        augs = []
+        if affine_degrees or affine_translate:
+            augs.append(v2.RandomAffine(degrees=affine_degrees, translate=(affine_translate, affine_translate)))
+        if jitter:
+            augs.append(v2.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter))
+        self.augment = v2.Compose(augs) if augs else None
+        self.side = vq.image_size // vq.downsample_factor
+        self.last_loss_curve: Tensor | None = None
+
+    @property
+    def image_size(self) -> int:
+        return self.autoencoder.image_size
+
+    def _decode(self, z: Tensor) -> Tensor:
+        """Lookup-space latents ``(b, h, w, d)`` -> images, through the straight-through quantiser."""
+        q = self.autoencoder.quantizer
+        codes = q.codes()
+        flat = z.reshape(-1, z.shape[-1])
+        z_q = flat + (codes[q.nearest(flat.detach())] - flat).detach()
+        latents = q.project_out(z_q).view(*z.shape[:3], q.dim).permute(0, 3, 1, 2)
+        x = self.autoencoder.decoder(latents)
+        return x + (x.clamp(-1, 1) - x).detach()  # clamped forward, gradient passes (clamp_with_grad)
+
+    def _cutouts(self, image: Tensor, generator: torch.Generator) -> Tensor:
+        """``cutouts`` random crops of one image ``(3, h, w)``, augmented, at the CLIP's size."""
+        size, side = self.clip.image_size or image.shape[-1], image.shape[-1]
+        out = []
+        for _ in range(self.cutouts):
+            u = torch.rand(3, generator=generator).tolist()
+            crop = int(round(side * (self.cut_min + (1 - self.cut_min) * u[0])))
+            top, left = int(u[1] * (side - crop + 1)), int(u[2] * (side - crop + 1))
+            cut = v2.functional.resized_crop(image, top, left, crop, crop, [size, size], antialias=True)
+            if self.augment is not None:
+                with torch.random.fork_rng(devices=[]):  # torchvision draws from the global RNG
+                    torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
+                    cut = self.augment(cut)
+            out.append(cut)
+        return torch.stack(out)
+
+    def generate(
+        self,
+        prompts: list[str],
+        *,
+        seed: int | list[int] | None = None,
+        steps: int | None = None,
+        lr: float | None = None,
+        **unknown,
+    ) -> Tensor:
+        self.check_sampling(unknown)
+        # predict and evaluation run under inference mode, where no gradient can be taken
+        with torch.inference_mode(False), torch.enable_grad():
+            return self._optimise(list(prompts), seed, steps or self.steps, lr or self.lr)
+
+    def _optimise(self, prompts: list[str], seed, steps: int, lr: float) -> Tensor:
+        q = self.autoencoder.quantizer
+        seeds = per_prompt_seeds(seed, len(prompts))
+        gens = [torch.Generator().manual_seed(s) for s in seeds]
+        codes = q.codes().detach()
+        init = torch.stack([torch.randint(0, q.codebook_size, (self.side, self.side), generator=g) for g in gens])
+        z = codes[init.to(codes.device)].clone().requires_grad_(True)  # (b, h, w, d)
+        low, high = codes.min(0).values, codes.max(0).values
+        with torch.no_grad():
+            target = self.clip.encode_text(prompts)  # (b, d)
+        opt = torch.optim.Adam([z], lr=lr)
+        curve = []
+        for _ in range(steps):
+            images = self._decode(z)
+            cuts = torch.stack([self._cutouts(img, g) for img, g in zip(images, gens)])  # (b, n, 3, s, s)
+            features = self.clip.encode_image(cuts.flatten(0, 1)).view(len(prompts), self.cutouts, -1)
+            loss = spherical_distance(features, target[:, None]).mean(1)  # (b,)
+            opt.zero_grad(set_to_none=True)
+            loss.sum().backward()  # each prompt's latent sees only its own loss
+            opt.step()
+            with torch.no_grad():
+                z.copy_(torch.maximum(torch.minimum(z, high), low))
+            curve.append(loss.detach())
+        self.last_loss_curve = torch.stack(curve) if curve else None
+        with torch.no_grad():
+            return self._decode(z).clamp(-1, 1)

@@ -1,0 +1,150 @@
+"""CLIP at sampling time: reranking another method's candidates (a fake CLIP's favourite wins,
+N = 1 is the generator, candidates come in batches) and VQGAN+CLIP (the CLIP loss falls, a seed
+repeats the image, the latent stays in the codebook's range); configs through ``predict``."""
+
+import os
+
+import pytest
+import torch
+from conftest import BLOCK_CAPTIONS, block_images, fit_and_save
+from test_cli import ROOT, run_cli
+from torch.utils.data import DataLoader
+
+from lightning_modules.clip import CLIP
+from lightning_modules.clip_guided import CLIPRerank, VQGANCLIP, spherical_distance
+from lightning_modules.cvae import ConditionalVAE
+from networks.clip import ImageTower
+from networks.cvae import ConditionalVAENet
+from networks.errors import ConfigError, MissingFileError
+from networks.text_encoders import TransformerTextEncoder
+
+
+def _loader(steps):
+    return DataLoader([{"image": block_images(), "caption": list(BLOCK_CAPTIONS)}] * steps, batch_size=None)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """A tiny CLIP (16 px, trained until the four block captions retrieve their images) and a
+    tiny conditional VAE (a stochastic generator) on the same images."""
+    root = tmp_path_factory.mktemp("clip_guided")
+    torch.manual_seed(0)
+    image = ImageTower(image_size=16, channels=8, channel_mult=(1, 2, 2), feature_channels=8, width=32)
+    text = TransformerTextEncoder(width=32, depth=1, heads=2, max_length=16, tokenizer="byte")
+    clip = CLIP(image, text, embed_dim=16, optimizer=lambda p: torch.optim.AdamW(p, lr=2e-3, weight_decay=0.0))
+    paths = {"clip": fit_and_save(clip, _loader(120), 120, str(root / "clip.ckpt"))}
+    torch.manual_seed(0)
+    net = ConditionalVAENet(image_size=16, text_dim=32, latent_dim=8, channels=16, hidden=64)
+    text = TransformerTextEncoder(width=32, depth=1, heads=2, max_length=16, tokenizer="byte")
+    cvae = ConditionalVAE(net, text, optimizer=lambda p: torch.optim.Adam(p, lr=2e-3))
+    paths["cvae"] = fit_and_save(cvae, _loader(20), 20, str(root / "cvae.ckpt"))
+    return paths
+
+
+class BrightnessCLIP(torch.nn.Module):
+    """A fake CLIP whose similarity grows with an image's mean brightness, whatever the text."""
+
+    image_size = None
+
+    def encode_image(self, images):
+        b = images.mean((1, 2, 3)).clamp(-1, 1)
+        return torch.stack([b, (1 - b**2).sqrt()], -1)
+
+    def encode_text(self, prompts):
+        return torch.tensor([[1.0, 0.0]]).expand(len(prompts), 2)
+
+
+def test_reranking_returns_the_candidate_the_clip_prefers(checkpoints):
+    rerank = CLIPRerank(checkpoints["cvae"], checkpoints["clip"], candidates=5, batch_size=4)
+    rerank.clip = BrightnessCLIP()
+    prompts = BLOCK_CAPTIONS[:3]
+    best = rerank.generate(prompts, seed=[7, 8, 9])
+    images, scores = rerank.rank(prompts, seed=[7, 8, 9])
+    assert images.shape == (3, 5, 3, 16, 16) and scores.shape == (3, 5)
+    for i, seed in enumerate([7, 8, 9]):  # every candidate is the generator's own sample for its seed
+        from networks.noise import stream_seed
+
+        seeds = [seed] + [stream_seed(seed, "candidate", j) for j in range(1, 5)]
+        own = rerank.method.generate([prompts[i]] * 5, seed=seeds)
+        assert torch.allclose(images[i], own, atol=1e-6)
+        brightest = own.mean((1, 2, 3)).argmax()
+        assert torch.allclose(best[i], own[brightest], atol=1e-6)
+    assert len(set(scores.argmax(1).tolist())) > 1 or scores.std() > 0  # a real choice was made
+
+
+def test_one_candidate_is_the_wrapped_generator(checkpoints):
+    rerank = CLIPRerank(checkpoints["cvae"], checkpoints["clip"], candidates=1, sampling={"temperature": 0.8})
+    for seed in (3, [3, 4, 5, 6]):
+        ours = rerank.generate(BLOCK_CAPTIONS, seed=seed)
+        theirs = rerank.method.generate(BLOCK_CAPTIONS, seed=seed, temperature=0.8)
+        assert torch.allclose(ours, theirs, atol=1e-6)
+    with pytest.raises(TypeError, match="does not take 'guidance'"):
+        rerank.generate(BLOCK_CAPTIONS, seed=0, guidance=2.0)
+
+
+def test_candidates_are_generated_in_batches_not_one_by_one(checkpoints):
+    rerank = CLIPRerank(checkpoints["cvae"], checkpoints["clip"], candidates=4, batch_size=8)
+    calls, original = [], rerank.method.generate
+    rerank.method.generate = lambda prompts, **kw: calls.append(len(prompts)) or original(prompts, **kw)
+    rerank.generate(BLOCK_CAPTIONS[:3], seed=0)
+    assert calls == [8, 4]  # 3 prompts x 4 candidates in two calls
+
+
+def test_reranking_predict_writes_every_candidate_with_its_score(checkpoints, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red block\na blue block\n")
+    run_cli(["predict", "--config", os.path.join(ROOT, "configs", "clip", "rerank.yaml"),
+             "--trainer.default_root_dir", str(tmp_path / "runs"), "--trainer.enable_progress_bar", "false",
+             "--model.init_args.generator", checkpoints["cvae"], "--model.init_args.clip", checkpoints["clip"],
+             "--model.init_args.candidates", "3", "--model.init_args.return_all", "true",
+             "--data.init_args.image_size", "16", "--data.init_args.predict_prompts", str(prompts),
+             "--run_name", "rr"], tmp_path)  # fmt: skip
+    out = tmp_path / "runs" / "rr" / "predictions"
+    files = sorted(os.listdir(out))
+    assert len([f for f in files if "_candidate" in f]) == 6
+    assert len([f for f in files if f.endswith(".png") and "_candidate" not in f and "grid" not in f]) == 2
+    lines = (out / "scores.tsv").read_text().splitlines()
+    assert lines[0].split("\t") == ["index", "caption", "seed", "candidate", "score", "chosen"] and len(lines) == 7
+
+
+def test_bad_generator_and_clip_checkpoints_are_clear_errors(checkpoints, tiny_autoencoders, tmp_path):
+    with pytest.raises(MissingFileError, match="model.init_args.generator: checkpoint .* not found"):
+        CLIPRerank(str(tmp_path / "none.ckpt"), checkpoints["clip"])
+    with pytest.raises(ConfigError, match="model.init_args.generator: .* is not a text-to-image method's checkpoint"):
+        CLIPRerank(checkpoints["clip"], checkpoints["clip"])
+    with pytest.raises(ConfigError, match="model.init_args.clip: .* is not a CLIP checkpoint"):
+        CLIPRerank(checkpoints["cvae"], checkpoints["cvae"])
+    with pytest.raises(ConfigError, match="model.init_args.autoencoder: .* KLAutoencoder.*discrete codes"):
+        VQGANCLIP(tiny_autoencoders["kl"], checkpoints["clip"])
+
+
+def test_spherical_distance_is_the_squared_great_circle_distance():
+    x = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]])
+    y = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    angles = torch.tensor([0.0, torch.pi / 2, torch.pi])
+    assert torch.allclose(spherical_distance(x, y), angles**2 / 2, atol=1e-6)
+
+
+def test_clip_guidance_lowers_the_clip_loss_and_a_seed_repeats_the_image(checkpoints, tiny_autoencoders):
+    model = VQGANCLIP(tiny_autoencoders["vq"], checkpoints["clip"], steps=30, lr=0.2, cutouts=4)
+    images = model.generate(BLOCK_CAPTIONS[:2], seed=[1, 2])
+    curve = model.last_loss_curve
+    assert images.shape == (2, 3, 16, 16) and curve.shape == (30, 2)
+    assert (curve[-5:].mean(0) < curve[:5].mean(0) - 0.01).all(), curve[[0, -1]]
+    assert torch.equal(model.generate(BLOCK_CAPTIONS[:2], seed=[1, 2]), images)
+    alone = model.generate(BLOCK_CAPTIONS[1:2], seed=[2])  # the batch does not change a prompt's image
+    assert torch.allclose(alone[0], images[1], atol=1e-4)
+    assert not torch.equal(model.generate(BLOCK_CAPTIONS[:2], seed=[1, 3])[1], images[1])
+
+
+def test_vqgan_clip_predict_config_runs_on_tiny_checkpoints(checkpoints, tiny_autoencoders, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red block\n")
+    run_cli(["predict", "--config", os.path.join(ROOT, "configs", "clip", "vqgan_clip.yaml"),
+             "--trainer.default_root_dir", str(tmp_path / "runs"), "--trainer.enable_progress_bar", "false",
+             "--model.init_args.autoencoder", tiny_autoencoders["vq"], "--model.init_args.clip", checkpoints["clip"],
+             "--model.init_args.steps", "3", "--model.init_args.cutouts", "2",
+             "--data.init_args.image_size", "16", "--data.init_args.predict_prompts", str(prompts),
+             "--run_name", "vc"], tmp_path)  # fmt: skip
+    out = tmp_path / "runs" / "vc" / "predictions"
+    assert len([f for f in os.listdir(out) if f.startswith("0000_")]) == 1
