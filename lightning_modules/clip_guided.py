@@ -160,6 +160,10 @@ class VQGANCLIP(CLIPScorer, FrozenAutoencoderUser, TextToImageModule):
         steps, lr: Adam steps and learning rate.
         cutouts, cut_min: crops per step and their smallest side, as a fraction of the image.
         affine_degrees, affine_translate, jitter: strength of the augmentations (0 turns one off).
+        init_colour: start from the codes of a flat image of this RGB colour in [-1, 1] (e.g. the
+            data's background) plus ``init_noise`` times the codebook's spread; None: random codes
+            everywhere (the notebooks' default), which leaves clutter that CLIP does not penalise.
+        init_noise: see ``init_colour``.
 
     Seeded per prompt: the initial codes and every cutout of a prompt come from its own seed, so
     its image does not depend on the batch. ``last_loss_curve`` holds the CLIP loss of every
@@ -177,6 +181,8 @@ class VQGANCLIP(CLIPScorer, FrozenAutoencoderUser, TextToImageModule):
         affine_degrees: float = 5.0,
         affine_translate: float = 0.05,
         jitter: float = 0.05,
+        init_colour: list[float] | None = None,
+        init_noise: float = 0.1,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -192,6 +198,9 @@ class VQGANCLIP(CLIPScorer, FrozenAutoencoderUser, TextToImageModule):
             augs.append(v2.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter))
         self.augment = v2.Compose(augs) if augs else None
         self.side = vq.image_size // vq.downsample_factor
+        self.init_colour, self.init_noise = init_colour, init_noise
+        if init_colour is not None and len(init_colour) != 3:
+            raise ConfigError(f"model.init_args.init_colour must be three values in [-1, 1] (RGB), got {init_colour}")
         self.last_loss_curve: Tensor | None = None
 
     @property
@@ -224,6 +233,20 @@ class VQGANCLIP(CLIPScorer, FrozenAutoencoderUser, TextToImageModule):
             out.append(cut)
         return torch.stack(out)
 
+    def _initial(self, codes: Tensor, gens: list[torch.Generator]) -> Tensor:
+        """Lookup-space latents to start from, ``(b, h, w, d)``, one generator per prompt."""
+        shape = (self.side, self.side)
+        if self.init_colour is None:
+            init = torch.stack([torch.randint(0, len(codes), shape, generator=g) for g in gens])
+            return codes[init.to(codes.device)].clone()
+        q, size = self.autoencoder.quantizer, self.autoencoder.image_size
+        flat = torch.tensor(self.init_colour, device=codes.device, dtype=torch.float32).view(1, 3, 1, 1)
+        with torch.no_grad():
+            z = q.project_in(self.autoencoder.encoder(flat.expand(1, 3, size, size)).permute(0, 2, 3, 1))
+        base = codes[q.nearest(z.reshape(-1, z.shape[-1]))].view(1, *shape, -1)
+        noise = torch.stack([torch.randn(*shape, codes.shape[1], generator=g) for g in gens]).to(codes.device)
+        return base + self.init_noise * codes.std(0) * noise
+
     def generate(
         self,
         prompts: list[str],
@@ -236,16 +259,15 @@ class VQGANCLIP(CLIPScorer, FrozenAutoencoderUser, TextToImageModule):
         self.check_sampling(unknown)
         # predict and evaluation run under inference mode, where no gradient can be taken
         with torch.inference_mode(False), torch.enable_grad():
-            return self._optimise(list(prompts), seed, steps or self.steps, lr or self.lr)
+            return self._optimise(list(prompts), seed, self.steps if steps is None else steps, lr or self.lr)
 
     def _optimise(self, prompts: list[str], seed, steps: int, lr: float) -> Tensor:
         q = self.autoencoder.quantizer
         seeds = per_prompt_seeds(seed, len(prompts))
         gens = [torch.Generator().manual_seed(s) for s in seeds]
         codes = q.codes().detach()
-        init = torch.stack([torch.randint(0, q.codebook_size, (self.side, self.side), generator=g) for g in gens])
-        z = codes[init.to(codes.device)].clone().requires_grad_(True)  # (b, h, w, d)
         low, high = codes.min(0).values, codes.max(0).values
+        z = self._initial(codes, gens).requires_grad_(True)  # (b, h, w, d)
         with torch.no_grad():
             target = self.clip.encode_text(prompts)  # (b, d)
         opt = torch.optim.Adam([z], lr=lr)

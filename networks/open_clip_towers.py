@@ -127,7 +127,7 @@ class OpenCLIPTextTower(nn.Module):
 
     def forward(self, captions: list[str]) -> TextEncoding:
         captions = list(captions)
-        warn_truncated(captions, [len(self.tokenizer.encode(c)) + 2 for c in captions], self.context_length)
+        warn_truncated(self, captions, [len(self.tokenizer.encode(c)) + 2 for c in captions], self.context_length)
         ids = self.tokenizer(captions).to(self.model.token_embedding.weight.device)
         pooled = self.model.encode_text(ids)
         tokens, self._states = self._project(self._states), None

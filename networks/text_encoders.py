@@ -32,11 +32,12 @@ class TextEncoding(NamedTuple):
     pooled: Tensor  # (b, d)
 
 
-def warn_truncated(captions: list[str], lengths: list[int], limit: int) -> None:
-    """Warn (once per call) when captions have more tokens than the text tower's context; they
-    are truncated, never a crash."""
+def warn_truncated(owner: object, captions: list[str], lengths: list[int], limit: int) -> None:
+    """Warn, once per ``owner`` (a tokenizer or an encoder), when captions have more tokens than
+    the text tower's context; they are truncated, never a crash."""
     long = [c for c, n in zip(captions, lengths) if n > limit]
-    if long:
+    if long and not getattr(owner, "_warned_truncation", False):
+        owner._warned_truncation = True
         warnings.warn(
             f"{len(long)} caption(s) longer than the text tower's {limit} tokens were truncated "
             f"(first: {long[0][:60]!r}...); raise the tower's context length (max_length) to keep them whole",
@@ -51,7 +52,7 @@ class ByteTokenizer:
 
     def __call__(self, texts: list[str], max_length: int) -> Tensor:
         out = torch.zeros(len(texts), max_length, dtype=torch.long)
-        warn_truncated(texts, [len(t.encode("utf-8")) + 2 for t in texts], max_length)
+        warn_truncated(self, texts, [len(t.encode("utf-8")) + 2 for t in texts], max_length)
         for i, text in enumerate(texts):
             ids = [1] + [b + 3 for b in text.encode("utf-8")][: max_length - 2] + [2]
             out[i, : len(ids)] = torch.tensor(ids)
@@ -71,7 +72,7 @@ class BPETokenizer:
     def __call__(self, texts: list[str], max_length: int) -> Tensor:
         out = torch.zeros(len(texts), max_length, dtype=torch.long)
         encoded = [self.tok.encode(text) for text in texts]
-        warn_truncated(texts, [len(e) + 2 for e in encoded], max_length)
+        warn_truncated(self, texts, [len(e) + 2 for e in encoded], max_length)
         for i, e in enumerate(encoded):
             ids = [self.sot] + e[: max_length - 2] + [self.eot]
             out[i, : len(ids)] = torch.tensor(ids)
@@ -185,7 +186,7 @@ class PretrainedTextEncoder(nn.Module):
     def forward(self, captions: list[str]) -> TextEncoding:
         captions = list(captions)
         lengths = [len(ids) for ids in self.tokenizer(captions, truncation=False)["input_ids"]]
-        warn_truncated(captions, lengths, self.max_length)
+        warn_truncated(self, captions, lengths, self.max_length)
         enc = self.tokenizer(
             captions,
             padding="max_length",

@@ -182,6 +182,7 @@ def test_a_prompt_longer_than_the_context_is_truncated_with_a_warning(tower):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         encoder(["a red square"])  # a short one: no warning
+        encoder([long])  # once per encoder: a training run does not repeat it every batch
 
 
 def test_gpu_shards_config_trains_under_two_process_ddp_on_open_clip_towers(shapes16, tmp_path):
