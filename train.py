@@ -3,8 +3,10 @@
 Each run gets its own directory ``<trainer.default_root_dir>/<run name>`` holding the
 resolved ``config.yaml``, ``run.json`` (the model class and the ``--config`` files that made
 it), ``checkpoints/`` (``last.ckpt`` and the best), ``samples/``, ``predictions/`` and the W&B
-files. The run name is ``--run_name``, else the SLURM job id (stable across requeues), else a
-timestamp. ``fit --ckpt_path last`` without a run name resumes the one run under the root that
+files. The run name is ``--run_name``, else the SLURM job id (``<array job>_<task>`` for an
+array task; stable across requeues), else a timestamp. A SLURM-managed ``fit`` (``srun`` in a
+batch job, ``callbacks/slurm.py``) checks its allocation first and resumes from the newest HPC
+checkpoint of its run directory, written when SLURM signalled pre-emption or the time limit. ``fit --ckpt_path last`` without a run name resumes the one run under the root that
 was made by the same model class and the same ``--config`` files and has a ``last.ckpt``; with
 none or several, it stops and lists the candidates.
 """
@@ -19,6 +21,16 @@ import time
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
+from callbacks.slurm import (
+    SharedRunDirCheck,
+    SlurmRequeue,
+    check_allocation,
+    link_job_log,
+    newest_hpc_checkpoint,
+    slurm_managed,
+    slurm_run_name,
+    start_rendezvous_watchdog,
+)
 from networks.errors import ConfigError
 
 RUN_DIR_ENV = "T2I_RUN_DIR"  # shared with the processes DDP launches, so all ranks agree
@@ -235,7 +247,7 @@ class TextToImageCLI(LightningCLI):
 
     def choose_run_dir(self, cfg) -> str:
         root = cfg.trainer.default_root_dir or "runs"
-        name = cfg.get("run_name") or os.environ.get("SLURM_JOB_ID")
+        name = cfg.get("run_name") or slurm_run_name()
         if name is None and self.subcommand == "fit" and cfg.get("ckpt_path") == "last":
             try:
                 name = find_run_to_resume(root, run_identity(cfg))
@@ -262,6 +274,16 @@ class TextToImageCLI(LightningCLI):
         self.config_to_save.ckpt_path, self.config_to_save.run_name = None, None
         run_dir = os.environ.get(RUN_DIR_ENV) or self.choose_run_dir(cfg)
         os.environ[RUN_DIR_ENV] = run_dir
+        if slurm_managed() and self.subcommand == "fit":
+            problems = check_allocation(cfg.trainer.num_nodes or 1, cfg.trainer.devices)
+            if problems:
+                raise SetupError("; ".join(problems))
+            if os.environ.get("SLURM_PROCID", "0") == "0":
+                link_job_log(run_dir)
+            hpc = newest_hpc_checkpoint(run_dir)
+            if hpc is not None:  # a requeued attempt: the state at the signal, before last.ckpt
+                sys.stderr.write(f"SLURM: resuming {run_dir} from {os.path.basename(hpc)}\n")
+                cfg.ckpt_path = hpc
         name = os.path.basename(run_dir)
         cfg.trainer.default_root_dir = run_dir
         if self.subcommand == "predict":
@@ -278,7 +300,22 @@ class TextToImageCLI(LightningCLI):
                 callback.init_args.dirpath = os.path.join(run_dir, "checkpoints")
 
     def instantiate_trainer(self, **kwargs):
+        plugins = self.config_init[self.subcommand]["trainer"].get("plugins") if self.subcommand else None
+        if slurm_managed() and not plugins:
+            from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+            kwargs["plugins"] = [SLURMEnvironment(auto_requeue=False)]  # SlurmRequeue does it at a step boundary
+        elif "SLURM_NTASKS" in os.environ and not plugins:  # started by hand inside an allocation
+            from lightning.pytorch.plugins.environments import LightningEnvironment
+
+            kwargs["plugins"] = [LightningEnvironment()]
+            sys.stderr.write(
+                "SLURM: not started by srun in a batch job, so this is a plain local run (SLURM's task "
+                "variables are ignored); set T2I_SLURM=1 to treat it as a SLURM run\n"
+            )
         trainer = super().instantiate_trainer(**kwargs)
+        if slurm_managed() and self.subcommand == "fit":
+            trainer.callbacks[:0] = [SlurmRequeue(), SharedRunDirCheck(start_rendezvous_watchdog())]
         for callback in trainer.callbacks:
             if isinstance(callback, SaveConfigCallback) and hasattr(self, "config_to_save"):
                 callback.config = self.config_to_save

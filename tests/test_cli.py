@@ -12,13 +12,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "tests", "configs", "tiny.yaml")
 
 
-def run_cli(args, cwd, timeout=300, expect_failure=False):
+def run_cli(args, cwd, timeout=300, expect_failure=False, env_extra=None):
     env = {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if not k.startswith("SLURM_")},  # tests may run inside a job
         "WANDB_MODE": "offline",
         "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]),
+        **(env_extra or {}),
     }
-    env.pop("SLURM_JOB_ID", None)
     env.pop("T2I_RUN_DIR", None)
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)  # fmt: skip
