@@ -322,3 +322,21 @@ def test_a_rank_that_waits_for_the_others_says_why(tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_submit_fills_the_template_and_prints_what_it_submits(tmp_path):
+    cmd = [sys.executable, os.path.join(ROOT, "scripts", "slurm", "submit.py"), "--nodes", "4", "--gpus-per-node", "8",
+           "--time", "12:00:00", "--partition", "gpu", "--runs", str(tmp_path), "--dry-run", "--",
+           "fit", "--config", "configs/diffusion/shards_gpu.yaml", "--data.init_args.batch_size", "32"]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    for line in ("#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
+                 "#SBATCH --time=12:00:00", "#SBATCH --partition=gpu", "#SBATCH --signal=SIGUSR1@90", "#SBATCH --requeue"):  # fmt: skip
+        assert line in out, line
+    assert f"configs/diffusion/shards_gpu.yaml --data.init_args.batch_size 32 --trainer.default_root_dir {tmp_path}" in out
+    assert not os.listdir(tmp_path)  # a dry run writes nothing
+    script = out.split("\n$ ")[0]
+    (tmp_path / "s.sbatch").write_text(script)
+    assert subprocess.run(["bash", "-n", str(tmp_path / "s.sbatch")]).returncode == 0
+    cpu = subprocess.run(cmd[:2] + ["--gpus-per-node", "0", "--ntasks-per-node", "2", "--dry-run", "--", "fit", "--config", "x.yaml"],
+                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    assert "--gpus-per-node" not in cpu.split("\n$ ")[0] and "#SBATCH --ntasks-per-node=2" in cpu
