@@ -340,3 +340,24 @@ def test_submit_fills_the_template_and_prints_what_it_submits(tmp_path):
     cpu = subprocess.run(cmd[:2] + ["--gpus-per-node", "0", "--ntasks-per-node", "2", "--dry-run", "--", "fit", "--config", "x.yaml"],
                          capture_output=True, text=True, check=True).stdout  # fmt: skip
     assert "--gpus-per-node" not in cpu.split("\n$ ")[0] and "#SBATCH --ntasks-per-node=2" in cpu
+
+
+def test_a_run_directory_one_node_cannot_see_stops_every_rank(tmp_path):
+    """SharedRunDirCheck with a stand-in trainer whose other node does not see rank zero's file."""
+    from types import SimpleNamespace
+
+    from callbacks.slurm import SharedRunDirCheck
+
+    class Strategy:
+        def barrier(self, name=None):
+            pass
+
+        def reduce_boolean_decision(self, decision, all=True):
+            return False  # another rank answered "not seen"
+
+    trainer = SimpleNamespace(world_size=2, num_nodes=2, is_global_zero=True, global_rank=0,
+                              default_root_dir=str(tmp_path / "run"), strategy=Strategy())  # fmt: skip
+    with pytest.raises(RuntimeError, match="not shared by all nodes.*--trainer.default_root_dir to a shared file system"):
+        SharedRunDirCheck().setup(trainer, None, "fit")
+    trainer.strategy.reduce_boolean_decision = lambda decision, all=True: decision  # every rank sees it
+    SharedRunDirCheck().setup(trainer, None, "fit")
