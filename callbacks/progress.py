@@ -138,8 +138,12 @@ class RunSummary(Callback):
             lines.append(f"final reconstructions: {_rel(reconstructions[-1])}")
         use = best or last
         generates = hasattr(trainer.lightning_module, "generate")
-        if use and not generates:  # an autoencoder: the first stage of the methods that build on it
-            lines.append(f"build on it: set autoencoder_checkpoint: {_rel(use)} (lightning_modules.autoencoder.load_autoencoder)")
+        is_clip = hasattr(trainer.lightning_module, "encode_text")
+        if use and is_clip:  # a CLIP: for reranking, guidance, or as a frozen text encoder
+            lines.append(f"use it: --model.init_args.clip {_rel(use)} (configs/clip/rerank.yaml, vqgan_clip.yaml), or "
+                         f"as a text encoder: lightning_modules.clip.CLIPTextEncoder with path {_rel(use)}")  # fmt: skip
+        elif use and not generates:  # an autoencoder: the first stage of the methods that build on it
+            lines.append(f"build on it: --model.init_args.autoencoder {_rel(use)} (token priors, latent diffusion, CLIP guidance)")
         if use and generates:
             config = os.path.join(run, "config.yaml")
             lines.append("generate from it: python train.py predict --config " + shlex.quote(_rel(config))
