@@ -160,6 +160,8 @@ class VQGANCLIP(CLIPScorer, FrozenAutoencoderUser, TextToImageModule):
         steps, lr: Adam steps and learning rate.
         cutouts, cut_min: crops per step and their smallest side, as a fraction of the image.
         affine_degrees, affine_translate, jitter: strength of the augmentations (0 turns one off).
+        cut_noise: Gaussian noise added to each cutout, times a random factor in [0, 1) (the
+            notebooks' ``noise_fac``); 0 turns it off.
         init_colour: start from the codes of a flat image of this RGB colour in [-1, 1] (e.g. the
             data's background) plus ``init_noise`` times the codebook's spread; None: random codes
             everywhere (the notebooks' default), which leaves clutter that CLIP does not penalise.
@@ -181,6 +183,7 @@ class VQGANCLIP(CLIPScorer, FrozenAutoencoderUser, TextToImageModule):
         affine_degrees: float = 5.0,
         affine_translate: float = 0.05,
         jitter: float = 0.05,
+        cut_noise: float = 0.0,
         init_colour: list[float] | None = None,
         init_noise: float = 0.1,
     ):
@@ -197,6 +200,7 @@ class VQGANCLIP(CLIPScorer, FrozenAutoencoderUser, TextToImageModule):
         if jitter:
             augs.append(v2.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter))
         self.augment = v2.Compose(augs) if augs else None
+        self.cut_noise = cut_noise
         self.side = vq.image_size // vq.downsample_factor
         self.init_colour, self.init_noise = init_colour, init_noise
         if init_colour is not None and len(init_colour) != 3:
@@ -230,6 +234,9 @@ class VQGANCLIP(CLIPScorer, FrozenAutoencoderUser, TextToImageModule):
                 with torch.random.fork_rng(devices=[]):  # torchvision draws from the global RNG
                     torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
                     cut = self.augment(cut)
+            if self.cut_noise:
+                scale = self.cut_noise * float(torch.rand(1, generator=generator))
+                cut = cut + scale * torch.randn(cut.shape, generator=generator).to(cut.device)
             out.append(cut)
         return torch.stack(out)
 

@@ -126,7 +126,7 @@ def test_spherical_distance_is_the_squared_great_circle_distance():
 
 
 def test_clip_guidance_lowers_the_clip_loss_and_a_seed_repeats_the_image(checkpoints, tiny_autoencoders):
-    model = VQGANCLIP(tiny_autoencoders["vq"], checkpoints["clip"], steps=30, lr=0.2, cutouts=4)
+    model = VQGANCLIP(tiny_autoencoders["vq"], checkpoints["clip"], steps=30, lr=0.2, cutouts=4, cut_noise=0.1)
     images = model.generate(BLOCK_CAPTIONS[:2], seed=[1, 2])
     curve = model.last_loss_curve
     assert images.shape == (2, 3, 16, 16) and curve.shape == (30, 2)
