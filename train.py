@@ -31,6 +31,7 @@ from callbacks.slurm import (
     slurm_run_name,
     start_rendezvous_watchdog,
 )
+from callbacks.dashboard import Throughput, experiment_group, run_tags
 from networks.errors import ConfigError
 
 RUN_DIR_ENV = "T2I_RUN_DIR"  # shared with the processes DDP launches, so all ranks agree
@@ -293,6 +294,9 @@ class TextToImageCLI(LightningCLI):
             if "Wandb" in _class_path(logger):
                 logger.init_args.save_dir = run_dir
                 logger.init_args.version = logger.init_args.get("version") or name.replace("/", "-")
+                identity = run_identity(cfg)  # tags for the family and method, a group per experiment
+                logger.init_args.tags = sorted({*(logger.init_args.get("tags") or []), *run_tags(identity["model"])})
+                logger.init_args.group = logger.init_args.get("group") or experiment_group(identity["configs"])
             elif _class_path(logger):
                 logger.init_args.save_dir = run_dir
         for callback in cfg.trainer.callbacks or []:
@@ -316,6 +320,8 @@ class TextToImageCLI(LightningCLI):
         trainer = super().instantiate_trainer(**kwargs)
         if slurm_managed() and self.subcommand == "fit":
             trainer.callbacks[:0] = [SlurmRequeue(), SharedRunDirCheck(start_rendezvous_watchdog())]
+        if self.subcommand == "fit" and trainer.loggers and not any(isinstance(c, Throughput) for c in trainer.callbacks):
+            trainer.callbacks.append(Throughput())  # perf/ on every dashboard
         for callback in trainer.callbacks:
             if isinstance(callback, SaveConfigCallback) and hasattr(self, "config_to_save"):
                 callback.config = self.config_to_save
