@@ -243,7 +243,10 @@ def test_sigusr1_requeues_and_the_next_attempt_resumes_at_the_saved_step(cluster
     first = [int(r[3]) for r in rows if r[0] == "0" and r[2] == "0"]
     second = [int(r[3]) for r in rows if r[0] == "1" and r[2] == "0"]
     k = saved["global_step"]
-    assert first[-1] == k and second == list(range(k + 1, 17)), (first, second)  # resumed at k, not at 0
+    # the first attempt made steps 1..k (SLURM may kill it before the probe writes step k down);
+    # the second resumed at k, not at 0
+    assert first == list(range(1, len(first) + 1)) and len(first) >= k - 1 and k >= 4, (first, k)
+    assert second == list(range(k + 1, 17)), (second, k)
     assert f"resuming {run} from hpc_ckpt_1.ckpt" in log
     assert _ckpt(os.path.join(run, "checkpoints", "last.ckpt"))["global_step"] == 16
     assert sorted(os.listdir(runs)) == sorted([job, f"slurm-{job}.log"])  # one run directory ...

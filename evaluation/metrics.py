@@ -1,0 +1,133 @@
+"""FID and KID with a pluggable feature extractor (torchmetrics), CLIP score and AttnGAN's
+R-precision with an injected CLIP, and diversity across seeds.
+
+Images are ``(n, 3, h, w)`` in [-1, 1], as ``generate`` returns them.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from networks.errors import MissingFileError
+
+
+class CLIPImageFeatures(nn.Module):
+    """The image tower of a CLIP as a feature extractor for torchmetrics' FID and KID: images in
+    [0, 1] (``normalize=True``) -> the l2-normalised CLIP embedding."""
+
+    def __init__(self, clip: nn.Module):
+        super().__init__()
+        self.clip = clip
+        size = getattr(clip, "image_size", None) or 32
+        with torch.no_grad():
+            self.num_features = int(clip.encode_image(torch.zeros(1, 3, size, size)).shape[-1])
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> Tensor:
+        x = images.float() * 2 - 1
+        size = getattr(self.clip, "image_size", None)
+        if size and x.shape[-1] != size:
+            x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True).clamp(-1, 1)
+        return self.clip.encode_image(x)
+
+
+class InceptionFeatures(nn.Module):
+    """torchmetrics' FID Inception (torch-fidelity's ``inception-v3-compat``, the standard
+    ``pt_inception-2015-12-05`` weights) from a local file: images in [0, 1] -> 2048 features."""
+
+    num_features = 2048
+
+    def __init__(self, weights: str | None):
+        super().__init__()
+        if not weights or not os.path.isfile(weights):
+            raise MissingFileError(
+                f"Inception weights {weights!r} not found: FID with Inception needs the standard "
+                "pt_inception-2015-12-05-6726825d.pth file, given by its local path (nothing is downloaded)"
+            )
+        from torchmetrics.image.fid import NoTrainInceptionV3
+
+        self.net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
+                                      feature_extractor_weights_path=weights)  # fmt: skip
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> Tensor:
+        return self.net((images.clamp(0, 1) * 255).round().to(torch.uint8))
+
+
+def fid_kid(real: Tensor, fake: Tensor, extractor: nn.Module | None, name: str, inception_weights: str | None = None,
+            kid_subset: int = 50) -> dict[str, float]:  # fmt: skip
+    """``{"fid_<name>": ..., "kid_<name>": ...}`` of two image sets under one feature extractor
+    (an ``nn.Module`` taking images in [0, 1], or None for Inception from ``inception_weights``).
+    Below the feature dimension FID's covariance is singular: a warning says so (and the number is
+    still given, marked by the warning), instead of a NaN."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    n = min(len(real), len(fake))
+    if extractor is None:
+        extractor = InceptionFeatures(inception_weights)
+    fid = FrechetInceptionDistance(feature=extractor, normalize=True)
+    kid = KernelInceptionDistance(feature=extractor, normalize=True, subset_size=min(kid_subset, n))
+    dim = int(getattr(extractor, "num_features", 0))
+    if dim and n <= dim:
+        warnings.warn(
+            f"fid_{name} on {n} samples per set, not more than the {dim} feature dimensions: the covariance "
+            "is singular and FID unreliable; use more samples, or compare KID",
+            stacklevel=2,
+        )
+    for metric in (fid, kid):
+        metric.update((real.float() + 1) / 2, real=True)
+        metric.update((fake.float() + 1) / 2, real=False)
+    kid_mean, _ = kid.compute()
+    return {f"fid_{name}": float(fid.compute()), f"kid_{name}": float(kid_mean)}
+
+
+@torch.no_grad()
+def clip_score(clip: nn.Module, images: Tensor, prompts: list[str]) -> float:
+    """Mean of ``100 * max(cos(image, prompt), 0)`` (torchmetrics' CLIPScore convention)."""
+    cos = (clip.encode_image(images) * clip.encode_text(list(prompts))).sum(-1)
+    return float(100 * cos.clamp(min=0).mean())
+
+
+@torch.no_grad()
+def r_precision(clip: nn.Module, images: Tensor, prompts: list[str], pool: list[str], distractors: int = 99,
+                folds: int = 10, seed: int = 0) -> tuple[float, float]:  # fmt: skip
+    """AttnGAN's R-precision (R@1): for each image, its true prompt among ``distractors`` others
+    drawn from ``pool`` (never the true prompt itself); the rate at which the true prompt is the
+    most similar, as mean and std over ``folds`` folds of the images."""
+    g = torch.Generator().manual_seed(seed)
+    image = clip.encode_image(images)
+    hits = []
+    for i, prompt in enumerate(prompts):
+        others = [p for p in pool if p != prompt]
+        picks = torch.randint(0, len(others), (distractors,), generator=g).tolist()
+        texts = clip.encode_text([prompt] + [others[j] for j in picks])
+        sims = texts @ image[i]
+        hits.append(float(sims[0] > sims[1:].max()))
+    chunks = torch.tensor(hits).chunk(min(folds, len(hits)))
+    rates = torch.stack([c.mean() for c in chunks])
+    return float(rates.mean()), float(rates.std(unbiased=False))
+
+
+@torch.no_grad()
+def diversity(images: Tensor, lpips: nn.Module | None = None) -> tuple[float, str]:
+    """Mean pairwise distance between the seeds' images of each prompt, averaged over prompts:
+    ``images`` is ``(prompts, seeds, 3, h, w)``. LPIPS when a network is given, else the mean
+    absolute pixel difference on a [0, 1] scale; the name of the distance comes back with it."""
+    p, s = images.shape[:2]
+    if s < 2:
+        raise ValueError("diversity needs at least two seeds per prompt")
+    pairs = [(i, j) for i in range(s) for j in range(i + 1, s)]
+    total = 0.0
+    for a, b in pairs:
+        x, y = images[:, a].float(), images[:, b].float()
+        if lpips is not None:
+            total += float(lpips(x, y).mean())
+        else:
+            total += float(((x - y).abs() / 2).mean())
+    return total / len(pairs), "lpips" if lpips is not None else "pixel_l1"

@@ -1,0 +1,105 @@
+"""The evaluation metrics: FID/KID with a pluggable extractor against the closed form, the
+small-sample warning, CLIP score, AttnGAN's R-precision at its ceiling and at chance, diversity."""
+
+import numpy as np
+import pytest
+import torch
+from scipy import linalg
+from torch import nn
+
+from evaluation.metrics import CLIPImageFeatures, clip_score, diversity, fid_kid, r_precision
+from networks.errors import MissingFileError
+
+
+class Pooled(nn.Module):
+    """A fixed feature extractor: 4 x 4 average pooling of [0, 1] images, 48 features."""
+
+    num_features = 48
+
+    def forward(self, x):
+        return nn.functional.adaptive_avg_pool2d(x.float(), 4).flatten(1)
+
+
+def _images(n, shift=0.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(n, 3, 16, 16, generator=g) * 1.2 - 0.6 + shift).clamp(-1, 1)
+
+
+def _frechet(a, b):
+    mu1, mu2 = a.mean(0), b.mean(0)
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean = linalg.sqrtm(s1 @ s2).real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
+
+
+def test_fid_with_a_custom_extractor_matches_the_closed_form_and_names_the_extractor():
+    real, fake = _images(200), _images(200, shift=0.3, seed=1)
+    out = fid_kid(real, fake, Pooled(), "pooled", kid_subset=50)
+    assert set(out) == {"fid_pooled", "kid_pooled"}
+    feats = [Pooled()((x + 1) / 2).double().numpy() for x in (real, fake)]
+    assert out["fid_pooled"] == pytest.approx(_frechet(*feats), rel=1e-3)
+    same = fid_kid(real, _images(200, seed=2), Pooled(), "pooled")
+    assert same["fid_pooled"] < out["fid_pooled"] / 10 and same["kid_pooled"] < out["kid_pooled"]
+
+
+def test_fewer_samples_than_features_warn_instead_of_a_silent_nan(tmp_path):
+    with pytest.warns(UserWarning, match="fid_pooled on 40 samples per set, not more than the 48 feature"):
+        fid_kid(_images(40), _images(40, seed=1), Pooled(), "pooled", kid_subset=20)
+    with pytest.raises(MissingFileError, match="pt_inception-2015-12-05.*local path"):
+        fid_kid(_images(4), _images(4), None, "inception", inception_weights=str(tmp_path / "none.pth"))
+
+
+class TableCLIP(nn.Module):
+    """A fake CLIP: each prompt has a fixed random unit vector; an image's embedding is the vector
+    of the prompt its first pixel indexes (a perfect CLIP), or noise."""
+
+    def __init__(self, pool, perfect=True):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.table = {p: v for p, v in zip(pool, nn.functional.normalize(torch.randn(len(pool), 16, generator=g), dim=-1))}
+        self.pool, self.perfect, self.image_size = pool, perfect, None
+
+    def encode_text(self, prompts):
+        return torch.stack([self.table[p] for p in prompts])
+
+    def encode_image(self, images):
+        if not self.perfect:
+            return nn.functional.normalize(torch.randn(len(images), 16, generator=torch.Generator().manual_seed(1)), dim=-1)
+        return torch.stack([self.table[self.pool[int(i)]] for i in images[:, 0, 0, 0]])
+
+
+def test_r_precision_is_one_for_a_perfect_clip_and_chance_for_noise():
+    pool = [f"prompt {i}" for i in range(300)]
+    images = torch.arange(200).float().view(200, 1, 1, 1).expand(200, 3, 2, 2)
+    mean, std = r_precision(TableCLIP(pool), images, pool[:200], pool, distractors=99, folds=10)
+    assert mean == 1.0 and std == 0.0
+    mean, _ = r_precision(TableCLIP(pool, perfect=False), images, pool[:200], pool, distractors=99, folds=10)
+    assert mean < 0.05  # chance is 1 / 100
+    assert clip_score(TableCLIP(pool), images[:5], pool[:5]) == pytest.approx(100.0)
+    features = CLIPImageFeatures(TableCLIP(pool))
+    assert features.num_features == 16
+
+
+def test_diversity_is_zero_for_one_image_per_prompt_and_names_its_distance():
+    same = _images(3).unsqueeze(1).expand(3, 4, 3, 16, 16)
+    assert diversity(same) == (0.0, "pixel_l1")
+    varied = torch.stack([_images(4, seed=s) for s in range(3)])
+    value, name = diversity(varied)
+    assert value > 0.1 and name == "pixel_l1"
+    assert diversity(varied, lpips=lambda x, y: (x - y).pow(2).mean((1, 2, 3)))[1] == "lpips"
+
+
+def test_fid_inception_reads_its_weights_from_a_local_file(tmp_path, monkeypatch):
+    """torchmetrics' Inception (torch-fidelity's) from a local file; the file is made here from a
+    randomly initialised network, so nothing is downloaded and the plumbing is what is tested."""
+    import torch_fidelity.feature_extractor_inceptionv3 as fe
+
+    monkeypatch.setattr(fe, "load_state_dict_from_url", lambda *a, **k: {})
+    monkeypatch.setattr(nn.Module, "load_state_dict", lambda self, state, *a, **k: None)
+    net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    monkeypatch.undo()
+    torch.save(net.state_dict(), tmp_path / "pt_inception.pth")
+    with pytest.warns(UserWarning, match="not more than the 2048 feature dimensions"):
+        out = fid_kid(_images(6), _images(6, shift=0.3, seed=1), None, "inception",
+                      inception_weights=str(tmp_path / "pt_inception.pth"), kid_subset=3)  # fmt: skip
+    assert set(out) == {"fid_inception", "kid_inception"} and all(np.isfinite(v) for v in out.values())
