@@ -21,6 +21,7 @@ import time
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
+from callbacks.dashboard import Throughput, experiment_group, run_tags
 from callbacks.slurm import (
     SharedRunDirCheck,
     SlurmRequeue,
@@ -31,7 +32,6 @@ from callbacks.slurm import (
     slurm_run_name,
     start_rendezvous_watchdog,
 )
-from callbacks.dashboard import Throughput, experiment_group, run_tags
 from networks.errors import ConfigError
 
 RUN_DIR_ENV = "T2I_RUN_DIR"  # shared with the processes DDP launches, so all ranks agree

@@ -21,7 +21,7 @@ from lightning_modules.clip_guided import VQGANCLIP
 def clip_numbers(model: VQGANCLIP, images: torch.Tensor, texts: list[str]) -> tuple[float, float]:
     """Mean similarity to the own prompt, and the rate at which the own prompt is the most similar."""
     with torch.no_grad():
-        image = model.clip.encode_image(model.clip_input(images))
+        image = model.clip.encode_image(images)
         text = model.clip.encode_text(texts)
     sims = image @ text.T
     return float(sims.diag().mean()), float((sims.argmax(1) == torch.arange(len(texts))).float().mean())

@@ -10,7 +10,6 @@ import os
 import warnings
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from networks.errors import MissingFileError
@@ -29,11 +28,7 @@ class CLIPImageFeatures(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> Tensor:
-        x = images.float() * 2 - 1
-        size = getattr(self.clip, "image_size", None)
-        if size and x.shape[-1] != size:
-            x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True).clamp(-1, 1)
-        return self.clip.encode_image(x)
+        return self.clip.encode_image(images.float() * 2 - 1)  # a CLIP resizes to its own input
 
 
 class InceptionFeatures(nn.Module):

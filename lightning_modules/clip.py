@@ -98,6 +98,10 @@ class CLIP(BaseModule):
 
     # ------------------------------------------------------------------ the contract
     def encode_image(self, images: Tensor) -> Tensor:
+        """Images in [-1, 1] of any size (resized to the tower's, bicubic) -> ``(b, d)``, l2-normalised."""
+        size = self.image_size
+        if size is not None and images.shape[-1] != size:
+            images = F.interpolate(images, size=(size, size), mode="bicubic", antialias=True).clamp(-1, 1)
         return F.normalize(self.image_proj(self.image_tower(images)).float(), dim=-1)
 
     def encode_text(self, captions: list[str]) -> Tensor:

@@ -7,7 +7,6 @@ from checkpoint paths and stay out of their own checkpoints.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torchvision.transforms import v2
 
@@ -15,7 +14,7 @@ from networks.errors import ConfigError
 from networks.frozen import keep_out_of_checkpoints
 from networks.noise import stream_seed
 
-from .autoencoder import FrozenAutoencoderUser, VQAutoencoder
+from .autoencoder import FrozenAutoencoderUser
 from .base import TextToImageModule, load_method
 from .clip import load_clip
 
@@ -34,22 +33,16 @@ def per_prompt_seeds(seed: int | list[int] | None, n: int) -> list[int]:
 
 class CLIPScorer:
     """Mixin: a frozen CLIP from ``path`` (``self.clip``) and the cosine similarity of images and
-    their prompts under it, images resized to the CLIP's input size."""
+    their prompts under it (``encode_image`` resizes images to the CLIP's input size)."""
 
     def attach_clip(self, path: str, option: str = "model.init_args.clip"):
         self.clip = keep_out_of_checkpoints(load_clip(path, option=option))
         return self.clip
 
-    def clip_input(self, images: Tensor) -> Tensor:
-        size = self.clip.image_size
-        if size is not None and images.shape[-1] != size:
-            images = F.interpolate(images, size=(size, size), mode="bicubic", antialias=True).clamp(-1, 1)
-        return images
-
     @torch.no_grad()
     def clip_similarity(self, images: Tensor, prompts: list[str]) -> Tensor:
         """``(b,)``: cosine similarity of image ``i`` and prompt ``i``."""
-        return (self.clip.encode_image(self.clip_input(images)) * self.clip.encode_text(prompts)).sum(-1)
+        return (self.clip.encode_image(images) * self.clip.encode_text(prompts)).sum(-1)
 
     def train(self, mode: bool = True):
         super().train(mode)

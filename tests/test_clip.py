@@ -52,7 +52,9 @@ def test_each_caption_retrieves_its_own_image_after_overfitting(loss, tmp_path):
     with torch.no_grad():
         assert torch.allclose(frozen.encode_text(BLOCK_CAPTIONS), model.encode_text(BLOCK_CAPTIONS))
         features = frozen.encode_image(block_images())
+        larger = frozen.encode_image(torch.nn.functional.interpolate(block_images(), scale_factor=2))  # 32 px in
     assert torch.allclose(features.norm(dim=-1), torch.ones(4))
+    assert retrieval_recall(larger, frozen.encode_text(BLOCK_CAPTIONS), ks=(1,)) == {"i2t_r1": 1.0, "t2i_r1": 1.0}
 
 
 def test_temperature_starts_at_one_over_007_and_stays_clamped_at_100(tmp_path):

@@ -11,7 +11,7 @@ from test_cli import ROOT, run_cli
 from torch.utils.data import DataLoader
 
 from lightning_modules.clip import CLIP
-from lightning_modules.clip_guided import CLIPRerank, VQGANCLIP, spherical_distance
+from lightning_modules.clip_guided import VQGANCLIP, CLIPRerank, spherical_distance
 from lightning_modules.cvae import ConditionalVAE
 from networks.clip import ImageTower
 from networks.cvae import ConditionalVAENet
