@@ -66,8 +66,6 @@ def fid_kid(real: Tensor, fake: Tensor, extractor: nn.Module | None, name: str, 
     n = min(len(real), len(fake))
     if extractor is None:
         extractor = InceptionFeatures(inception_weights)
-    fid = FrechetInceptionDistance(feature=extractor, normalize=True)
-    kid = KernelInceptionDistance(feature=extractor, normalize=True, subset_size=min(kid_subset, n))
     dim = int(getattr(extractor, "num_features", 0))
     if dim and n <= dim:
         warnings.warn(
@@ -75,11 +73,35 @@ def fid_kid(real: Tensor, fake: Tensor, extractor: nn.Module | None, name: str, 
             "is singular and FID unreliable; use more samples, or compare KID",
             stacklevel=2,
         )
+    # the extractor runs once per image; FID and KID both read the features through an identity
+    features = {"real": _features(extractor, real), "fake": _features(extractor, fake)}
+    passthrough = _Features(features["real"].shape[-1])
+    fid = FrechetInceptionDistance(feature=passthrough, normalize=True)
+    kid = KernelInceptionDistance(feature=passthrough, normalize=True, subset_size=min(kid_subset, n))
     for metric in (fid, kid):
-        metric.update((real.float() + 1) / 2, real=True)
-        metric.update((fake.float() + 1) / 2, real=False)
+        metric.update(features["real"], real=True)
+        metric.update(features["fake"], real=False)
     kid_mean, _ = kid.compute()
     return {f"fid_{name}": float(fid.compute()), f"kid_{name}": float(kid_mean)}
+
+
+class _Features(nn.Module):
+    """An identity for torchmetrics' FID and KID fed with features computed beforehand."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, features: Tensor) -> Tensor:
+        return features
+
+
+@torch.no_grad()
+def _features(extractor: nn.Module, images: Tensor, batch: int = 64) -> Tensor:
+    """Features of images in [-1, 1], in batches (the extractor takes [0, 1])."""
+    return torch.cat(
+        [extractor((images[i : i + batch].float() + 1) / 2).double() for i in range(0, len(images), batch)]
+    )
 
 
 @torch.no_grad()

@@ -97,13 +97,22 @@ class CLIPRerank(CLIPScorer, TextToImageModule):
 
     @torch.no_grad()
     def rank(
-        self, prompts: list[str], *, seed: int | list[int] | None = None, candidates: int | None = None, **sampling
+        self,
+        prompts: list[str],
+        *,
+        seed: int | list[int] | None = None,
+        candidates: int | None = None,
+        **sampling,
     ) -> tuple[Tensor, Tensor]:
         """Every candidate and its CLIP similarity: ``(b, n, 3, h, w)`` and ``(b, n)``."""
         self.check_sampling(sampling)
         n, options = candidates or self.candidates, {**self.sampling, **sampling}
         seeds = per_prompt_seeds(seed, len(prompts))
-        flat = [(p, s if j == 0 else stream_seed(s, "candidate", j)) for p, s in zip(prompts, seeds) for j in range(n)]
+        flat = [
+            (p, s if j == 0 else stream_seed(s, "candidate", j))
+            for p, s in zip(prompts, seeds)
+            for j in range(n)
+        ]
         images, scores = [], []
         for start in range(0, len(flat), self.batch_size):
             chunk = flat[start : start + self.batch_size]
@@ -115,7 +124,12 @@ class CLIPRerank(CLIPScorer, TextToImageModule):
         return images.view(len(prompts), n, *images.shape[1:]), scores.view(len(prompts), n)
 
     def generate(
-        self, prompts: list[str], *, seed: int | list[int] | None = None, candidates: int | None = None, **sampling
+        self,
+        prompts: list[str],
+        *,
+        seed: int | list[int] | None = None,
+        candidates: int | None = None,
+        **sampling,
     ) -> Tensor:
         if (candidates or self.candidates) == 1 and not isinstance(seed, (list, tuple)):
             self.check_sampling(sampling)  # N = 1 with one stream: the generator's own call
@@ -189,7 +203,9 @@ class VQGANCLIP(CLIPScorer, FrozenAutoencoderUser, TextToImageModule):
         self.steps, self.lr, self.cutouts, self.cut_min = steps, lr, cutouts, cut_min
         augs = []
         if affine_degrees or affine_translate:
-            augs.append(v2.RandomAffine(degrees=affine_degrees, translate=(affine_translate, affine_translate)))
+            augs.append(
+                v2.RandomAffine(degrees=affine_degrees, translate=(affine_translate, affine_translate))
+            )
         if jitter:
             augs.append(v2.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter))
         self.augment = v2.Compose(augs) if augs else None
@@ -197,7 +213,9 @@ class VQGANCLIP(CLIPScorer, FrozenAutoencoderUser, TextToImageModule):
         self.side = vq.image_size // vq.downsample_factor
         self.init_colour, self.init_noise = init_colour, init_noise
         if init_colour is not None and len(init_colour) != 3:
-            raise ConfigError(f"model.init_args.init_colour must be three values in [-1, 1] (RGB), got {init_colour}")
+            raise ConfigError(
+                f"model.init_args.init_colour must be three values in [-1, 1] (RGB), got {init_colour}"
+            )
         self.last_loss_curve: Tensor | None = None
 
     @property
