@@ -22,6 +22,7 @@ import time
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from callbacks.dashboard import Throughput, experiment_group, run_tags
+from callbacks.process_group import destroy_at_exit
 from callbacks.slurm import (
     SharedRunDirCheck,
     SlurmRequeue,
@@ -357,6 +358,7 @@ class TextToImageCLI(LightningCLI):
 
 
 def main() -> None:
+    destroy_at_exit()  # CPU DDP (gloo): otherwise an exit after finished work can abort
     try:
         TextToImageCLI(
             parser_class=Parser,

@@ -89,3 +89,75 @@ def fit_and_save(model, loader, steps: int, path: str) -> str:
         ckpt["hyper_parameters"]["_class_path"] = f"{type(model).__module__}.{type(model).__name__}"
         torch.save(ckpt, path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_methods(tmp_path_factory):
+    """Checkpoints of three tiny 16 px models on the four block images: a CLIP (trained until the
+    four block captions retrieve their images), a conditional VAE and a StackGAN stage I (methods
+    of two families; barely trained, as a stochastic generator needs to be for the tests)."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from lightning_modules.clip import CLIP
+    from lightning_modules.cvae import ConditionalVAE
+    from lightning_modules.gan import TextToImageGAN
+    from networks.clip import ImageTower
+    from networks.cvae import ConditionalVAENet
+    from networks.stackgan import MatchingAwareDiscriminator, StageIGenerator
+    from networks.text_encoders import TransformerTextEncoder
+
+    def loader(steps):
+        return DataLoader(
+            [{"image": block_images(), "caption": list(BLOCK_CAPTIONS)}] * steps, batch_size=None
+        )
+
+    def text():
+        return TransformerTextEncoder(width=32, depth=1, heads=2, max_length=16, tokenizer="byte")
+
+    root = tmp_path_factory.mktemp("tiny_methods")
+    torch.manual_seed(0)
+    image = ImageTower(image_size=16, channels=8, channel_mult=(1, 2, 2), feature_channels=8, width=32)
+    clip = CLIP(
+        image, text(), embed_dim=16, optimizer=lambda p: torch.optim.AdamW(p, lr=2e-3, weight_decay=0.0)
+    )
+    paths = {"clip": fit_and_save(clip, loader(120), 120, str(root / "clip.ckpt"))}
+    torch.manual_seed(0)
+    net = ConditionalVAENet(image_size=16, text_dim=32, latent_dim=8, channels=16, hidden=64)
+    cvae = ConditionalVAE(net, text(), optimizer=lambda p: torch.optim.Adam(p, lr=2e-3))
+    paths["cvae"] = fit_and_save(cvae, loader(20), 20, str(root / "cvae.ckpt"))
+    torch.manual_seed(0)
+    gan = TextToImageGAN(StageIGenerator(32, image_size=16, z_dim=8, cond_dim=8, channels=16),
+                         [MatchingAwareDiscriminator(32, image_size=16, channels=8, cond_dim=8)], text())  # fmt: skip
+    paths["gan"] = fit_and_save(gan, loader(4), 4, str(root / "gan.ckpt"))
+    return paths
+
+
+def run_processes(cmd, timeout: float, retries: int = 0, **kw):
+    """``subprocess.run`` in a session of its own, so that a timeout kills every process it started
+    (DDP ranks, data-loader workers), not only the first one, whose orphans would hold the output
+    pipes open. With ``retries``, a run that times out is started again, with a warning that says so.
+
+    Two gloo processes started by Lightning on this 2-core machine hung about once in 60 runs
+    (rank 0 waiting in the TCP store's rendezvous while rank 1 ran on); the retry keeps that rare
+    start-up hang from failing tests that check something else.
+    """
+    import signal
+    import subprocess
+    import warnings
+
+    for attempt in range(retries + 1):
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True, **kw)  # fmt: skip
+        try:
+            out, err = proc.communicate(timeout=timeout)
+            return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            if attempt == retries:
+                raise AssertionError(
+                    f"{cmd} timed out after {timeout} s; its stderr ends:\n{err[-3000:]}"
+                ) from None
+            warnings.warn(f"{cmd} timed out after {timeout} s and was started again; stderr ended:\n{err[-1000:]}",
+                          stacklevel=2)  # fmt: skip

@@ -9,6 +9,7 @@ from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.strategies import DDPStrategy
 from tiny_module import TinyRegression
 
+from callbacks.process_group import destroy_at_exit
 from datamodules import ShapesDataModule
 from networks.text_encoders import TransformerTextEncoder
 
@@ -27,6 +28,7 @@ class Record(Callback):
 
 
 def main(root: str, out: str) -> None:
+    destroy_at_exit()  # gloo: no abort at exit after the work is done
     torch.manual_seed(0)
     dm = ShapesDataModule(root=root, resolution=16, num_train=600, num_val=64, shard_size=100, batch_size=4,
                           num_workers=1, train_batches_per_epoch=4, val_samples=24)  # fmt: skip

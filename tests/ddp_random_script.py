@@ -19,6 +19,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from PIL import Image
 
 from callbacks import ShapesScore
+from callbacks.process_group import destroy_at_exit
 from datamodules import TextImageDataModule
 from datamodules.shapes import heldout_prompts, objects_for, render
 from datamodules.shards import ShardWriter
@@ -107,6 +108,7 @@ def text():
 
 
 def main(out: str, seed: int) -> None:
+    destroy_at_exit()  # gloo: no abort at exit after the work is done
     seed_everything(seed, workers=True)  # what LightningCLI does: the same seed on every rank
     shard = wide_shard(tempfile.mkdtemp(prefix="ddp-random-"))  # each rank writes its own copy
     dm = TextImageDataModule(train_shards=shard, image_size=16, crop="random", hflip=True, batch_size=4,

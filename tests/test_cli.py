@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from conftest import run_processes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "tests", "configs", "tiny.yaml")
@@ -20,8 +21,7 @@ def run_cli(args, cwd, timeout=300, expect_failure=False, env_extra=None):
         **(env_extra or {}),
     }
     env.pop("T2I_RUN_DIR", None)
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    proc = run_processes([sys.executable, os.path.join(ROOT, "train.py"), *args], timeout, cwd=cwd, env=env)
     if expect_failure:
         assert proc.returncode != 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     else:

@@ -6,39 +6,17 @@ import os
 
 import pytest
 import torch
-from conftest import BLOCK_CAPTIONS, block_images, fit_and_save
+from conftest import BLOCK_CAPTIONS
 from test_cli import ROOT, run_cli
-from torch.utils.data import DataLoader
 
-from lightning_modules.clip import CLIP
 from lightning_modules.clip_guided import VQGANCLIP, CLIPRerank, spherical_distance
-from lightning_modules.cvae import ConditionalVAE
-from networks.clip import ImageTower
-from networks.cvae import ConditionalVAENet
 from networks.errors import ConfigError, MissingFileError
-from networks.text_encoders import TransformerTextEncoder
-
-
-def _loader(steps):
-    return DataLoader([{"image": block_images(), "caption": list(BLOCK_CAPTIONS)}] * steps, batch_size=None)
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    """A tiny CLIP (16 px, trained until the four block captions retrieve their images) and a
-    tiny conditional VAE (a stochastic generator) on the same images."""
-    root = tmp_path_factory.mktemp("clip_guided")
-    torch.manual_seed(0)
-    image = ImageTower(image_size=16, channels=8, channel_mult=(1, 2, 2), feature_channels=8, width=32)
-    text = TransformerTextEncoder(width=32, depth=1, heads=2, max_length=16, tokenizer="byte")
-    clip = CLIP(image, text, embed_dim=16, optimizer=lambda p: torch.optim.AdamW(p, lr=2e-3, weight_decay=0.0))
-    paths = {"clip": fit_and_save(clip, _loader(120), 120, str(root / "clip.ckpt"))}
-    torch.manual_seed(0)
-    net = ConditionalVAENet(image_size=16, text_dim=32, latent_dim=8, channels=16, hidden=64)
-    text = TransformerTextEncoder(width=32, depth=1, heads=2, max_length=16, tokenizer="byte")
-    cvae = ConditionalVAE(net, text, optimizer=lambda p: torch.optim.Adam(p, lr=2e-3))
-    paths["cvae"] = fit_and_save(cvae, _loader(20), 20, str(root / "cvae.ckpt"))
-    return paths
+def checkpoints(tiny_methods):
+    """The tiny CLIP and conditional VAE (a stochastic generator) of conftest, on the block images."""
+    return tiny_methods
 
 
 class BrightnessCLIP(torch.nn.Module):
@@ -104,13 +82,18 @@ def test_reranking_predict_writes_every_candidate_with_its_score(checkpoints, tm
     assert len([f for f in files if "_candidate" in f]) == 6
     assert len([f for f in files if f.endswith(".png") and "_candidate" not in f and "grid" not in f]) == 2
     lines = (out / "scores.tsv").read_text().splitlines()
-    assert lines[0].split("\t") == ["index", "caption", "seed", "candidate", "score", "chosen"] and len(lines) == 7
+    assert (
+        lines[0].split("\t") == ["index", "caption", "seed", "candidate", "score", "chosen"]
+        and len(lines) == 7
+    )
 
 
 def test_bad_generator_and_clip_checkpoints_are_clear_errors(checkpoints, tiny_autoencoders, tmp_path):
     with pytest.raises(MissingFileError, match="model.init_args.generator: checkpoint .* not found"):
         CLIPRerank(str(tmp_path / "none.ckpt"), checkpoints["clip"])
-    with pytest.raises(ConfigError, match="model.init_args.generator: .* is not a text-to-image method's checkpoint"):
+    with pytest.raises(
+        ConfigError, match="model.init_args.generator: .* is not a text-to-image method's checkpoint"
+    ):
         CLIPRerank(checkpoints["clip"], checkpoints["clip"])
     with pytest.raises(ConfigError, match="model.init_args.clip: .* is not a CLIP checkpoint"):
         CLIPRerank(checkpoints["cvae"], checkpoints["cvae"])
@@ -126,7 +109,9 @@ def test_spherical_distance_is_the_squared_great_circle_distance():
 
 
 def test_clip_guidance_lowers_the_clip_loss_and_a_seed_repeats_the_image(checkpoints, tiny_autoencoders):
-    model = VQGANCLIP(tiny_autoencoders["vq"], checkpoints["clip"], steps=30, lr=0.2, cutouts=4, cut_noise=0.1)
+    model = VQGANCLIP(
+        tiny_autoencoders["vq"], checkpoints["clip"], steps=30, lr=0.2, cutouts=4, cut_noise=0.1
+    )
     images = model.generate(BLOCK_CAPTIONS[:2], seed=[1, 2])
     curve = model.last_loss_curve
     assert images.shape == (2, 3, 16, 16) and curve.shape == (30, 2)

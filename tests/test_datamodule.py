@@ -1,13 +1,13 @@
 import io
 import json
 import os
-import subprocess
 import sys
 import tarfile
 
 import numpy as np
 import pytest
 import torch
+from conftest import run_processes
 from PIL import Image
 
 from datamodules import ShapesDataModule, TextImageDataModule
@@ -172,9 +172,9 @@ def test_missing_shards_fail_with_a_clear_error(tmp_path):
 
 def test_ddp_two_ranks_read_disjoint_shards_with_equal_batches(shapes16, tmp_path):
     out = tmp_path / "ddp.json"
-    proc = subprocess.run(
+    proc = run_processes(
         [sys.executable, os.path.join(ROOT, "tests", "ddp_data_script.py"), shapes16, str(out)],
-        capture_output=True, text=True, timeout=240, cwd=str(tmp_path),
+        timeout=150, retries=1, cwd=str(tmp_path),
         env={**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests")])},
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]

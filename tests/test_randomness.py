@@ -2,18 +2,18 @@
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
+from conftest import run_processes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(out, seed):
-    proc = subprocess.run(
+    proc = run_processes(
         [sys.executable, os.path.join(ROOT, "tests", "ddp_random_script.py"), str(out), str(seed)],
-        capture_output=True, text=True, timeout=300, cwd=os.path.dirname(out),
+        timeout=150, retries=1, cwd=os.path.dirname(out),
         env={**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests")])},
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
