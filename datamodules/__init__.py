@@ -1,6 +1,17 @@
-"""Text-image data: the shared shard datamodule, the shapes dataset and its scorer, converters."""
+"""Text-image data: the shared shard datamodule, the shapes dataset and its scorer, converters.
 
-from .shapes_datamodule import ShapesDataModule
-from .text_image import TextImageDataModule
+The datamodules load on first use, so that ``datamodules.shapes`` (the renderer and its scorer,
+used by ``evaluation``) imports no Lightning.
+"""
 
-__all__ = ["ShapesDataModule", "TextImageDataModule"]
+from importlib import import_module
+
+_LAZY = {"ShapesDataModule": ".shapes_datamodule", "TextImageDataModule": ".text_image"}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

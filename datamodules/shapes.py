@@ -10,7 +10,9 @@ from a seed, with plain-English captions and the attributes in ``.json``:
 - ``count``: two to four objects of one colour and shape ("three green triangles").
 
 Some single-object attribute combinations (``HELDOUT``) never appear in training data; they
-are the held-out prompts that measure compositional generalisation.
+are the held-out prompts that measure compositional generalisation. ``prompt_set`` adds the
+evaluation sets in the style of GenEval's categories (``PROMPT_SETS``): two objects, counting,
+colour binding and position, each with its own scorer check.
 
 The scorer reads an image back with no learned model: it segments pixels by their nearest
 palette colour, labels connected components and measures each one's extent, fill ratio
@@ -129,12 +131,18 @@ def _caption_count(a: dict, rng: np.random.Generator) -> list[str]:
     return [f"{COUNT_WORDS[a['count']]} {o['colour']} {o['shape']}s"]
 
 
+def _caption_pair(a: dict, rng: np.random.Generator) -> list[str]:
+    o1, o2 = a["objects"]
+    return [f"a {o1['colour']} {o1['shape']} and a {o2['colour']} {o2['shape']}"]
+
+
+_CAPTIONS = {"single": _caption_single, "relation": _caption_relation, "count": _caption_count,
+             "two_objects": _caption_pair, "colour_binding": _caption_pair}  # fmt: skip
+
+
 def caption(attrs: dict, rng: np.random.Generator | None = None) -> list[str]:
     """Plain-English captions for a scene; the first is the canonical one."""
-    rng = rng or np.random.default_rng(0)
-    return {"single": _caption_single, "relation": _caption_relation, "count": _caption_count}[attrs["kind"]](
-        attrs, rng
-    )
+    return _CAPTIONS[attrs["kind"]](attrs, rng or np.random.default_rng(0))
 
 
 def single_attrs(colour: str, shape: str, size: str, position: str) -> dict:
@@ -184,10 +192,18 @@ def _objects_count(a: dict, rng: np.random.Generator) -> list[ShapeObject]:
     return out
 
 
+def _objects_pair(a: dict, rng: np.random.Generator) -> list[ShapeObject]:
+    """Two objects side by side or one above the other, in either order (the caption says "and")."""
+    relation = list(RELATIONS)[rng.integers(len(RELATIONS))]
+    return _objects_relation({**a, "relation": relation}, rng)
+
+
+_LAYOUTS = {"single": _objects_single, "relation": _objects_relation, "count": _objects_count,
+            "two_objects": _objects_pair, "colour_binding": _objects_pair}  # fmt: skip
+
+
 def objects_for(attrs: dict, rng: np.random.Generator) -> list[ShapeObject]:
-    return {"single": _objects_single, "relation": _objects_relation, "count": _objects_count}[attrs["kind"]](
-        attrs, rng
-    )
+    return _LAYOUTS[attrs["kind"]](attrs, rng)
 
 
 def sample_attrs(
@@ -247,6 +263,52 @@ def heldout_prompts() -> list[tuple[str, dict]]:
         a = single_attrs(*combo)
         out.append((caption(a)[0], a))
     return out
+
+
+# Evaluation prompt sets in the style of GenEval's categories. ``single`` holds attribute
+# combinations that no training shard contains. ``counting`` and ``position`` use the training
+# captions' templates on fresh scenes (the dataset holds no combination of them out).
+# ``two_objects`` and ``colour_binding`` ask with "and", a template no training caption uses.
+PROMPT_SETS = {
+    "single": "held-out single objects: colour, shape, size and position, never seen in training",
+    "two_objects": "'a red circle and a blue square': both shapes there, and nothing else (colours not judged)",
+    "counting": "'three green triangles': two to four objects of one colour and shape",
+    "colour_binding": "'a red circle and a blue square': each shape in its own colour, two objects",
+    "position": "'a red circle to the left of a blue square' / 'above': the relation, shapes and colours",
+}
+
+
+def _pair(rng: np.random.Generator, kind: str) -> dict:
+    colours = list(COLOURS)
+    c1, c2 = rng.choice(len(colours), size=2, replace=False)
+    s1, s2 = rng.choice(len(SHAPES), size=2, replace=False)  # two different shapes
+    objects = [{"colour": colours[c1], "shape": SHAPES[s1]}, {"colour": colours[c2], "shape": SHAPES[s2]}]
+    return {"kind": kind, "objects": objects, "count": 2}
+
+
+def prompt_set(name: str, n: int, seed: int = 0) -> list[tuple[str, dict]]:
+    """``n`` distinct prompts of the set ``name`` (see ``PROMPT_SETS``) as ``(caption, attrs)``,
+    the same for the same seed; ``single`` is the held-out list (all of it when ``n`` is larger)."""
+    if name not in PROMPT_SETS:
+        raise ValueError(f"unknown prompt set {name!r}; the sets are {', '.join(PROMPT_SETS)}")
+    if name == "single":
+        prompts = heldout_prompts()
+        order = np.random.default_rng([seed, 0]).permutation(len(prompts))
+        return [prompts[i] for i in order[:n]]
+    rng = np.random.default_rng([seed, list(PROMPT_SETS).index(name)])
+    out: dict[str, dict] = {}
+    for _ in range(100 * n):
+        if len(out) == n:
+            break
+        if name == "counting":
+            a = sample_attrs(rng, kinds={"count": 1.0})
+        elif name == "position":
+            a = sample_attrs(rng, kinds={"relation": 1.0})
+            a["relation"] = ("left of", "above")[int(rng.integers(2))]
+        else:
+            a = _pair(rng, name)
+        out.setdefault(caption(a)[0], a)
+    return list(out.items())
 
 
 # ----------------------------------------------------------------------------- scorer
@@ -370,6 +432,17 @@ def score(image, attrs: dict) -> dict[str, bool]:
                 "below": dy > 0 and abs(dy) > abs(dx),
             }[rel]
         result["relation"] = ok
+        result["count"] = len(blobs) == 2
+    elif attrs["kind"] == "two_objects":
+        shapes = sorted(b.shape for b in blobs[:2])
+        result["shape"] = shapes == sorted(o["shape"] for o in attrs["objects"])
+        result["count"] = len(blobs) == 2
+    elif attrs["kind"] == "colour_binding":
+        found = [_largest(blobs, o["colour"]) for o in attrs["objects"]]
+        result["colour"] = all(b is not None for b in found)
+        result["shape"] = result["colour"] and all(
+            b.shape == o["shape"] for b, o in zip(found, attrs["objects"])
+        )
         result["count"] = len(blobs) == 2
     else:
         o = attrs["objects"][0]

@@ -81,7 +81,9 @@ def fid_kid(real: Tensor, fake: Tensor, extractor: nn.Module | None, name: str, 
     for metric in (fid, kid):
         metric.update(features["real"], real=True)
         metric.update(features["fake"], real=False)
-    kid_mean, _ = kid.compute()
+    with torch.random.fork_rng(devices=[]):  # KID draws random subsets: the same for the same images
+        torch.manual_seed(0)
+        kid_mean, _ = kid.compute()
     return {f"fid_{name}": float(fid.compute()), f"kid_{name}": float(kid_mean)}
 
 
@@ -112,20 +114,27 @@ def clip_score(clip: nn.Module, images: Tensor, prompts: list[str]) -> float:
 
 
 @torch.no_grad()
-def r_precision(clip: nn.Module, images: Tensor, prompts: list[str], pool: list[str], distractors: int = 99,
-                folds: int = 10, seed: int = 0) -> tuple[float, float]:  # fmt: skip
-    """AttnGAN's R-precision (R@1): for each image, its true prompt among ``distractors`` others
-    drawn from ``pool`` (never the true prompt itself); the rate at which the true prompt is the
-    most similar, as mean and std over ``folds`` folds of the images."""
-    g = torch.Generator().manual_seed(seed)
+def r_precision_hits(clip: nn.Module, images: Tensor, prompts: list[str], pool: list[str], distractors: int = 99,
+                     generator: torch.Generator | None = None) -> list[float]:  # fmt: skip
+    """For each image, 1.0 when its true prompt is more similar than every one of ``distractors``
+    others drawn from ``pool`` without replacement (never the true prompt; all others when the pool
+    is smaller), else 0.0."""
     image = clip.encode_image(images)
     hits = []
     for i, prompt in enumerate(prompts):
-        others = [p for p in pool if p != prompt]
-        picks = torch.randint(0, len(others), (distractors,), generator=g).tolist()
+        others = sorted({p for p in pool if p != prompt})
+        picks = torch.randperm(len(others), generator=generator)[:distractors].tolist()
         texts = clip.encode_text([prompt] + [others[j] for j in picks])
         sims = texts @ image[i]
         hits.append(float(sims[0] > sims[1:].max()))
+    return hits
+
+
+def r_precision(clip: nn.Module, images: Tensor, prompts: list[str], pool: list[str], distractors: int = 99,
+                folds: int = 10, seed: int = 0) -> tuple[float, float]:  # fmt: skip
+    """AttnGAN's R-precision (R@1): the rate at which an image's true prompt beats ``distractors``
+    others from ``pool`` (``r_precision_hits``), as mean and std over ``folds`` folds of the images."""
+    hits = r_precision_hits(clip, images, prompts, pool, distractors, torch.Generator().manual_seed(seed))
     chunks = torch.tensor(hits).chunk(min(folds, len(hits)))
     rates = torch.stack([c.mean() for c in chunks])
     return float(rates.mean()), float(rates.std(unbiased=False))

@@ -41,3 +41,13 @@ class TinyRegression(TextToImageModule):
 
     def configure_optimizers(self):
         return self.optimizer(self.parameters())
+
+
+class ColourStats(nn.Module):
+    """A feature network for FID tests: each channel's mean and standard deviation (6 features)
+    of images in [0, 1]."""
+
+    num_features = 6
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.cat([images.mean((2, 3)), images.std((2, 3))], 1)

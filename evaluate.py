@@ -1,0 +1,521 @@
+"""Every method of a compare config, measured by one protocol, in one table.
+
+    python evaluate.py --config configs/compare/shapes.yaml
+    python evaluate.py --config configs/compare/shapes.yaml --methods diffusion,stackgan --num-samples 512
+
+The config lists the methods (a name, and a ``checkpoint`` saved by ``train.py fit`` or a
+``model`` with ``class_path`` and ``init_args`` for methods with nothing to fit, such as
+reranking) with their ``sampling`` options, and fixes the protocol: the prompt sets, the seeds,
+the sample counts, the CLIP and the feature extractors. Each method is loaded through its class's
+``load_from_checkpoint`` and used only through ``generate``. The output folder gets
+``results.md`` (the table, the protocol and the command), ``results.csv``, ``results.json``
+(everything, with the resolved config, the package versions and each checkpoint's sha256),
+``quality_vs_speed.png``, one image grid per prompt set, and the W&B run (offline without a key
+or network). A method that fails is reported in its row; the others are still evaluated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import difflib
+import hashlib
+import importlib
+import json
+import os
+import platform
+import sys
+import time
+import traceback
+import warnings
+from importlib import metadata
+
+import torch
+import yaml
+from tqdm import tqdm
+
+from datamodules.shapes import PROMPT_SETS
+from evaluation.harness import (
+    Protocol,
+    chance,
+    generate_images,
+    parameter_count,
+    prompts_for,
+    quality,
+    render_real,
+    sample_problems,
+    training_budget,
+)
+
+TOP_KEYS = {
+    "output": "folder for results.md/csv/json, the plot, the grids and the W&B run",
+    "seed": "protocol seed: prompts and every image's seed",
+    "resolution": "images are compared at this side (a method's own size is resized to it)",
+    "prompt_sets": f"any of {', '.join(PROMPT_SETS)}",
+    "prompts_per_set": "prompts of each set (the held-out single-object set has 26)",
+    "num_samples": "images per prompt set; seeds per prompt = ceil(num_samples / prompts)",
+    "batch_size": "prompts per generate call",
+    "clip": "CLIP checkpoint for CLIP score, R-precision and fid_clip (null: no CLIP columns)",
+    "extractors": "FID/KID feature extractors: clip, inception, or {name, class_path, init_args}",
+    "inception_weights": "local pt_inception-2015-12-05 weights for the inception extractor",
+    "lpips": "local VGG weights for LPIPS diversity (null: pixel distance)",
+    "r_precision": "{distractors: 99, folds: 10}",
+    "wandb": "{project: t2i, enabled: true}",
+    "methods": "the list of methods: name, checkpoint or model, sampling, family",
+}
+METHOD_KEYS = {"name", "checkpoint", "model", "sampling", "family", "note"}
+COLUMNS = [  # (key, header, format)
+    ("method", "method", "{}"),
+    ("family", "family", "{}"),
+    *[(f"shapes_{s}", s, "{:.3f}") for s in PROMPT_SETS],
+    ("shapes_overall", "overall", "{:.3f}"),
+    ("fid_clip", "FID (CLIP)", "{:.3f}"),
+    ("kid_clip", "KID (CLIP)", "{:.4f}"),
+    ("fid_inception", "FID (Inception)", "{:.2f}"),
+    ("clip_score", "CLIP score", "{:.1f}"),
+    ("r_precision", "R-prec.", "{:.3f}"),
+    ("diversity", "diversity", "{:.3f}"),
+    ("images_per_sec", "img/s", "{:.1f}"),
+    ("params_m", "params (M)", "{:.2f}"),
+    ("steps", "train steps", "{:,}"),
+    ("samples_seen", "samples seen", "{:,}"),
+    ("train_minutes", "train min", "{:.0f}"),
+    ("note", "note", "{}"),
+    ("error", "error", "{}"),
+]
+
+
+class ConfigProblem(ValueError):
+    pass
+
+
+def _suggest(key: str, known) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def load_config(path: str, overrides: argparse.Namespace) -> dict:
+    """The compare config with the command line's overrides, checked before any work."""
+    if not os.path.isfile(path):
+        raise ConfigProblem(f"--config {path!r} not found")
+    with open(path) as f:
+        cfg = yaml.safe_load(f) or {}
+    for key in cfg:
+        if key not in TOP_KEYS:
+            raise ConfigProblem(
+                f"{path}: unknown key {key!r}{_suggest(key, TOP_KEYS)}; the keys are {', '.join(TOP_KEYS)}"
+            )
+    cfg.setdefault("prompt_sets", list(PROMPT_SETS))
+    cfg.setdefault("prompts_per_set", 26)
+    cfg.setdefault("num_samples", 104)
+    cfg.setdefault("seed", 0)
+    cfg.setdefault("resolution", 32)
+    cfg.setdefault("batch_size", 32)
+    cfg.setdefault("extractors", ["clip"] if cfg.get("clip") else [])
+    cfg.setdefault("output", os.path.join("runs", "compare", os.path.splitext(os.path.basename(path))[0]))
+    for key in ("output", "seed", "num_samples"):
+        value = getattr(overrides, key, None)
+        if value is not None:
+            cfg[key] = value
+    methods = cfg.get("methods") or []
+    if not isinstance(methods, list) or not methods:
+        raise ConfigProblem(
+            f"{path}: methods must be a non-empty list of {{name, checkpoint | model, sampling}}"
+        )
+    names = []
+    for i, m in enumerate(methods):
+        if not isinstance(m, dict) or "name" not in m:
+            raise ConfigProblem(f"{path}: methods[{i}] needs a name")
+        for key in m:
+            if key not in METHOD_KEYS:
+                raise ConfigProblem(f"methods[{m['name']}]: unknown key {key!r}{_suggest(key, METHOD_KEYS)}")
+        if ("checkpoint" in m) == ("model" in m):
+            raise ConfigProblem(f"methods[{m['name']}]: give exactly one of checkpoint or model")
+        names.append(m["name"])
+    if overrides.methods:
+        wanted = [n.strip() for n in overrides.methods.split(",") if n.strip()]
+        for n in wanted:
+            if n not in names:
+                raise ConfigProblem(
+                    f"--methods: no method {n!r} in {path}{_suggest(n, names)}; it lists {', '.join(names)}"
+                )
+        cfg["methods"] = [m for m in methods if m["name"] in wanted]
+    for ext in cfg["extractors"]:
+        if ext == "clip" and not cfg.get("clip"):
+            raise ConfigProblem("extractors: clip needs the clip option (a CLIP checkpoint)")
+        if isinstance(ext, str) and ext not in ("clip", "inception"):
+            raise ConfigProblem(
+                f"extractors: {ext!r} is not clip, inception or {{name, class_path, init_args}}"
+            )
+    return cfg
+
+
+def protocol_of(cfg: dict) -> Protocol:
+    rp = cfg.get("r_precision") or {}
+    prompts = int(cfg["prompts_per_set"])
+    return Protocol(prompt_sets=list(cfg["prompt_sets"]), prompts=prompts, seeds=max(1, -(-int(cfg["num_samples"]) // prompts)),
+                    seed=int(cfg["seed"]), resolution=int(cfg["resolution"]), batch_size=int(cfg["batch_size"]),
+                    distractors=int(rp.get("distractors", 99)), folds=int(rp.get("folds", 10)))  # fmt: skip
+
+
+def build_extractors(cfg: dict, clip) -> dict[str, torch.nn.Module]:
+    """The feature networks, each under the name its metrics carry (fid_<name>)."""
+    from evaluation.metrics import CLIPImageFeatures, InceptionFeatures
+
+    out = {}
+    for ext in cfg["extractors"]:
+        if ext == "clip":
+            out["clip"] = CLIPImageFeatures(clip)
+        elif ext == "inception":
+            out["inception"] = InceptionFeatures(cfg.get("inception_weights"))
+        else:
+            name, class_path = ext.get("name"), ext.get("class_path", "")
+            module_name, _, cls_name = class_path.rpartition(".")
+            try:
+                cls = getattr(importlib.import_module(module_name), cls_name)
+            except (ImportError, AttributeError, ValueError) as err:
+                raise ConfigProblem(
+                    f"extractors[{name}]: class_path {class_path!r} cannot be imported ({err})"
+                ) from err
+            out[name] = cls(**(ext.get("init_args") or {})).eval()
+    return out
+
+
+def sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _run_config(checkpoint: str) -> dict | None:
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(checkpoint))), "config.yaml")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return yaml.safe_load(f)
+
+
+def load(spec: dict):
+    """``(module, provenance)`` of one method: from its checkpoint, or built from class_path."""
+    from callbacks.dashboard import run_tags
+    from lightning_modules.base import TextToImageModule, load_method
+
+    name = spec["name"]
+    if "checkpoint" in spec:
+        path = spec["checkpoint"]
+        model = load_method(path, option=f"methods[{name}].checkpoint")
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        info = {"checkpoint": os.path.abspath(path), "sha256": sha256(path),
+                **training_budget(ckpt, _run_config(path))}  # fmt: skip
+        class_path = ckpt.get("hyper_parameters", {}).get(
+            "_class_path", type(model).__module__ + "." + type(model).__name__
+        )
+    else:
+        class_path = (spec["model"] or {}).get("class_path", "")
+        module_name, _, cls_name = class_path.rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module_name), cls_name)
+        except (ImportError, AttributeError, ValueError) as err:
+            raise ConfigProblem(
+                f"methods[{name}].model.class_path {class_path!r} cannot be imported ({err})"
+            ) from err
+        if not (isinstance(cls, type) and issubclass(cls, TextToImageModule)):
+            raise ConfigProblem(
+                f"methods[{name}].model.class_path {class_path!r} is not a text-to-image method (no generate)"
+            )
+        model = cls(**(spec["model"].get("init_args") or {})).requires_grad_(False).eval()
+        args = spec["model"].get("init_args") or {}
+        files = {k: v for k, v in args.items() if isinstance(v, str) and os.path.isfile(v)}
+        info = {"model": spec["model"], "sha256": {k: sha256(v) for k, v in files.items()},
+                "steps": None, "samples_seen": None, "train_seconds": None}  # fmt: skip
+    tags = run_tags(class_path)
+    info["family"] = spec.get("family") or (tags[0] if tags else "")
+    info["class_path"] = class_path
+    return model, info
+
+
+def judge_note(spec: dict, judge: str | None) -> str | None:
+    """The honesty flag of a method that uses the judging CLIP itself (guidance, reranking), and
+    the config's own note."""
+    notes = [spec["note"]] if spec.get("note") else []
+    args = (spec.get("model") or {}).get("init_args") or {}
+    used = args.get("clip")
+    if judge and isinstance(used, str) and os.path.realpath(used) == os.path.realpath(judge):
+        notes.append("uses the judging CLIP itself: its CLIP columns flatter it, read the shapes columns")
+    return "; ".join(notes) or None
+
+
+def _fmt(key: str, value, fmt: str) -> str:
+    if value is None or value == "":
+        return "" if key == "error" else "–"
+    try:
+        return fmt.format(value)
+    except (ValueError, TypeError):
+        return str(value)
+
+
+def visible_columns(rows: list[dict]) -> list[tuple[str, str, str]]:
+    return [c for c in COLUMNS if any(r.get(c[0]) not in (None, "") for r in rows)]
+
+
+def markdown_table(rows: list[dict]) -> str:
+    cols = visible_columns(rows)
+    lines = ["| " + " | ".join(h for _, h, _ in cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(k, r.get(k), f) for k, _, f in cols) + " |")
+    return "\n".join(lines)
+
+
+def package_versions() -> dict:
+    out = {"python": platform.python_version()}
+    for name in (
+        "torch",
+        "torchvision",
+        "lightning",
+        "torchmetrics",
+        "numpy",
+        "open_clip_torch",
+        "wandb",
+        "lpips",
+    ):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def write_plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for r in rows:
+        if r.get("images_per_sec") and r.get("shapes_overall") is not None:
+            ax.scatter(r["images_per_sec"], r["shapes_overall"])
+            ax.annotate(r["method"], (r["images_per_sec"], r["shapes_overall"]), textcoords="offset points",
+                        xytext=(4, 4), fontsize=8)  # fmt: skip
+    ax.set_xscale("log")
+    ax.set_xlabel("images per second of generate (log)")
+    ax.set_ylabel("analytic all-correct rate, mean over prompt sets")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_grids(
+    images: dict[str, dict[str, torch.Tensor]], prompts: dict, out: str, columns: int = 8
+) -> dict[str, str]:
+    """One PNG per prompt set: a row per method (the real renders first), the first ``columns``
+    prompts at seed index 0, with ``grid_<set>.txt`` naming the rows and columns."""
+    from torchvision.utils import save_image
+
+    paths = {}
+    for name, items in prompts.items():
+        rows, labels = [], []
+        for method, sets in images.items():
+            if name in sets:
+                rows.append(sets[name][:columns, 0])
+                labels.append(method)
+        if not rows:
+            continue
+        grid = torch.cat(rows)
+        path = os.path.join(out, f"grid_{name}.png")
+        save_image((grid + 1) / 2, path, nrow=min(columns, len(items)), padding=1)
+        with open(os.path.join(out, f"grid_{name}.txt"), "w") as f:
+            f.write(
+                "rows: "
+                + ", ".join(labels)
+                + "\ncolumns: "
+                + " | ".join(c for c, _ in items[:columns])
+                + "\n"
+            )
+        paths[name] = path
+    return paths
+
+
+def log_wandb(cfg: dict, rows: list[dict], plot: str, grids: dict[str, str], out: str) -> str | None:
+    """The table, the plot and the grids as one W&B run (offline without a key or network);
+    never fails the evaluation."""
+    opts = cfg.get("wandb") or {}
+    if opts.get("enabled", True) is False:
+        return None
+    try:
+        import wandb
+
+        from callbacks.wandb_logger import wandb_reachable
+
+        mode = "online" if wandb_reachable() else "offline"
+        run = wandb.init(project=opts.get("project", "t2i"), dir=out, mode=mode, job_type="evaluate",
+                         name=f"compare-{os.path.basename(os.path.normpath(out))}", config=cfg,
+                         tags=["evaluation"])  # fmt: skip
+        cols = visible_columns(rows)
+        table = wandb.Table(
+            columns=[h for _, h, _ in cols], data=[[r.get(k) for k, _, _ in cols] for r in rows]
+        )
+        run.log({"results": table, "quality_vs_speed": wandb.Image(plot),
+                 **{f"grid/{n}": wandb.Image(p) for n, p in grids.items()}})  # fmt: skip
+        run.finish()
+        return mode
+    except Exception as err:  # noqa: BLE001 - W&B must never lose the results written to disk
+        warnings.warn(f"W&B logging failed ({err}); the results are in {out}", stacklevel=2)
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", required=True, help="a compare config (configs/compare/*.yaml)")
+    p.add_argument("--methods", help="comma-separated names from the config's methods (default: all)")
+    p.add_argument("--num-samples", dest="num_samples", type=int, help="images per prompt set")
+    p.add_argument("--output", help="output folder (default: the config's output)")
+    p.add_argument("--seed", type=int, help="protocol seed")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    command = "python evaluate.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = load_config(args.config, args)
+        protocol = protocol_of(cfg)
+        clip = None
+        if cfg.get("clip"):
+            from lightning_modules.clip import load_clip
+
+            clip = load_clip(cfg["clip"], option="clip")
+        extractors = build_extractors(cfg, clip)
+        lpips = None
+        if cfg.get("lpips"):
+            from networks.perceptual import PerceptualLoss
+
+            lpips = PerceptualLoss(cfg["lpips"], option="lpips")
+        errors, notes = sample_problems(protocol, extractors)
+        if errors:
+            raise ConfigProblem("; ".join(errors))
+        for note in notes:
+            warnings.warn(note, stacklevel=1)
+    except (ConfigProblem, ValueError, OSError) as err:
+        sys.stderr.write(f"error: {err}\n")
+        return 2
+    from networks.errors import ConfigError
+
+    out = cfg["output"]
+    os.makedirs(out, exist_ok=True)
+    prompts = prompts_for(protocol)
+    total = protocol.seeds * sum(len(v) for v in prompts.values())
+    real = render_real(prompts, protocol)
+    real_again = render_real(prompts, protocol, draw=1)
+    reference = {"method": "real renders", "family": "reference",
+                 **_scalars(quality(real, prompts, protocol, real_again, clip, extractors, lpips))}  # fmt: skip
+    chance_row = {"method": "chance", "family": "reference", **chance(prompts, protocol, real, clip)}
+    rows, details, images = [], {}, {"real renders": real}
+    bar = tqdm(total=len(cfg["methods"]) * (total + 1), unit="img", desc="evaluate", file=sys.stderr)
+    for spec in cfg["methods"]:
+        name = spec["name"]
+        row = {"method": name, "family": spec.get("family", "")}
+        try:
+            bar.set_description(f"{name}: load")
+            model, info = load(spec)
+            model.to(args.device)
+            row["family"] = info["family"]
+            row["note"] = judge_note(spec, cfg.get("clip"))
+            bar.set_description(f"{name}: generate")
+            sets, seconds, n = generate_images(
+                model.generate, prompts, protocol, spec.get("sampling"), bar.update
+            )
+            bar.set_description(f"{name}: score")
+            q = quality(sets, prompts, protocol, real, clip, extractors, lpips,
+                        status=lambda metric, name=name: bar.set_description(f"{name}: {metric}"))  # fmt: skip
+            bar.update(1)
+            row.update(_scalars(q))
+            row.update(images_per_sec=n / max(seconds, 1e-9), params_m=parameter_count(model) / 1e6,
+                       steps=info.get("steps"), samples_seen=info.get("samples_seen"),
+                       train_minutes=(info["train_seconds"] / 60) if info.get("train_seconds") else None)  # fmt: skip
+            details[name] = {"provenance": info, "shapes_detail": q["shapes_detail"],
+                             "generate_seconds": seconds, "images": n, "sampling": spec.get("sampling") or {}}  # fmt: skip
+            images[name] = sets
+            del model
+        except (
+            ConfigProblem,
+            ConfigError,
+            OSError,
+            ValueError,
+            RuntimeError,
+            NotImplementedError,
+            TypeError,
+        ) as err:
+            row["error"] = f"{type(err).__name__}: {err}".replace("\n", " ")
+            details[name] = {"error": row["error"], "traceback": traceback.format_exc()}
+            bar.update(total + 1)
+        rows.append(row)
+    bar.close()
+    all_rows = [*rows, reference, chance_row]
+    plot = os.path.join(out, "quality_vs_speed.png")
+    write_plot(rows, plot)
+    grids = write_grids(images, prompts, out)
+    write_files(out, cfg, protocol, command, all_rows, details, clip is not None)
+    mode = log_wandb(cfg, all_rows, plot, grids, out)
+    print(markdown_table(all_rows))
+    print(
+        f"\nwritten to {out}/ (results.md, results.csv, results.json, quality_vs_speed.png, grid_*.png"
+        + (f", W&B {mode} run)" if mode else ")")
+    )
+    return 1 if any("error" in r for r in rows) else 0
+
+
+def _scalars(q: dict) -> dict:
+    return {k: v for k, v in q.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def write_files(out: str, cfg: dict, protocol: Protocol, command: str, rows: list[dict], details: dict,
+                has_clip: bool) -> None:  # fmt: skip
+    cols = visible_columns(rows)
+    with open(os.path.join(out, "results.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow([k for k, _, _ in cols])
+        for r in rows:
+            w.writerow([r.get(k, "") for k, _, _ in cols])
+    record = {"command": command, "config": cfg, "protocol": protocol.as_dict(), "rows": rows,
+              "methods": details, "packages": package_versions(), "device": platform.platform(),
+              "time": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(record, f, indent=1, default=str)
+    lines = [
+        "# Comparison on the shapes prompt sets",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Protocol: prompt sets {', '.join(protocol.prompt_sets)}; {protocol.prompts} prompts per set "
+        f"(`single` has 26), {protocol.seeds} image(s) per prompt, each with its own seed, protocol seed {protocol.seed}, "
+        f"compared at {protocol.resolution} px, {protocol.batch_size} prompts per `generate` call.",
+        "",
+        "The shapes columns are the analytic scorer's all-correct rate per prompt set (no learned model "
+        "judges them: the primary columns); `overall` is their mean. "
+        + (
+            "CLIP score, R-precision and fid_clip/kid_clip use the CLIP "
+            + f"`{cfg.get('clip')}`; R-precision "
+            f"is AttnGAN's R@1 with up to {protocol.distractors} distractor captions of the same set, mean over "
+            f"{protocol.folds} folds (std in results.json). "
+            if has_clip
+            else ""
+        )
+        + "The `real renders` row is the renderer's own images of the same prompts (the ceiling; its FID is "
+        "against a second independent draw), `chance` judges those renders against another prompt of their set. "
+        "img/s is measured on this machine and varies between runs; every other number is fixed by the seed.",
+        "",
+        "Prompt sets: " + "; ".join(f"`{s}`: {PROMPT_SETS[s]}" for s in protocol.prompt_sets) + ".",
+        "",
+        markdown_table(rows),
+        "",
+        "Reproduce: the resolved config, the seeds, the package versions and each checkpoint's sha256 are in "
+        "results.json.",
+    ]
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

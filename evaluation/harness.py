@@ -1,0 +1,252 @@
+"""The comparison protocol: which prompts, which seeds, the real references, and every number of
+one method's row. ``evaluate.py`` loads the methods and writes the files; this module sees only a
+``generate`` callable, images and prompts.
+
+Every image has its own seed (``image_seed``), so an image never depends on the batch it was made
+in, and the same protocol seed gives the same images and the same quality numbers. Only the cost
+columns (images per second) are measurements that vary between runs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from datamodules.shapes import PROMPT_SETS, caption, objects_for, prompt_set, render, score, single_attrs
+from evaluation.metrics import clip_score, diversity, fid_kid, r_precision_hits
+
+SEED_STRIDE = 100_003  # image seed = protocol seed * 10**7 + seed index * SEED_STRIDE + set * 1000 + prompt
+
+
+@dataclass
+class Protocol:
+    """What every method is measured on. ``seeds`` images per prompt, ``prompts`` per set."""
+
+    prompt_sets: list[str] = field(default_factory=lambda: list(PROMPT_SETS))
+    prompts: int = 26
+    seeds: int = 4
+    seed: int = 0
+    resolution: int = 32
+    batch_size: int = 32
+    distractors: int = 99
+    folds: int = 10
+
+    def __post_init__(self):
+        unknown = [s for s in self.prompt_sets if s not in PROMPT_SETS]
+        if unknown:
+            raise ValueError(f"prompt_sets: unknown {unknown}; the sets are {', '.join(PROMPT_SETS)}")
+        if self.prompts < 2 or self.seeds < 1:
+            raise ValueError("prompts must be at least 2 and seeds at least 1")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def image_seed(protocol: Protocol, set_index: int, prompt: int, seed_index: int) -> int:
+    return protocol.seed * 10**7 + seed_index * SEED_STRIDE + set_index * 1000 + prompt
+
+
+def prompts_for(protocol: Protocol) -> dict[str, list[tuple[str, dict]]]:
+    """``{set name: [(caption, attrs), ...]}``: ``protocol.prompts`` prompts of each set (the
+    held-out single-object set has 26 prompts in all)."""
+    return {name: prompt_set(name, protocol.prompts, protocol.seed) for name in protocol.prompt_sets}
+
+
+def distractor_pool(name: str, seed: int) -> list[str]:
+    """Captions of the same kind for R-precision's mismatched candidates: every single-object
+    caption for ``single``, every counting caption, else 200 prompts of the set."""
+    if name == "single":
+        from datamodules.shapes import _single_combos
+
+        return [caption(single_attrs(*c))[0] for c in _single_combos()]
+    return [c for c, _ in prompt_set(name, 200, seed + 1)]
+
+
+def _to_resolution(images: Tensor, resolution: int) -> Tensor:
+    images = images.detach().float().cpu().clamp(-1, 1)
+    if images.shape[-1] != resolution:
+        images = F.interpolate(images, size=(resolution, resolution), mode="bilinear", antialias=True)
+    return images
+
+
+def generate_images(
+    generate: Callable[..., Tensor],
+    prompts: dict[str, list[tuple[str, dict]]],
+    protocol: Protocol,
+    sampling: dict | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[dict[str, Tensor], float, int]:
+    """Every set's images, ``{set: (prompts, seeds, 3, r, r)}`` in [-1, 1] at the protocol's
+    resolution, the seconds spent in ``generate`` and the number of images. One untimed warm-up
+    call comes first (lazy initialisation, allocator)."""
+    sampling = sampling or {}
+    items = [(name, si, pi, s) for s in range(protocol.seeds) for si, name in enumerate(prompts)
+             for pi in range(len(prompts[name]))]  # fmt: skip
+    first = prompts[next(iter(prompts))][0][0]
+    generate([first], seed=[0], **sampling)
+    out = {name: torch.zeros(len(p), protocol.seeds, 3, protocol.resolution, protocol.resolution)
+           for name, p in prompts.items()}  # fmt: skip
+    seconds = 0.0
+    for start in range(0, len(items), protocol.batch_size):
+        chunk = items[start : start + protocol.batch_size]
+        t0 = time.perf_counter()
+        images = generate([prompts[n][p][0] for n, _, p, _ in chunk],
+                          seed=[image_seed(protocol, si, p, s) for _, si, p, s in chunk], **sampling)  # fmt: skip
+        seconds += time.perf_counter() - t0
+        if images.shape[0] != len(chunk) or images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(
+                f"generate returned {tuple(images.shape)} for {len(chunk)} prompts, not (b, 3, h, w)"
+            )
+        for (name, _, p, s), image in zip(chunk, _to_resolution(images, protocol.resolution)):
+            out[name][p, s] = image
+        if progress:
+            progress(len(chunk))
+    return out, seconds, len(items)
+
+
+def render_real(
+    prompts: dict[str, list[tuple[str, dict]]], protocol: Protocol, draw: int = 0
+) -> dict[str, Tensor]:
+    """The renderer's own images of the same prompts and seeds (``draw`` 1 gives an independent
+    second set, for the real-against-real FID)."""
+    out = {}
+    for si, (name, items) in enumerate(prompts.items()):
+        images = torch.zeros(len(items), protocol.seeds, 3, protocol.resolution, protocol.resolution)
+        for p, (_, attrs) in enumerate(items):
+            for s in range(protocol.seeds):
+                rng = np.random.default_rng([image_seed(protocol, si, p, s), draw])
+                img = np.asarray(render(objects_for(attrs, rng), protocol.resolution), dtype=np.float32)
+                images[p, s] = torch.from_numpy(img).permute(2, 0, 1) / 127.5 - 1
+        out[name] = images
+    return out
+
+
+def shapes_rates(images: Tensor, items: Sequence[tuple[str, dict]]) -> dict[str, float]:
+    """The analytic scorer's rate of each attribute and of ``all`` over ``(prompts, seeds, ...)``."""
+    totals: dict[str, list[bool]] = {}
+    for p, (_, attrs) in enumerate(items):
+        for image in images[p]:
+            for k, v in score(image, attrs).items():
+                totals.setdefault(k, []).append(v)
+    return {k: float(np.mean(v)) for k, v in totals.items()}
+
+
+def _flat(images: dict[str, Tensor]) -> Tensor:
+    return torch.cat([x.flatten(0, 1) for x in images.values()])
+
+
+def _captions(prompts: dict[str, list[tuple[str, dict]]], seeds: int) -> list[str]:
+    return [c for items in prompts.values() for c, _ in items for _ in range(seeds)]
+
+
+def quality(
+    images: dict[str, Tensor],
+    prompts: dict[str, list[tuple[str, dict]]],
+    protocol: Protocol,
+    real: dict[str, Tensor] | None = None,
+    clip: nn.Module | None = None,
+    extractors: dict[str, nn.Module] | None = None,
+    lpips: nn.Module | None = None,
+    status: Callable[[str], None] = lambda metric: None,
+) -> dict:
+    """Every quality number of one row. ``real`` (the renders) is needed for FID and KID;
+    ``status`` hears the name of each metric as it starts (for a progress bar)."""
+    row: dict = {}
+    detail: dict = {}
+    status("shapes scorer")
+    for name, items in prompts.items():
+        rates = shapes_rates(images[name], items)
+        row[f"shapes_{name}"] = rates["all"]
+        detail[name] = rates
+    row["shapes_overall"] = float(np.mean([row[f"shapes_{n}"] for n in prompts]))
+    row["shapes_detail"] = detail
+    flat = _flat(images)
+    for ext_name, extractor in (extractors or {}).items():
+        status(f"fid_{ext_name}, kid_{ext_name}")
+        if real is None:
+            raise ValueError("FID and KID need the real images")
+        row.update(fid_kid(_flat(real), flat, extractor, ext_name))
+    if clip is not None:
+        status("clip score, r-precision")
+        row["clip_score"] = clip_score(clip, flat, _captions(prompts, protocol.seeds))
+        hits = []
+        for name, items in prompts.items():
+            pool = distractor_pool(name, protocol.seed)
+            g = torch.Generator().manual_seed(protocol.seed)
+            hits += r_precision_hits(clip, images[name].flatten(0, 1), _captions({name: items}, protocol.seeds),
+                                     pool, protocol.distractors, g)  # fmt: skip
+        folds = torch.tensor(hits).chunk(min(protocol.folds, len(hits)))
+        rates = torch.stack([f.mean() for f in folds])
+        row["r_precision"], row["r_precision_std"] = float(rates.mean()), float(rates.std(unbiased=False))
+    if protocol.seeds >= 2:
+        status("diversity")
+        values = [diversity(images[n], lpips) for n in prompts]
+        row["diversity"], row["diversity_distance"] = float(np.mean([v for v, _ in values])), values[0][1]
+    return row
+
+
+def chance(prompts: dict[str, list[tuple[str, dict]]], protocol: Protocol, real: dict[str, Tensor],
+           clip: nn.Module | None = None) -> dict:  # fmt: skip
+    """The chance references: the renders judged against another prompt of their set (each set's
+    prompts shifted by one), and R-precision's 1 / (distractors + 1)."""
+    shifted = {n: items[1:] + items[:1] for n, items in prompts.items()}
+    row: dict = {}
+    for name in prompts:
+        row[f"shapes_{name}"] = shapes_rates(real[name], shifted[name])["all"]
+    row["shapes_overall"] = float(np.mean([row[f"shapes_{n}"] for n in prompts]))
+    if clip is not None:
+        row["clip_score"] = clip_score(clip, _flat(real), _captions(shifted, protocol.seeds))
+        pools = [distractor_pool(n, protocol.seed) for n in prompts]
+        row["r_precision"] = float(np.mean([1 / (min(protocol.distractors, len(p) - 1) + 1) for p in pools]))
+    return row
+
+
+def parameter_count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def training_budget(checkpoint: dict, run_config: dict | None = None) -> dict:
+    """Steps, samples seen and training wall time, as the checkpoint and its run's config record
+    them (None where they do not)."""
+    steps = int(checkpoint.get("global_step", 0))
+    batches = (checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress", {})
+               .get("total", {}).get("completed"))  # fmt: skip
+    seconds = None
+    for key, state in checkpoint.get("callbacks", {}).items():
+        if str(key).startswith("Timer") and isinstance(state, dict):
+            seconds = float(state.get("time_elapsed", {}).get("train", 0.0)) or None
+    samples = None
+    if run_config and batches is not None:
+        data = (run_config.get("data") or {}).get("init_args", run_config.get("data") or {})
+        trainer = run_config.get("trainer") or {}
+        devices = trainer.get("devices", 1)
+        devices = devices if isinstance(devices, int) else 1
+        if isinstance(data, dict) and isinstance(data.get("batch_size"), int):
+            samples = int(batches) * data["batch_size"] * devices * int(trainer.get("num_nodes") or 1)
+    return {"steps": steps, "samples_seen": samples, "train_seconds": seconds}
+
+
+def sample_problems(protocol: Protocol, extractors: dict[str, nn.Module]) -> tuple[list[str], list[str]]:
+    """What the protocol's sample count cannot measure: ``(errors, warnings)`` in plain words,
+    each naming the option to change."""
+    n = protocol.seeds * sum(
+        len(prompt_set(s, protocol.prompts, protocol.seed)) for s in protocol.prompt_sets
+    )
+    errors, notes = [], []
+    if extractors and n < 2:
+        errors.append(f"FID and KID need at least 2 images and num_samples gives {n}: raise num_samples")
+    if protocol.seeds < 2:
+        notes.append("diversity needs at least 2 images per prompt: num_samples gives 1, so it is left out; "
+                     "raise num_samples above prompts_per_set")  # fmt: skip
+    for name, extractor in extractors.items():
+        dim = int(getattr(extractor, "num_features", 0) or 0)
+        if dim and n <= dim:
+            notes.append(f"fid_{name}: {n} images are not more than its {dim} features, so FID is unreliable "
+                         f"(KID is not); raise num_samples")  # fmt: skip
+    return errors, notes

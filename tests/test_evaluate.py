@@ -1,0 +1,230 @@
+"""The comparison command and its protocol: the GenEval-style prompt sets and their scorer checks,
+R-precision against hand-computed and trained-CLIP values, and ``evaluate.py`` end to end on two
+tiny methods of different families, with sockets blocked, a failing method in its own row, the
+same table for the same seed, and clear errors for bad input."""
+
+import glob
+import hashlib
+import json
+import socket
+from importlib import metadata
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import BLOCK_CAPTIONS, block_images
+from wandb_records import history_keys
+
+import evaluate
+from datamodules.shapes import PROMPT_SETS, objects_for, prompt_set, render, score
+from evaluation.metrics import r_precision
+
+
+@pytest.mark.parametrize("name", list(PROMPT_SETS))
+def test_each_prompt_set_scores_its_renders_right_and_noise_wrong(name):
+    prompts = prompt_set(name, 20, seed=0)
+    assert len({c for c, _ in prompts}) == len(prompts) == (20 if name != "single" else 20)
+    rng = np.random.default_rng(0)
+    renders, noise, others = [], [], []
+    for i, (_, attrs) in enumerate(prompts):
+        for _ in range(3):
+            img = render(objects_for(attrs, rng), 32)
+            renders.append(score(img, attrs)["all"])
+            noise.append(score(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8), attrs)["all"])
+            others.append(score(img, prompts[(i + 1) % len(prompts)][1])["all"])  # another prompt's scene
+    assert np.mean(renders) >= 0.97
+    assert np.mean(noise) <= 0.05
+    assert np.mean(others) <= (0.5 if name == "two_objects" else 0.1)  # two_objects ignores colour
+
+
+def test_prompt_sets_are_fixed_by_their_seed_and_differ_across_seeds():
+    assert prompt_set("position", 10, seed=3) == prompt_set("position", 10, seed=3)
+    assert prompt_set("position", 10, seed=3) != prompt_set("position", 10, seed=4)
+    with pytest.raises(ValueError, match="unknown prompt set 'colour'.*colour_binding"):
+        prompt_set("colour", 4)
+
+
+class TableCLIP(torch.nn.Module):
+    """A fake CLIP with given embeddings: image i is row i of ``images``, caption c is ``texts[c]``."""
+
+    def __init__(self, images, texts):
+        super().__init__()
+        self.images, self.texts = images, texts
+
+    def encode_image(self, images):
+        return self.images[: len(images)]
+
+    def encode_text(self, prompts):
+        return torch.stack([self.texts[p] for p in prompts])
+
+
+def test_r_precision_with_a_fake_clip_equals_the_hand_computed_rate():
+    e = torch.eye(5)
+    texts = {f"p{i}": e[i] for i in range(5)}
+    # image 0 is nearest its caption p0, image 1 nearer p3 than its own p1, image 2 nearest p2
+    images = torch.stack([e[0], 0.4 * e[1] + 0.9 * e[3], e[2] + 0.1 * e[4]])
+    clip = TableCLIP(images, texts)
+    pool = list(texts)  # four distractors: every other caption, whatever the draw
+    mean, std = r_precision(clip, torch.zeros(3, 3, 8, 8), ["p0", "p1", "p2"], pool, distractors=4, folds=3)
+    assert mean == pytest.approx(2 / 3)
+    assert std == pytest.approx((2 / 9) ** 0.5)  # folds of one image: 1, 0, 1
+    assert r_precision(clip, torch.zeros(3, 3, 8, 8), ["p0", "p1", "p2"], pool, distractors=4, folds=1) == (
+        pytest.approx(2 / 3), 0.0)  # fmt: skip
+
+
+def test_r_precision_of_a_trained_clip_is_near_one_on_real_images_and_chance_on_noise(tiny_methods):
+    from lightning_modules.clip import load_clip
+
+    clip = load_clip(tiny_methods["clip"])
+    real, _ = r_precision(clip, block_images(), list(BLOCK_CAPTIONS), list(BLOCK_CAPTIONS), distractors=3)
+    assert real == 1.0
+    g = torch.Generator().manual_seed(0)
+    noise = torch.rand(200, 3, 16, 16, generator=g) * 2 - 1
+    prompts = [BLOCK_CAPTIONS[i] for i in torch.randint(0, 4, (200,), generator=g).tolist()]
+    rate, _ = r_precision(clip, noise, prompts, list(BLOCK_CAPTIONS), distractors=3)
+    assert 0.1 < rate < 0.45  # chance is 1/4
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Sockets may reach only this machine (W&B's own service talks to it over localhost)."""
+    real_connect = socket.socket.connect
+    attempts = []
+
+    def connect(self, address):
+        host = address[0] if isinstance(address, tuple) else address
+        if self.family != socket.AF_UNIX and host not in ("127.0.0.1", "localhost", "::1"):
+            attempts.append(address)
+            raise OSError(f"network blocked in this test: {address}")
+        return real_connect(self, address)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    return attempts
+
+
+def _config(tmp_path, tiny_methods, **changes) -> str:
+    cfg = {
+        "seed": 0, "resolution": 32, "prompt_sets": ["single", "counting"], "prompts_per_set": 4,
+        "num_samples": 8, "batch_size": 8, "clip": tiny_methods["clip"],
+        "extractors": ["clip", {"name": "colour", "class_path": "tiny_module.ColourStats"}],
+        "methods": [
+            {"name": "cvae", "checkpoint": tiny_methods["cvae"]},
+            {"name": "gan", "checkpoint": tiny_methods["gan"]},
+            {"name": "missing", "checkpoint": str(tmp_path / "nowhere.ckpt")},
+            {"name": "clip-as-method", "checkpoint": tiny_methods["clip"]},
+            {"name": "not-a-method", "model": {"class_path": "torch.nn.Linear", "init_args": {"in_features": 2, "out_features": 2}}},
+        ],
+    }  # fmt: skip
+    cfg.update(changes)
+    path = tmp_path / "compare.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def test_evaluate_writes_the_table_files_plot_grids_and_wandb_run_offline(tiny_methods, tmp_path, no_network):
+    config = _config(tmp_path, tiny_methods)
+    out = tmp_path / "out"
+    assert evaluate.main(["--config", config, "--output", str(out)]) == 1  # two methods fail, in their rows
+    assert not no_network
+    record = json.loads((out / "results.json").read_text())
+    rows = {r["method"]: r for r in record["rows"]}
+    assert list(rows) == [
+        "cvae",
+        "gan",
+        "missing",
+        "clip-as-method",
+        "not-a-method",
+        "real renders",
+        "chance",
+    ]
+    assert "methods[clip-as-method].checkpoint" in rows["clip-as-method"]["error"]
+    assert "is not a text-to-image method's checkpoint" in rows["clip-as-method"]["error"]
+    assert (
+        "methods[missing].checkpoint" in rows["missing"]["error"] and "not found" in rows["missing"]["error"]
+    )
+    assert "methods[not-a-method].model.class_path" in rows["not-a-method"]["error"]
+    assert "no generate" in rows["not-a-method"]["error"]
+    for name, family in (("cvae", "vae"), ("gan", "gan")):
+        r = rows[name]
+        assert r["family"] == family and "error" not in r
+        for key in ("shapes_single", "shapes_counting", "shapes_overall", "fid_clip", "kid_clip", "fid_colour",
+                    "kid_colour", "clip_score", "r_precision", "diversity", "images_per_sec", "params_m"):  # fmt: skip
+            assert isinstance(r[key], float), (name, key)
+        assert r["steps"] > 0
+        provenance = record["methods"][name]["provenance"]
+        assert provenance["sha256"] == hashlib.sha256(open(tiny_methods[name], "rb").read()).hexdigest()
+    assert rows["real renders"]["shapes_overall"] == 1.0  # the scorer on the renderer's own images
+    assert rows["real renders"]["fid_colour"] < rows["gan"]["fid_colour"]
+    assert rows["chance"]["r_precision"] == pytest.approx(np.mean([1 / 100, 1 / 54]))  # pools of 270 and 54
+    assert record["protocol"]["seeds"] == 2 and record["packages"]["torch"] == metadata.version("torch")
+    assert record["config"]["methods"][0]["checkpoint"] == tiny_methods["cvae"]
+    md = (out / "results.md").read_text()
+    assert "python evaluate.py --config" in md and "| cvae | vae |" in md and "MissingFileError" in md
+    header = (out / "results.csv").read_text().splitlines()[0].split(",")
+    assert header[:4] == ["method", "family", "shapes_single", "shapes_counting"]
+    assert (out / "quality_vs_speed.png").stat().st_size > 1000
+    assert (out / "grid_single.png").exists() and "rows: real renders, cvae, gan" in (
+        out / "grid_single.txt"
+    ).read_text()
+    (run_file,) = glob.glob(str(out / "wandb" / "offline-run-*" / "*.wandb"))
+    keys = history_keys(run_file)
+    assert {"results/_type", "results/nrows", "quality_vs_speed/_type", "grid/single/_type"} <= keys
+
+
+def test_the_same_seed_gives_the_same_table(tiny_methods, tmp_path):
+    config = _config(tmp_path, tiny_methods, methods=[{"name": "cvae", "checkpoint": tiny_methods["cvae"]}],
+                     extractors=["clip"], wandb={"enabled": False})  # fmt: skip
+    tables = []
+    for run in ("a", "b", "c"):
+        seed = ["--seed", "1"] if run == "c" else []
+        assert evaluate.main(["--config", config, "--output", str(tmp_path / run), *seed]) == 0
+        rows = json.loads((tmp_path / run / "results.json").read_text())["rows"]
+        tables.append([{k: v for k, v in r.items() if k != "images_per_sec"} for r in rows])
+    assert tables[0] == tables[1]
+    assert tables[0] != tables[2]
+
+
+def test_bad_input_is_a_clear_error_before_any_work(tiny_methods, tmp_path, capsys):
+    def error(**changes) -> str:
+        out = tmp_path / "never"
+        args = changes.pop("args", [])
+        assert (
+            evaluate.main(
+                ["--config", _config(tmp_path, tiny_methods, **changes), "--output", str(out), *args]
+            )
+            == 2
+        )
+        assert not out.exists()
+        return capsys.readouterr().err
+
+    assert "unknown key 'prompt_set' (did you mean 'prompt_sets'?)" in error(prompt_set=["single"])
+    assert "Inception weights" in error(extractors=["inception"], inception_weights=str(tmp_path / "no.pth"))
+    assert "--methods: no method 'difusion'" in error(args=["--methods", "difusion"])
+    assert "extractors[mine]: class_path 'nowhere.Net' cannot be imported" in error(
+        extractors=[{"name": "mine", "class_path": "nowhere.Net"}])  # fmt: skip
+    assert "prompt_sets: unknown ['colours']" in error(prompt_sets=["colours"])
+
+
+def test_too_few_samples_for_a_metric_warn_and_name_the_option(tiny_methods, tmp_path):
+    config = _config(tmp_path, tiny_methods, methods=[{"name": "cvae", "checkpoint": tiny_methods["cvae"]}],
+                     num_samples=4, wandb={"enabled": False})  # fmt: skip
+    with pytest.warns(UserWarning, match="diversity needs at least 2 images per prompt.*num_samples"):
+        with pytest.warns(
+            UserWarning, match="fid_clip: 8 images are not more than its 16 features.*num_samples"
+        ):
+            assert evaluate.main(["--config", config, "--output", str(tmp_path / "o")]) == 0
+    row = json.loads((tmp_path / "o" / "results.json").read_text())["rows"][0]
+    assert "diversity" not in row and isinstance(row["kid_clip"], float)
+
+
+def test_the_metrics_import_neither_lightning_nor_the_methods():
+    import subprocess
+    import sys
+
+    code = ("import sys, evaluation.harness, evaluation.metrics; "
+            "print([m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning', 'lightning_modules')])")  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=evaluate.__file__.rsplit("/", 1)[0]
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
