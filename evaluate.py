@@ -37,6 +37,7 @@ from tqdm import tqdm
 from datamodules.shapes import PROMPT_SETS
 from evaluation.harness import (
     Protocol,
+    RealFeatures,
     chance,
     generate_images,
     parameter_count,
@@ -62,6 +63,7 @@ TOP_KEYS = {
     "r_precision": "{distractors: 99, folds: 10}",
     "wandb": "{project: t2i, enabled: true}",
     "methods": "the list of methods: name, checkpoint or model, sampling, family",
+    "cache": "folder for the real images' features per dataset and extractor (null: no cache)",
 }
 METHOD_KEYS = {"name", "checkpoint", "model", "sampling", "family", "note"}
 COLUMNS = [  # (key, header, format)
@@ -111,6 +113,7 @@ def load_config(path: str, overrides: argparse.Namespace) -> dict:
     cfg.setdefault("seed", 0)
     cfg.setdefault("resolution", 32)
     cfg.setdefault("batch_size", 32)
+    cfg.setdefault("cache", os.path.join("runs", "compare", "cache"))
     cfg.setdefault("extractors", ["clip"] if cfg.get("clip") else [])
     cfg.setdefault("output", os.path.join("runs", "compare", os.path.splitext(os.path.basename(path))[0]))
     for key in ("output", "seed", "num_samples"):
@@ -178,6 +181,19 @@ def build_extractors(cfg: dict, clip) -> dict[str, torch.nn.Module]:
                     f"extractors[{name}]: class_path {class_path!r} cannot be imported ({err})"
                 ) from err
             out[name] = cls(**(ext.get("init_args") or {})).eval()
+    return out
+
+
+def extractor_identities(cfg: dict, extractors: dict) -> dict[str, str]:
+    """What makes each extractor's features what they are, for the real-feature cache's key."""
+    out = {}
+    for ext in cfg["extractors"]:
+        if ext == "clip":
+            out["clip"] = sha256(cfg["clip"])
+        elif ext == "inception":
+            out["inception"] = sha256(cfg["inception_weights"])
+        else:
+            out[ext["name"]] = json.dumps(ext, sort_keys=True)
     return out
 
 
@@ -407,9 +423,11 @@ def main(argv: list[str] | None = None) -> int:
     prompts = prompts_for(protocol)
     total = protocol.seeds * sum(len(v) for v in prompts.values())
     real = render_real(prompts, protocol)
-    real_again = render_real(prompts, protocol, draw=1)
+    identities = extractor_identities(cfg, extractors)
+    features = RealFeatures(protocol, real, cfg["cache"], identities)
+    again = RealFeatures(protocol, render_real(prompts, protocol, draw=1), cfg["cache"], identities, draw=1)
     reference = {"method": "real renders", "family": "reference",
-                 **_scalars(quality(real, prompts, protocol, real_again, clip, extractors, lpips))}  # fmt: skip
+                 **_scalars(quality(real, prompts, protocol, again, clip, extractors, lpips))}  # fmt: skip
     chance_row = {"method": "chance", "family": "reference", **chance(prompts, protocol, real, clip)}
     rows, details, images = [], {}, {"real renders": real}
     bar = tqdm(total=len(cfg["methods"]) * (total + 1), unit="img", desc="evaluate", file=sys.stderr)
@@ -427,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
                 model.generate, prompts, protocol, spec.get("sampling"), bar.update
             )
             bar.set_description(f"{name}: score")
-            q = quality(sets, prompts, protocol, real, clip, extractors, lpips,
+            q = quality(sets, prompts, protocol, features, clip, extractors, lpips,
                         status=lambda metric, name=name: bar.set_description(f"{name}: {metric}"))  # fmt: skip
             bar.update(1)
             row.update(_scalars(q))

@@ -9,6 +9,9 @@ columns (images per second) are measurements that vary between runs.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -19,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from datamodules.shapes import PROMPT_SETS, caption, objects_for, prompt_set, render, score, single_attrs
-from evaluation.metrics import clip_score, diversity, fid_kid, r_precision_hits
+from evaluation.metrics import clip_score, diversity, fid_kid, image_features, r_precision_hits
 
 SEED_STRIDE = 100_003  # image seed = protocol seed * 10**7 + seed index * SEED_STRIDE + set * 1000 + prompt
 
@@ -145,17 +148,52 @@ def _captions(prompts: dict[str, list[tuple[str, dict]]], seeds: int) -> list[st
     return [c for items in prompts.values() for c, _ in items for _ in range(seeds)]
 
 
+class RealFeatures:
+    """Features of the real renders under each extractor: computed once, and kept on disk per
+    dataset (the protocol fields that fix the renders) and extractor (its name and an identity
+    string, e.g. its weights' sha256) when ``directory`` is given."""
+
+    def __init__(self, protocol: Protocol, real: dict[str, Tensor], directory: str | None = None,
+                 identities: dict[str, str] | None = None, draw: int = 0):  # fmt: skip
+        self.protocol, self.real, self.directory, self.draw = protocol, real, directory, draw
+        self.identities = identities or {}
+        self.memory: dict[str, Tensor] = {}
+        self.hits = 0
+
+    def path(self, name: str) -> str | None:
+        if not self.directory:
+            return None
+        p = self.protocol
+        dataset = {"renderer": "shapes", "sets": p.prompt_sets, "prompts": p.prompts, "seeds": p.seeds,
+                   "seed": p.seed, "resolution": p.resolution, "draw": self.draw}  # fmt: skip
+        key = json.dumps([dataset, name, self.identities.get(name, "")], sort_keys=True)
+        return os.path.join(self.directory, f"real_{name}_{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt")
+
+    def get(self, name: str, extractor: nn.Module) -> Tensor:
+        if name not in self.memory:
+            path = self.path(name)
+            if path and os.path.isfile(path):
+                self.memory[name] = torch.load(path, map_location="cpu", weights_only=True)
+                self.hits += 1
+            else:
+                self.memory[name] = image_features(extractor, _flat(self.real))
+                if path:
+                    os.makedirs(self.directory, exist_ok=True)
+                    torch.save(self.memory[name], path)
+        return self.memory[name]
+
+
 def quality(
     images: dict[str, Tensor],
     prompts: dict[str, list[tuple[str, dict]]],
     protocol: Protocol,
-    real: dict[str, Tensor] | None = None,
+    real: RealFeatures | None = None,
     clip: nn.Module | None = None,
     extractors: dict[str, nn.Module] | None = None,
     lpips: nn.Module | None = None,
     status: Callable[[str], None] = lambda metric: None,
 ) -> dict:
-    """Every quality number of one row. ``real`` (the renders) is needed for FID and KID;
+    """Every quality number of one row. ``real`` (the renders' features) is needed for FID and KID;
     ``status`` hears the name of each metric as it starts (for a progress bar)."""
     row: dict = {}
     detail: dict = {}
@@ -171,7 +209,7 @@ def quality(
         status(f"fid_{ext_name}, kid_{ext_name}")
         if real is None:
             raise ValueError("FID and KID need the real images")
-        row.update(fid_kid(_flat(real), flat, extractor, ext_name))
+        row.update(fid_kid(None, flat, extractor, ext_name, real_features=real.get(ext_name, extractor)))
     if clip is not None:
         status("clip score, r-precision")
         row["clip_score"] = clip_score(clip, flat, _captions(prompts, protocol.seeds))

@@ -54,16 +54,18 @@ class InceptionFeatures(nn.Module):
         return self.net((images.clamp(0, 1) * 255).round().to(torch.uint8))
 
 
-def fid_kid(real: Tensor, fake: Tensor, extractor: nn.Module | None, name: str, inception_weights: str | None = None,
-            kid_subset: int = 50) -> dict[str, float]:  # fmt: skip
+def fid_kid(real: Tensor | None, fake: Tensor, extractor: nn.Module | None, name: str,
+            inception_weights: str | None = None, kid_subset: int = 50, real_features: Tensor | None = None,
+            ) -> dict[str, float]:  # fmt: skip
     """``{"fid_<name>": ..., "kid_<name>": ...}`` of two image sets under one feature extractor
-    (an ``nn.Module`` taking images in [0, 1], or None for Inception from ``inception_weights``).
+    (an ``nn.Module`` taking images in [0, 1], or None for Inception from ``inception_weights``);
+    ``real_features`` (``image_features`` of the real set) replaces ``real`` when they are cached.
     Below the feature dimension FID's covariance is singular: a warning says so (and the number is
     still given, marked by the warning), instead of a NaN."""
     from torchmetrics.image.fid import FrechetInceptionDistance
     from torchmetrics.image.kid import KernelInceptionDistance
 
-    n = min(len(real), len(fake))
+    n = min(len(real_features if real_features is not None else real), len(fake))
     if extractor is None:
         extractor = InceptionFeatures(inception_weights)
     dim = int(getattr(extractor, "num_features", 0))
@@ -74,12 +76,13 @@ def fid_kid(real: Tensor, fake: Tensor, extractor: nn.Module | None, name: str, 
             stacklevel=2,
         )
     # the extractor runs once per image; FID and KID both read the features through an identity
-    features = {"real": _features(extractor, real), "fake": _features(extractor, fake)}
+    features = {"real": real_features if real_features is not None else image_features(extractor, real),
+                "fake": image_features(extractor, fake)}  # fmt: skip
     passthrough = _Features(features["real"].shape[-1])
     fid = FrechetInceptionDistance(feature=passthrough, normalize=True)
     kid = KernelInceptionDistance(feature=passthrough, normalize=True, subset_size=min(kid_subset, n))
     for metric in (fid, kid):
-        metric.update(features["real"], real=True)
+        metric.update(features["real"].double(), real=True)
         metric.update(features["fake"], real=False)
     with torch.random.fork_rng(devices=[]):  # KID draws random subsets: the same for the same images
         torch.manual_seed(0)
@@ -99,7 +102,7 @@ class _Features(nn.Module):
 
 
 @torch.no_grad()
-def _features(extractor: nn.Module, images: Tensor, batch: int = 64) -> Tensor:
+def image_features(extractor: nn.Module, images: Tensor, batch: int = 64) -> Tensor:
     """Features of images in [-1, 1], in batches (the extractor takes [0, 1])."""
     return torch.cat(
         [extractor((images[i : i + batch].float() + 1) / 2).double() for i in range(0, len(images), batch)]

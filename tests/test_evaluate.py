@@ -106,7 +106,7 @@ def no_network(monkeypatch):
 def _config(tmp_path, tiny_methods, **changes) -> str:
     cfg = {
         "seed": 0, "resolution": 32, "prompt_sets": ["single", "counting"], "prompts_per_set": 4,
-        "num_samples": 8, "batch_size": 8, "clip": tiny_methods["clip"],
+        "num_samples": 8, "batch_size": 8, "clip": tiny_methods["clip"], "cache": str(tmp_path / "cache"),
         "extractors": ["clip", {"name": "colour", "class_path": "tiny_module.ColourStats"}],
         "methods": [
             {"name": "cvae", "checkpoint": tiny_methods["cvae"]},
@@ -172,7 +172,7 @@ def test_evaluate_writes_the_table_files_plot_grids_and_wandb_run_offline(tiny_m
     assert {"results/_type", "results/nrows", "quality_vs_speed/_type", "grid/single/_type"} <= keys
 
 
-def test_the_same_seed_gives_the_same_table(tiny_methods, tmp_path):
+def test_the_same_seed_gives_the_same_table_and_real_features_come_from_the_cache(tiny_methods, tmp_path):
     config = _config(tmp_path, tiny_methods, methods=[{"name": "cvae", "checkpoint": tiny_methods["cvae"]}],
                      extractors=["clip"], wandb={"enabled": False})  # fmt: skip
     tables = []
@@ -183,6 +183,13 @@ def test_the_same_seed_gives_the_same_table(tiny_methods, tmp_path):
         tables.append([{k: v for k, v in r.items() if k != "images_per_sec"} for r in rows])
     assert tables[0] == tables[1]
     assert tables[0] != tables[2]
+    cached = sorted(glob.glob(str(tmp_path / "cache" / "real_clip_*.pt")))
+    assert len(cached) == 4  # two seeds x (the renders, the second draw for the real row)
+    for path in cached:  # the next run reads the real features from here
+        torch.save(torch.zeros_like(torch.load(path)), path)
+    assert evaluate.main(["--config", config, "--output", str(tmp_path / "d")]) == 0
+    row = json.loads((tmp_path / "d" / "results.json").read_text())["rows"][0]
+    assert row["fid_clip"] != tables[0][0]["fid_clip"] and row["shapes_overall"] == tables[0][0]["shapes_overall"]
 
 
 def test_bad_input_is_a_clear_error_before_any_work(tiny_methods, tmp_path, capsys):
