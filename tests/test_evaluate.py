@@ -157,6 +157,7 @@ def test_evaluate_writes_the_table_files_plot_grids_and_wandb_run_offline(tiny_m
     assert rows["real renders"]["shapes_overall"] == 1.0  # the scorer on the renderer's own images
     assert rows["real renders"]["fid_colour"] < rows["gan"]["fid_colour"]
     assert rows["chance"]["r_precision"] == pytest.approx(np.mean([1 / 100, 1 / 54]))  # pools of 270 and 54
+    assert rows["chance"]["shapes_overall"] < 0.2  # the renders judged against another prompt of their set
     assert record["protocol"]["seeds"] == 2 and record["packages"]["torch"] == metadata.version("torch")
     assert record["config"]["methods"][0]["checkpoint"] == tiny_methods["cvae"]
     md = (out / "results.md").read_text()
