@@ -24,6 +24,7 @@ import importlib
 import json
 import os
 import platform
+import shlex
 import sys
 import time
 import traceback
@@ -342,6 +343,8 @@ def write_grids(
         if not rows:
             continue
         grid = torch.cat(rows)
+        if grid.shape[-1] < 64:  # small images, shown larger (nearest: no smoothing added)
+            grid = torch.nn.functional.interpolate(grid, scale_factor=64 // grid.shape[-1], mode="nearest")
         path = os.path.join(out, f"grid_{name}.png")
         save_image((grid + 1) / 2, path, nrow=min(columns, len(items)), padding=1)
         with open(os.path.join(out, f"grid_{name}.txt"), "w") as f:
@@ -393,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, help="protocol seed")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
-    command = "python evaluate.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python evaluate.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     try:
         cfg = load_config(args.config, args)
         protocol = protocol_of(cfg)
@@ -474,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     plot = os.path.join(out, "quality_vs_speed.png")
     write_plot(rows, plot)
     grids = write_grids(images, prompts, out)
-    write_files(out, cfg, protocol, command, all_rows, details, clip is not None)
+    write_files(out, cfg, protocol, command, all_rows, details, clip is not None, machine(args.device))
     mode = log_wandb(cfg, all_rows, plot, grids, out)
     print(markdown_table(all_rows))
     print(
@@ -488,8 +491,15 @@ def _scalars(q: dict) -> dict:
     return {k: v for k, v in q.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
+def machine(device: str) -> str:
+    """Where img/s was measured: the accelerator, or the CPU with its thread count."""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(torch.device(device))} ({device})"
+    return f"CPU, {torch.get_num_threads()} torch thread(s), {os.cpu_count()} core(s), {platform.machine()}"
+
+
 def write_files(out: str, cfg: dict, protocol: Protocol, command: str, rows: list[dict], details: dict,
-                has_clip: bool) -> None:  # fmt: skip
+                has_clip: bool, where: str) -> None:  # fmt: skip
     cols = visible_columns(rows)
     with open(os.path.join(out, "results.csv"), "w", newline="") as f:
         w = csv.writer(f)
@@ -497,7 +507,7 @@ def write_files(out: str, cfg: dict, protocol: Protocol, command: str, rows: lis
         for r in rows:
             w.writerow([r.get(k, "") for k, _, _ in cols])
     record = {"command": command, "config": cfg, "protocol": protocol.as_dict(), "rows": rows,
-              "methods": details, "packages": package_versions(), "device": platform.platform(),
+              "methods": details, "packages": package_versions(), "machine": where, "platform": platform.platform(),
               "time": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(record, f, indent=1, default=str)
@@ -522,7 +532,8 @@ def write_files(out: str, cfg: dict, protocol: Protocol, command: str, rows: lis
         )
         + "The `real renders` row is the renderer's own images of the same prompts (the ceiling; its FID is "
         "against a second independent draw), `chance` judges those renders against another prompt of their set. "
-        "img/s is measured on this machine and varies between runs; every other number is fixed by the seed.",
+        f"img/s is measured on this machine ({where}) and varies between runs; every other number is fixed by "
+        "the seed.",
         "",
         "Prompt sets: " + "; ".join(f"`{s}`: {PROMPT_SETS[s]}" for s in protocol.prompt_sets) + ".",
         "",
