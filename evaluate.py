@@ -162,6 +162,14 @@ def protocol_of(cfg: dict) -> Protocol:
                     distractors=int(rp.get("distractors", 99)), folds=int(rp.get("folds", 10)))  # fmt: skip
 
 
+def import_class(class_path: str, option: str):
+    module_name, _, cls_name = class_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), cls_name)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ConfigProblem(f"{option} {class_path!r} cannot be imported ({err})") from err
+
+
 def build_extractors(cfg: dict, clip) -> dict[str, torch.nn.Module]:
     """The feature networks, each under the name its metrics carry (fid_<name>)."""
     from evaluation.metrics import CLIPImageFeatures, InceptionFeatures
@@ -173,15 +181,8 @@ def build_extractors(cfg: dict, clip) -> dict[str, torch.nn.Module]:
         elif ext == "inception":
             out["inception"] = InceptionFeatures(cfg.get("inception_weights"))
         else:
-            name, class_path = ext.get("name"), ext.get("class_path", "")
-            module_name, _, cls_name = class_path.rpartition(".")
-            try:
-                cls = getattr(importlib.import_module(module_name), cls_name)
-            except (ImportError, AttributeError, ValueError) as err:
-                raise ConfigProblem(
-                    f"extractors[{name}]: class_path {class_path!r} cannot be imported ({err})"
-                ) from err
-            out[name] = cls(**(ext.get("init_args") or {})).eval()
+            cls = import_class(ext.get("class_path", ""), f"extractors[{ext.get('name')}]: class_path")
+            out[ext.get("name")] = cls(**(ext.get("init_args") or {})).eval()
     return out
 
 
@@ -231,13 +232,7 @@ def load(spec: dict):
         )
     else:
         class_path = (spec["model"] or {}).get("class_path", "")
-        module_name, _, cls_name = class_path.rpartition(".")
-        try:
-            cls = getattr(importlib.import_module(module_name), cls_name)
-        except (ImportError, AttributeError, ValueError) as err:
-            raise ConfigProblem(
-                f"methods[{name}].model.class_path {class_path!r} cannot be imported ({err})"
-            ) from err
+        cls = import_class(class_path, f"methods[{name}].model.class_path")
         if not (isinstance(cls, type) and issubclass(cls, TextToImageModule)):
             raise ConfigProblem(
                 f"methods[{name}].model.class_path {class_path!r} is not a text-to-image method (no generate)"

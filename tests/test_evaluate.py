@@ -6,6 +6,7 @@ same table for the same seed, and clear errors for bad input."""
 import glob
 import hashlib
 import json
+import os
 import socket
 from importlib import metadata
 
@@ -236,3 +237,16 @@ def test_the_metrics_import_neither_lightning_nor_the_methods():
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=evaluate.__file__.rsplit("/", 1)[0]
     )
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(os.path.dirname(evaluate.__file__), "configs", "compare", "*.yaml"))),
+                         ids=os.path.basename)  # fmt: skip
+def test_every_compare_config_is_valid(path):
+    import argparse
+
+    cfg = evaluate.load_config(path, argparse.Namespace(methods=None, output=None, seed=None, num_samples=None))
+    protocol = evaluate.protocol_of(cfg)
+    assert protocol.prompt_sets and cfg["methods"] and cfg["clip"]
+    for spec in cfg["methods"]:
+        if "model" in spec:
+            evaluate.import_class(spec["model"]["class_path"], spec["name"])
