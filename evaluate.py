@@ -58,7 +58,7 @@ TOP_KEYS = {
     "num_samples": "images per prompt set; seeds per prompt = ceil(num_samples / prompts)",
     "batch_size": "prompts per generate call",
     "clip": "CLIP checkpoint for CLIP score, R-precision and fid_clip (null: no CLIP columns)",
-    "extractors": "FID/KID feature extractors: clip, inception, or {name, class_path, init_args}",
+    "extractors": "FID/KID feature extractors: clip, inception, {name, open_clip, weights} or {name, class_path, init_args}",
     "inception_weights": "local pt_inception-2015-12-05 weights for the inception extractor",
     "lpips": "local VGG weights for LPIPS diversity (null: pixel distance)",
     "r_precision": "{distractors: 99, folds: 10}",
@@ -172,7 +172,7 @@ def import_class(class_path: str, option: str):
 
 def build_extractors(cfg: dict, clip) -> dict[str, torch.nn.Module]:
     """The feature networks, each under the name its metrics carry (fid_<name>)."""
-    from evaluation.metrics import CLIPImageFeatures, InceptionFeatures
+    from evaluation.metrics import CLIPImageFeatures, InceptionFeatures, TowerFeatures
 
     out = {}
     for ext in cfg["extractors"]:
@@ -180,6 +180,12 @@ def build_extractors(cfg: dict, clip) -> dict[str, torch.nn.Module]:
             out["clip"] = CLIPImageFeatures(clip)
         elif ext == "inception":
             out["inception"] = InceptionFeatures(cfg.get("inception_weights"))
+        elif isinstance(ext, dict) and "open_clip" in ext:
+            from networks.open_clip_towers import OpenCLIPImageTower
+
+            tower = OpenCLIPImageTower(ext["open_clip"], ext.get("weights"), ext.get("overrides"),
+                                       option=f"extractors[{ext.get('name')}]")  # fmt: skip
+            out[ext.get("name")] = TowerFeatures(tower)
         else:
             cls = import_class(ext.get("class_path", ""), f"extractors[{ext.get('name')}]: class_path")
             out[ext.get("name")] = cls(**(ext.get("init_args") or {})).eval()
@@ -195,7 +201,10 @@ def extractor_identities(cfg: dict, extractors: dict) -> dict[str, str]:
         elif ext == "inception":
             out["inception"] = sha256(cfg["inception_weights"])
         else:
-            out[ext["name"]] = json.dumps(ext, sort_keys=True)
+            ident = dict(ext)
+            if isinstance(ext.get("weights"), str) and os.path.isfile(ext["weights"]):
+                ident["weights_sha256"] = sha256(ext["weights"])
+            out[ext["name"]] = json.dumps(ident, sort_keys=True)
     return out
 
 

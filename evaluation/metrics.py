@@ -31,6 +31,21 @@ class CLIPImageFeatures(nn.Module):
         return self.clip.encode_image(images.float() * 2 - 1)  # a CLIP resizes to its own input
 
 
+class TowerFeatures(nn.Module):
+    """An image tower that takes [-1, 1] (e.g. ``OpenCLIPImageTower``: an open_clip model from a
+    local file) as a feature extractor: images in [0, 1] -> its l2-normalised embedding."""
+
+    def __init__(self, tower: nn.Module, size: int = 32):
+        super().__init__()
+        self.tower = tower.eval()
+        with torch.no_grad():
+            self.num_features = int(tower(torch.zeros(1, 3, size, size)).shape[-1])
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> Tensor:
+        return torch.nn.functional.normalize(self.tower(images.float() * 2 - 1), dim=-1)
+
+
 class InceptionFeatures(nn.Module):
     """torchmetrics' FID Inception (torch-fidelity's ``inception-v3-compat``, the standard
     ``pt_inception-2015-12-05`` weights) from a local file: images in [0, 1] -> 2048 features."""

@@ -63,11 +63,13 @@ class OpenCLIPImageTower(nn.Module):
         weights: a local open_clip checkpoint, or None for random weights.
         overrides: keyword arguments of ``create_model`` that change the architecture (e.g. a small
             ``vision_cfg`` for tests or small data).
+        option: the config option that named the model, for the error messages.
     """
 
-    def __init__(self, name: str, weights: str | None = None, overrides: dict | None = None):
+    def __init__(self, name: str, weights: str | None = None, overrides: dict | None = None,
+                 option: str = "model.init_args.image_tower.init_args"):  # fmt: skip
         super().__init__()
-        model = build_open_clip(name, weights, overrides, "model.init_args.image_tower.init_args")
+        model = build_open_clip(name, weights, overrides, option)
         self.visual = model.visual
         size = self.visual.image_size
         self.image_size = size if isinstance(size, int) else size[0]

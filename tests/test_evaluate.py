@@ -213,6 +213,8 @@ def test_bad_input_is_a_clear_error_before_any_work(tiny_methods, tmp_path, caps
     assert "extractors[mine]: class_path 'nowhere.Net' cannot be imported" in error(
         extractors=[{"name": "mine", "class_path": "nowhere.Net"}])  # fmt: skip
     assert "prompt_sets: unknown ['colours']" in error(prompt_sets=["colours"])
+    missing = error(extractors=[{"name": "oc", "open_clip": "ViT-B-32", "weights": str(tmp_path / "no.bin")}])
+    assert "extractors[oc].weights: open_clip weights file" in missing and "Nothing is downloaded" in missing
 
 
 def test_too_few_samples_for_a_metric_warn_and_name_the_option(tiny_methods, tmp_path):
@@ -250,3 +252,12 @@ def test_every_compare_config_is_valid(path):
     for spec in cfg["methods"]:
         if "model" in spec:
             evaluate.import_class(spec["model"]["class_path"], spec["name"])
+
+
+def test_an_open_clip_model_is_an_extractor_of_unit_features():
+    from test_clip import TINY_OPEN_CLIP
+
+    cfg = {"extractors": [{"name": "oc", "open_clip": "ViT-B-32", "overrides": TINY_OPEN_CLIP}]}
+    (features,) = evaluate.build_extractors(cfg, None).values()
+    out = features(torch.rand(5, 3, 32, 32))
+    assert out.shape == (5, features.num_features) and torch.allclose(out.norm(dim=-1), torch.ones(5))
