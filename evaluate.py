@@ -66,7 +66,7 @@ TOP_KEYS = {
     "methods": "the list of methods: name, checkpoint or model, sampling, family",
     "cache": "folder for the real images' features per dataset and extractor (null: no cache)",
 }
-METHOD_KEYS = {"name", "checkpoint", "model", "sampling", "family", "note"}
+METHOD_KEYS = {"name", "checkpoint", "config", "model", "sampling", "family", "note"}
 COLUMNS = [  # (key, header, format)
     ("method", "method", "{}"),
     ("family", "family", "{}"),
@@ -135,6 +135,10 @@ def load_config(path: str, overrides: argparse.Namespace) -> dict:
                 raise ConfigProblem(f"methods[{m['name']}]: unknown key {key!r}{_suggest(key, METHOD_KEYS)}")
         if ("checkpoint" in m) == ("model" in m):
             raise ConfigProblem(f"methods[{m['name']}]: give exactly one of checkpoint or model")
+        if "config" in m and "checkpoint" not in m:
+            raise ConfigProblem(
+                f"methods[{m['name']}]: config goes with a checkpoint (it names the checkpoint's class)"
+            )
         names.append(m["name"])
     if overrides.methods:
         wanted = [n.strip() for n in overrides.methods.split(",") if n.strip()]
@@ -224,6 +228,19 @@ def _run_config(checkpoint: str) -> dict | None:
         return yaml.safe_load(f)
 
 
+def config_class(spec: dict, name: str) -> str | None:
+    """The model class a method's training ``config`` names, for a checkpoint that does not record it."""
+    if not spec.get("config"):
+        return None
+    if not os.path.isfile(spec["config"]):
+        raise ConfigProblem(f"methods[{name}].config {spec['config']!r} not found")
+    with open(spec["config"]) as f:
+        model = (yaml.safe_load(f) or {}).get("model") or {}
+    if not isinstance(model, dict) or not model.get("class_path"):
+        raise ConfigProblem(f"methods[{name}].config {spec['config']!r} names no model.class_path")
+    return model["class_path"]
+
+
 def load(spec: dict):
     """``(module, provenance)`` of one method: from its checkpoint, or built from class_path."""
     from callbacks.dashboard import run_tags
@@ -232,13 +249,11 @@ def load(spec: dict):
     name = spec["name"]
     if "checkpoint" in spec:
         path = spec["checkpoint"]
-        model = load_method(path, option=f"methods[{name}].checkpoint")
+        model = load_method(path, option=f"methods[{name}].checkpoint", class_path=config_class(spec, name))
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
         info = {"checkpoint": os.path.abspath(path), "sha256": sha256(path),
                 **training_budget(ckpt, _run_config(path))}  # fmt: skip
-        class_path = ckpt.get("hyper_parameters", {}).get(
-            "_class_path", type(model).__module__ + "." + type(model).__name__
-        )
+        class_path = f"{type(model).__module__}.{type(model).__name__}"
     else:
         class_path = (spec["model"] or {}).get("class_path", "")
         cls = import_class(class_path, f"methods[{name}].model.class_path")

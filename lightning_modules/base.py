@@ -122,15 +122,19 @@ class TextToImageModule(BaseModule):
         return seeded(seed, device)
 
 
-def load_method(path: str, option: str, map_location: str | torch.device = "cpu") -> TextToImageModule:
-    """Any text-to-image method from its checkpoint (the class the CLI recorded in it), frozen and
-    in eval mode, with no trainer: for reranking, guidance and evaluation."""
+def load_method(path: str, option: str, map_location: str | torch.device = "cpu",
+                class_path: str | None = None) -> TextToImageModule:  # fmt: skip
+    """Any text-to-image method from its checkpoint (the class the CLI recorded in it, or
+    ``class_path`` for a checkpoint saved without the CLI), frozen and in eval mode, with no
+    trainer: for reranking, guidance and evaluation."""
     if not path or not os.path.isfile(path):
         raise MissingFileError(
             f"{option}: checkpoint {path!r} not found: train the method first and give its "
             "checkpoints/last.ckpt or best-*.ckpt"
         )
-    class_path = torch.load(path, map_location="cpu", weights_only=False).get("hyper_parameters", {}).get("_class_path")
+    class_path = class_path or torch.load(path, map_location="cpu", weights_only=False).get(
+        "hyper_parameters", {}
+    ).get("_class_path")
     cls = None
     if class_path:
         module, _, name = str(class_path).rpartition(".")

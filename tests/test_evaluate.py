@@ -124,7 +124,15 @@ def _config(tmp_path, tiny_methods, **changes) -> str:
 
 
 def test_evaluate_writes_the_table_files_plot_grids_and_wandb_run_offline(tiny_methods, tmp_path, no_network):
+    bare = torch.load(tiny_methods["cvae"], weights_only=False)  # as if saved without the CLI: no class recorded
+    del bare["hyper_parameters"]["_class_path"]
+    torch.save(bare, tmp_path / "bare.ckpt")
+    (tmp_path / "cvae.yaml").write_text("model:\n  class_path: lightning_modules.cvae.ConditionalVAE\n")
     config = _config(tmp_path, tiny_methods)
+    cfg = yaml.safe_load(open(config))
+    cfg["methods"].insert(1, {"name": "cvae-by-config", "checkpoint": str(tmp_path / "bare.ckpt"),
+                              "config": str(tmp_path / "cvae.yaml")})  # fmt: skip
+    open(config, "w").write(yaml.safe_dump(cfg))
     out = tmp_path / "out"
     assert evaluate.main(["--config", config, "--output", str(out)]) == 1  # two methods fail, in their rows
     assert not no_network
@@ -132,6 +140,7 @@ def test_evaluate_writes_the_table_files_plot_grids_and_wandb_run_offline(tiny_m
     rows = {r["method"]: r for r in record["rows"]}
     assert list(rows) == [
         "cvae",
+        "cvae-by-config",
         "gan",
         "missing",
         "clip-as-method",
@@ -139,6 +148,8 @@ def test_evaluate_writes_the_table_files_plot_grids_and_wandb_run_offline(tiny_m
         "real renders",
         "chance",
     ]
+    same = {k: v for k, v in rows["cvae"].items() if k not in ("method", "images_per_sec")}
+    assert {k: v for k, v in rows["cvae-by-config"].items() if k not in ("method", "images_per_sec")} == same
     assert "methods[clip-as-method].checkpoint" in rows["clip-as-method"]["error"]
     assert "is not a text-to-image method's checkpoint" in rows["clip-as-method"]["error"]
     assert (
@@ -166,9 +177,8 @@ def test_evaluate_writes_the_table_files_plot_grids_and_wandb_run_offline(tiny_m
     header = (out / "results.csv").read_text().splitlines()[0].split(",")
     assert header[:4] == ["method", "family", "shapes_single", "shapes_counting"]
     assert (out / "quality_vs_speed.png").stat().st_size > 1000
-    assert (out / "grid_single.png").exists() and "rows: real renders, cvae, gan" in (
-        out / "grid_single.txt"
-    ).read_text()
+    assert (out / "grid_single.png").exists()
+    assert "rows: real renders, cvae, cvae-by-config, gan" in (out / "grid_single.txt").read_text()
     (run_file,) = glob.glob(str(out / "wandb" / "offline-run-*" / "*.wandb"))
     keys = history_keys(run_file)
     assert {"results/_type", "results/nrows", "quality_vs_speed/_type", "grid/single/_type"} <= keys
