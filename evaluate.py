@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from datamodules.shapes import PROMPT_SETS
 from evaluation.harness import (
+    IMAGE_SEED_RULE,
     Protocol,
     RealFeatures,
     chance,
@@ -283,9 +284,11 @@ def judge_note(spec: dict, judge: str | None) -> str | None:
     return "; ".join(notes) or None
 
 
-def _fmt(key: str, value, fmt: str) -> str:
+def _fmt(key: str, value, fmt: str, row: dict | None = None) -> str:
     if value is None or value == "":
-        return "" if key == "error" else "–"
+        return "" if key in ("error", "note") else "–"
+    if key == "r_precision" and row and row.get("r_precision_std") is not None:
+        return f"{value:.3f} ± {row['r_precision_std']:.3f}"
     try:
         return fmt.format(value)
     except (ValueError, TypeError):
@@ -300,7 +303,7 @@ def markdown_table(rows: list[dict]) -> str:
     cols = visible_columns(rows)
     lines = ["| " + " | ".join(h for _, h, _ in cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        lines.append("| " + " | ".join(_fmt(k, r.get(k), f) for k, _, f in cols) + " |")
+        lines.append("| " + " | ".join(_fmt(k, r.get(k), f, r) for k, _, f in cols) + " |")
     return "\n".join(lines)
 
 
@@ -525,7 +528,7 @@ def write_files(out: str, cfg: dict, protocol: Protocol, command: str, rows: lis
         w.writerow([k for k, _, _ in cols])
         for r in rows:
             w.writerow([r.get(k, "") for k, _, _ in cols])
-    record = {"command": command, "config": cfg, "protocol": protocol.as_dict(), "rows": rows,
+    record = {"command": command, "config": cfg, "protocol": protocol.as_dict(), "image_seed": IMAGE_SEED_RULE, "rows": rows,
               "methods": details, "packages": package_versions(), "machine": where, "platform": platform.platform(),
               "time": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
     with open(os.path.join(out, "results.json"), "w") as f:
@@ -545,7 +548,7 @@ def write_files(out: str, cfg: dict, protocol: Protocol, command: str, rows: lis
             "CLIP score, R-precision and fid_clip/kid_clip use the CLIP "
             + f"`{cfg.get('clip')}`; R-precision "
             f"is AttnGAN's R@1 with up to {protocol.distractors} distractor captions of the same set, mean over "
-            f"{protocol.folds} folds (std in results.json). "
+            f"{protocol.folds} folds (± their std). "
             if has_clip
             else ""
         )
@@ -555,6 +558,10 @@ def write_files(out: str, cfg: dict, protocol: Protocol, command: str, rows: lis
         "the seed.",
         "",
         "Prompt sets: " + "; ".join(f"`{s}`: {PROMPT_SETS[s]}" for s in protocol.prompt_sets) + ".",
+        "",
+        f"Image seeds: {IMAGE_SEED_RULE}. Diversity: mean pairwise "
+        + ("LPIPS (VGG)" if cfg.get("lpips") else "absolute pixel difference on a [0, 1] scale")
+        + " between the images of one prompt.",
         "",
         markdown_table(rows),
         "",

@@ -24,7 +24,8 @@ from torch import Tensor, nn
 from datamodules.shapes import PROMPT_SETS, caption, objects_for, prompt_set, render, score, single_attrs
 from evaluation.metrics import clip_score, diversity, fid_kid, image_features, r_precision_hits
 
-SEED_STRIDE = 100_003  # image seed = protocol seed * 10**7 + seed index * SEED_STRIDE + set * 1000 + prompt
+SEED_STRIDE = 100_003
+IMAGE_SEED_RULE = "seed * 10**7 + seed index * 100003 + prompt set index * 1000 + prompt index"
 
 
 @dataclass
@@ -52,6 +53,7 @@ class Protocol:
 
 
 def image_seed(protocol: Protocol, set_index: int, prompt: int, seed_index: int) -> int:
+    """The seed of one image (``IMAGE_SEED_RULE``)."""
     return protocol.seed * 10**7 + seed_index * SEED_STRIDE + set_index * 1000 + prompt
 
 
