@@ -348,8 +348,11 @@ def write_plot(rows: list[dict], path: str) -> None:
     plt.close(fig)
 
 
+GRID_COLUMNS = 8
+
+
 def write_grids(
-    images: dict[str, dict[str, torch.Tensor]], prompts: dict, out: str, columns: int = 8
+    images: dict[str, dict[str, torch.Tensor]], prompts: dict, out: str, columns: int = GRID_COLUMNS
 ) -> dict[str, str]:
     """One PNG per prompt set: a row per method (the real renders first), the first ``columns``
     prompts at seed index 0, with ``grid_<set>.txt`` naming the rows and columns."""
@@ -479,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
                        train_minutes=(info["train_seconds"] / 60) if info.get("train_seconds") else None)  # fmt: skip
             details[name] = {"provenance": info, "shapes_detail": q["shapes_detail"],
                              "generate_seconds": seconds, "images": n, "sampling": spec.get("sampling") or {}}  # fmt: skip
-            images[name] = sets
+            images[name] = {s: x[:GRID_COLUMNS, :1] for s, x in sets.items()}  # only what the grids show
             del model
         except (
             ConfigProblem,
