@@ -22,6 +22,20 @@ from datamodules.shapes import PROMPT_SETS, objects_for, prompt_set, render, sco
 from evaluation.metrics import r_precision
 
 
+@pytest.fixture(autouse=True)
+def no_wandb_left_behind():
+    """evaluate.main runs W&B in this process: its service and the WANDB_* variables that
+    wandb.init sets must not outlive the test, or the train.py runs of later tests inherit them
+    and their own W&B start fails."""
+    before = dict(os.environ)
+    yield
+    import wandb
+
+    wandb.teardown()
+    os.environ.clear()
+    os.environ.update(before)
+
+
 @pytest.mark.parametrize("name", list(PROMPT_SETS))
 def test_each_prompt_set_scores_its_renders_right_and_noise_wrong(name):
     prompts = prompt_set(name, 20, seed=0)
