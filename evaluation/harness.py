@@ -21,7 +21,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from datamodules.shapes import PROMPT_SETS, caption, objects_for, prompt_set, render, score, single_attrs
+from datamodules.shapes import (
+    PROMPT_SETS,
+    caption,
+    objects_for,
+    prompt_set,
+    render,
+    score_batch,
+    single_attrs,
+)
 from evaluation.metrics import clip_score, diversity, fid_kid, image_features, r_precision_hits
 
 SEED_STRIDE = 100_003
@@ -134,12 +142,7 @@ def render_real(
 
 def shapes_rates(images: Tensor, items: Sequence[tuple[str, dict]]) -> dict[str, float]:
     """The analytic scorer's rate of each attribute and of ``all`` over ``(prompts, seeds, ...)``."""
-    totals: dict[str, list[bool]] = {}
-    for p, (_, attrs) in enumerate(items):
-        for image in images[p]:
-            for k, v in score(image, attrs).items():
-                totals.setdefault(k, []).append(v)
-    return {k: float(np.mean(v)) for k, v in totals.items()}
+    return score_batch(images.flatten(0, 1), [attrs for _, attrs in items for _ in range(images.shape[1])])
 
 
 def _flat(images: dict[str, Tensor]) -> Tensor:
