@@ -476,11 +476,14 @@ def write_shapes_shards(
     seed: int = 0,
     shard_size: int = 1000,
     progress: bool = False,
+    wait_timeout: float = 3600.0,
 ) -> dict:
     """Render the dataset into ``root/train`` and ``root/val`` tar shards (PNG + txt + json).
 
     Deterministic in ``seed``. Writes ``root/heldout.jsonl`` (held-out prompts) and, last,
     ``root/manifest.json`` with the parameters; a root whose manifest matches is left alone.
+    Safe when several processes or nodes call it at once on the same folder: one renders, the
+    others wait up to ``wait_timeout`` seconds for its manifest (``datamodules.prepare.prepare_once``).
     """
     params = {
         "resolution": resolution,
@@ -490,38 +493,32 @@ def write_shapes_shards(
         "shard_size": shard_size,
         "version": 1,
     }
-    manifest = os.path.join(root, "manifest.json")
-    if os.path.exists(manifest):
-        with open(manifest) as f:
-            if json.load(f) == params:
-                return params
-        raise FileExistsError(
-            f"{root} holds a shapes dataset made with other parameters (see {manifest}); "
-            "choose another root or delete it"
-        )
-    from .shards import ShardWriter
 
-    for split, n in (("train", num_train), ("val", num_val)):
-        with ShardWriter(os.path.join(root, split), prefix="shapes", max_count=shard_size) as writer:
-            indices = range(n)
-            if progress:
-                from tqdm import tqdm
+    def build(folder: str) -> None:
+        from .shards import ShardWriter
 
-                indices = tqdm(indices, desc=f"shapes {split}", unit="img")
-            for i in indices:
-                rng = np.random.default_rng([seed, SPLITS[split], i])
-                img, caps, attrs = make_sample(rng, resolution)
-                buf = io.BytesIO()
-                img.save(buf, format="PNG")
-                writer.write(
-                    f"{split}{i:08d}", {"png": buf.getvalue(), "txt": "\n".join(caps), "json": attrs}
-                )
-    with open(os.path.join(root, "heldout.jsonl"), "w") as f:
-        for cap, attrs in heldout_prompts():
-            f.write(json.dumps({"caption": cap, "attrs": attrs}) + "\n")
-    with open(manifest, "w") as f:
-        json.dump(params, f)
-    return params
+        for split, n in (("train", num_train), ("val", num_val)):
+            with ShardWriter(os.path.join(folder, split), prefix="shapes", max_count=shard_size) as writer:
+                indices = range(n)
+                if progress:
+                    from tqdm import tqdm
+
+                    indices = tqdm(indices, desc=f"shapes {split}", unit="img")
+                for i in indices:
+                    rng = np.random.default_rng([seed, SPLITS[split], i])
+                    img, caps, attrs = make_sample(rng, resolution)
+                    buf = io.BytesIO()
+                    img.save(buf, format="PNG")
+                    writer.write(
+                        f"{split}{i:08d}", {"png": buf.getvalue(), "txt": "\n".join(caps), "json": attrs}
+                    )
+        with open(os.path.join(folder, "heldout.jsonl"), "w") as f:
+            for cap, attrs in heldout_prompts():
+                f.write(json.dumps({"caption": cap, "attrs": attrs}) + "\n")
+
+    from .prepare import prepare_once
+
+    return prepare_once(root, params, build, expected={*SPLITS, "heldout.jsonl"}, timeout=wait_timeout)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -6,6 +6,7 @@ import os
 
 from lightning.pytorch.utilities import rank_zero_info
 
+from .prepare import read_manifest
 from .shapes import heldout_prompts, write_shapes_shards
 from .text_image import TextImageDataModule
 
@@ -22,6 +23,8 @@ class ShapesDataModule(TextImageDataModule):
         shard_size: images per shard.
         image_size: training image side; None means ``resolution``.
         val_samples: validation samples; None means ``num_val``.
+        prepare_timeout: seconds a process waits for another one's rendering before it stops with
+            an error that names the claim file.
         **kwargs: the TextImageDataModule arguments (batch size, workers, epoch length, ...).
     """
 
@@ -35,6 +38,7 @@ class ShapesDataModule(TextImageDataModule):
         shard_size: int = 500,
         image_size: int | None = None,
         val_samples: int | None = None,
+        prepare_timeout: float = 3600.0,
         **kwargs,
     ):
         super().__init__(
@@ -44,7 +48,7 @@ class ShapesDataModule(TextImageDataModule):
             val_samples=val_samples or num_val,
             **kwargs,
         )
-        self.root, self.resolution = root, resolution
+        self.root, self.resolution, self.prepare_timeout = root, resolution, prepare_timeout
         self.num_train, self.num_val, self.data_seed, self.shard_size = (
             num_train,
             num_val,
@@ -53,14 +57,28 @@ class ShapesDataModule(TextImageDataModule):
         )
 
     def prepare_data(self) -> None:
-        """Render the dataset once (local rank zero; the other ranks wait at a barrier)."""
-        if not os.path.exists(os.path.join(self.root, "manifest.json")):
+        """Render the dataset on first use. Lightning calls this on each node's local rank zero
+        (``prepare_data_per_node=True``, kept: right for node-local disks and, through the claim
+        of ``prepare_once``, for a shared file system, where one node renders and the others wait);
+        a process outside Lightning may call it too."""
+        if read_manifest(self.root) is None:
             rank_zero_info(
                 f"rendering the shapes dataset into {self.root} ({self.num_train} + {self.num_val} images)"
             )
-        write_shapes_shards(
-            self.root, self.resolution, self.num_train, self.num_val, self.data_seed, self.shard_size
-        )
+        self._render()
+
+    def _render(self) -> dict:
+        return write_shapes_shards(
+            self.root, self.resolution, self.num_train, self.num_val, self.data_seed, self.shard_size,
+            wait_timeout=self.prepare_timeout,
+        )  # fmt: skip
+
+    def setup(self, stage: str | None = None) -> None:
+        """Every rank reads only a complete dataset with this datamodule's parameters: it waits for
+        the manifest (rendered by another process) or renders the data itself if nobody has."""
+        if stage in (None, "fit", "validate", "test"):
+            self._render()
+        super().setup(stage)
 
     def check_sources(self, stage: str = "fit") -> None:
         """Nothing to check: the shards are rendered by ``prepare_data`` when they are missing."""
