@@ -19,10 +19,14 @@ import os
 import sys
 import time
 
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from callbacks.checkpoint_io import AtomicCheckpointIO, checkpoint_problem
 from callbacks.dashboard import Throughput, experiment_group, run_tags
 from callbacks.process_group import destroy_at_exit
+from callbacks.progress import ProgressLog
 from callbacks.slurm import (
     SharedRunDirCheck,
     SlurmRequeue,
@@ -33,6 +37,7 @@ from callbacks.slurm import (
     slurm_run_name,
     start_rendezvous_watchdog,
 )
+from callbacks.stopping import SaveLastCheckpoint
 from networks.errors import ConfigError
 
 RUN_DIR_ENV = "T2I_RUN_DIR"  # shared with the processes DDP launches, so all ranks agree
@@ -129,17 +134,30 @@ def run_of_checkpoint(path: str | None) -> str | None:
 
 
 def check_checkpoint(path: str | None) -> None:
-    if (
-        path
-        and path not in ("last", "best", "hpc")
-        and not path.startswith("registry")
-        and not os.path.isfile(path)
-    ):
+    """A missing, truncated or foreign ``--ckpt_path`` file stops the command in one line."""
+    if not path or path in ("last", "best", "hpc") or path.startswith("registry"):
+        return
+    if not os.path.isfile(path):
         runs = sorted(glob.glob(os.path.join("runs", "*", "checkpoints", "*.ckpt")))
         hint = f" (for example {runs[-1]})" if runs else ""
         raise SetupError(
             f"--ckpt_path {path}: no such file; give a checkpoint file{hint}, or 'last' with fit to resume"
         )
+    problem = checkpoint_problem(path)
+    if problem:
+        raise SetupError(
+            f"--ckpt_path {path} {problem}; give an earlier checkpoint of the run "
+            f"(its folder: {os.path.dirname(path) or '.'}), or leave out --ckpt_path to start a new run"
+        )
+
+
+def last_checkpoint_file(cfg, run_dir: str) -> str:
+    """Where a ``fit`` in ``run_dir`` writes ``last.ckpt``: its ModelCheckpoint folder, by default
+    ``<run>/checkpoints``."""
+    for callback in cfg.trainer.callbacks or []:
+        if _class_path(callback).endswith("ModelCheckpoint") and callback.init_args.get("dirpath"):
+            return os.path.join(str(callback.init_args.dirpath), "last.ckpt")
+    return os.path.join(run_dir, "checkpoints", "last.ckpt")
 
 
 def _option_names(cls_path: str) -> list[str]:
@@ -235,6 +253,7 @@ class TextToImageCLI(LightningCLI):
         ``--ckpt_path`` is given; say which options given on the command line or in the configs
         that drops, instead of dropping them silently."""
         sub = self.config.get("subcommand")
+        check_checkpoint(self.config[sub].get("ckpt_path") if sub else None)  # before Lightning unpickles it
         model = self.config[sub].get("model") if sub else None
         before = _flat_options(model.clone() if model is not None else None)
         super()._parse_ckpt_path()
@@ -269,7 +288,6 @@ class TextToImageCLI(LightningCLI):
         if self.subcommand is None:
             return
         cfg = self.config[self.subcommand]
-        check_checkpoint(cfg.get("ckpt_path"))
         # the config as the user wrote it, saved as <run>/config.yaml: reusable for predict or a
         # new run, with no paths of this run baked in (its run directory, resume checkpoint, ...)
         self.config_to_save = cfg.clone()
@@ -286,6 +304,15 @@ class TextToImageCLI(LightningCLI):
             if hpc is not None:  # a requeued attempt: the state at the signal, before last.ckpt
                 sys.stderr.write(f"SLURM: resuming {run_dir} from {os.path.basename(hpc)}\n")
                 cfg.ckpt_path = hpc
+        if self.subcommand == "fit" and cfg.get("ckpt_path") == "last":
+            last = last_checkpoint_file(cfg, run_dir)
+            if not os.path.isfile(last):
+                raise SetupError(
+                    f"--ckpt_path last: nothing to resume in {run_dir}/ (no {os.path.relpath(last, run_dir)}); "
+                    "leave out --ckpt_path to start a new run"
+                )
+            cfg.ckpt_path = last  # the file itself: Lightning's own lookup would only warn when it finds none
+        check_checkpoint(cfg.get("ckpt_path"))  # a resolved 'last' or HPC checkpoint: whole?
         name = os.path.basename(run_dir)
         cfg.trainer.default_root_dir = run_dir
         if self.subcommand == "predict":
@@ -319,6 +346,12 @@ class TextToImageCLI(LightningCLI):
                 "variables are ignored); set T2I_SLURM=1 to treat it as a SLURM run\n"
             )
         trainer = super().instantiate_trainer(**kwargs)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not a sharded or user-given one
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        if self.subcommand == "fit" and not any(isinstance(c, SaveLastCheckpoint) for c in trainer.callbacks):
+            trainer.callbacks.append(SaveLastCheckpoint())  # every fit ends with a resumable last.ckpt
+        if any(isinstance(c, ProgressLog) and c.writes_lines() for c in trainer.callbacks):
+            trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, ProgressBar)]
         if slurm_managed() and self.subcommand == "fit":
             trainer.callbacks[:0] = [SlurmRequeue(), SharedRunDirCheck(start_rendezvous_watchdog())]
         if self.subcommand == "fit" and trainer.loggers and not any(isinstance(c, Throughput) for c in trainer.callbacks):

@@ -7,7 +7,7 @@ from .progress import ProgressLog, RunSummary
 from .reconstructions import ReconstructionGrid
 from .sample_grid import SampleGrid
 from .shapes_score import ShapesScore
-from .stopping import SaveOnInterrupt, ValidateAtEnd
+from .stopping import SaveLastCheckpoint, ValidateAtEnd
 from .threads import ThreadBudget
 from .wandb_logger import AutoOfflineWandbLogger
 
@@ -18,7 +18,7 @@ __all__ = [
     "ReconstructionGrid",
     "RunSummary",
     "SampleGrid",
-    "SaveOnInterrupt",
+    "SaveLastCheckpoint",
     "ShapesScore",
     "SkippedSamplesLogger",
     "ThreadBudget",

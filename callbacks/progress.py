@@ -14,7 +14,7 @@ from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint, Timer
 from lightning.pytorch.loggers import WandbLogger
 
-from .stopping import SaveOnInterrupt
+from .stopping import SaveLastCheckpoint, last_checkpoint_path
 
 
 def _minutes(seconds: float) -> str:
@@ -47,10 +47,16 @@ class ProgressLog(Callback):
         self._start = self._last_time = None
         self._last_step = 0
 
+    def writes_lines(self) -> bool:
+        """Whether progress lines go to a log file (standard output is not a terminal). Then they
+        are the only progress output: ``train.py`` removes Lightning's progress bar, whose final
+        state would otherwise be written into the file too."""
+        return self.when != "never" and not sys.stdout.isatty()
+
     def _active(self, trainer) -> bool:
         if not trainer.is_global_zero or self.when == "never":
             return False
-        return self.when == "always" or not sys.stdout.isatty()
+        return self.when == "always" or self.writes_lines()
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._start = self._last_time = time.monotonic()
@@ -120,7 +126,7 @@ class RunSummary(Callback):
     def summary(self, trainer) -> list[str]:
         run = trainer.default_root_dir
         elapsed = time.monotonic() - self._start if self._start else 0.0
-        stop = next((c for c in trainer.callbacks if isinstance(c, SaveOnInterrupt) and c.requested), None)
+        stop = next((c for c in trainer.callbacks if isinstance(c, SaveLastCheckpoint) and c.requested), None)
         reason = f"stopped by {stop.requested}" if stop else "finished"
         lines = [f"{reason} at step {trainer.global_step} after {_minutes(elapsed)} min"]
         checkpoint = next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)), None)
@@ -129,7 +135,8 @@ class RunSummary(Callback):
             score = checkpoint.best_model_score
             lines.append(f"best {checkpoint.monitor}: {float(score):.4f} in {_rel(best)}" if score is not None
                          else f"best checkpoint: {_rel(best)}")  # fmt: skip
-        last = checkpoint.last_model_path if checkpoint is not None else ""
+        last = last_checkpoint_path(trainer)
+        last = last if os.path.isfile(last) else ""  # saved at the end even when nothing validated
         grids = sorted(glob.glob(os.path.join(run, "samples", "step_*.png")))
         if grids:
             lines.append(f"final sample grid: {_rel(grids[-1])}")
@@ -149,6 +156,8 @@ class RunSummary(Callback):
             lines.append("generate from it: python train.py predict --config " + shlex.quote(_rel(config))
                          + " --ckpt_path " + shlex.quote(_rel(use))
                          + " --data.init_args.predict_prompts 'a small red circle on the left'")  # fmt: skip
+        if not last:
+            return lines  # nothing to continue from (a fast_dev_run saves nothing)
         further = self.longer(trainer) if stop is None else ""
         first = self.first_command(run, drop=further.split()[:1])
         again = first or f"fit --config {shlex.quote(_rel(os.path.join(run, 'config.yaml')))}"

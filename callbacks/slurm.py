@@ -51,9 +51,16 @@ def hpc_number(path: str) -> int:
 
 
 def newest_hpc_checkpoint(run_dir: str) -> str | None:
-    """The HPC checkpoint with the highest number in ``run_dir``, or None."""
-    found = glob.glob(os.path.join(run_dir, HPC_PATTERN))
-    return max(found, key=hpc_number) if found else None
+    """The HPC checkpoint with the highest number in ``run_dir`` that is whole, or None. A damaged
+    one (written before checkpoints were atomic) is passed over with a warning."""
+    from .checkpoint_io import checkpoint_problem
+
+    for path in sorted(glob.glob(os.path.join(run_dir, HPC_PATTERN)), key=hpc_number, reverse=True):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        sys.stderr.write(f"SLURM: passing over {path}: it {problem}\n")
+    return None
 
 
 def first_node(nodelist: str) -> str:

@@ -1,5 +1,6 @@
 """How a run ends: scored and saved at its last step, and, when stopped by Ctrl-C or SIGTERM,
-at a step boundary with a checkpoint, so that nothing is lost."""
+at a step boundary with a checkpoint, so that nothing is lost. Every ``fit`` ends with a
+resumable ``last.ckpt``, whatever ended it and whatever the validation settings."""
 
 from __future__ import annotations
 
@@ -21,9 +22,22 @@ def last_checkpoint_path(trainer) -> str:
     return os.path.join(trainer.default_root_dir, "checkpoints", "last.ckpt")
 
 
-class SaveOnInterrupt(Callback):
-    """Ctrl-C (SIGINT) or SIGTERM stops training after the current step and saves ``last.ckpt``,
-    from which ``fit --ckpt_path last`` continues at the same step.
+def saved_at_step(trainer, path: str) -> bool:
+    """Whether a ModelCheckpoint of ``trainer`` wrote ``path`` at the current step."""
+    return os.path.isfile(path) and any(
+        isinstance(c, ModelCheckpoint)
+        and c._last_global_step_saved == trainer.global_step
+        and os.path.abspath(getattr(c, "_last_checkpoint_saved", "") or "") == os.path.abspath(path)
+        for c in trainer.checkpoint_callbacks
+    )
+
+
+class SaveLastCheckpoint(Callback):
+    """Every ``fit`` ends with a resumable ``last.ckpt``, from which ``fit --ckpt_path last``
+    continues at the same step: at its normal end (``max_steps``, ``max_time``, ``max_epochs``,
+    early stopping) when no ModelCheckpoint wrote it at the final step (with validation off,
+    none does), and on Ctrl-C (SIGINT) or SIGTERM, after the current step.
+    ``train.py`` adds one to every ``fit`` whose config lists none.
 
     The first Ctrl-C asks for a stop: the step in progress finishes, the checkpoint is written,
     and ``fit`` ends as it does at ``max_steps`` (the run summary still prints). A second Ctrl-C
@@ -35,6 +49,7 @@ class SaveOnInterrupt(Callback):
     def __init__(self):
         self.requested: str | None = None
         self._previous_handler = None
+        self._saved_step: int | None = None
 
     def _on_sigint(self, signum, frame) -> None:
         if self.requested:
@@ -46,7 +61,7 @@ class SaveOnInterrupt(Callback):
         )
 
     def on_train_start(self, trainer, pl_module) -> None:
-        self.requested = None
+        self.requested, self._saved_step = None, None
         if threading.current_thread() is threading.main_thread():
             self._previous_handler = signal.signal(signal.SIGINT, self._on_sigint)
 
@@ -64,18 +79,26 @@ class SaveOnInterrupt(Callback):
             self.requested = "SIGTERM"
             self.save(trainer)
 
+    def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.fast_dev_run or self._saved_step == trainer.global_step:
+            return
+        if not saved_at_step(trainer, last_checkpoint_path(trainer)):
+            self.save(trainer, announce=False)
+
     def teardown(self, trainer, pl_module, stage: str) -> None:
         if self._previous_handler is not None:
             signal.signal(signal.SIGINT, self._previous_handler)
             self._previous_handler = None
 
-    def save(self, trainer) -> None:
+    def save(self, trainer, announce: bool = True) -> None:
         path = last_checkpoint_path(trainer)
-        trainer.save_checkpoint(path)
-        rank_zero_info(
-            f"{self.requested}: saved {path} at step {trainer.global_step}; continue with "
-            f"`python train.py fit ... --run_name {os.path.basename(trainer.default_root_dir)} --ckpt_path last`"
-        )
+        trainer.save_checkpoint(path)  # every rank takes part; rank zero writes
+        self._saved_step = trainer.global_step
+        if announce:
+            rank_zero_info(
+                f"{self.requested}: saved {path} at step {trainer.global_step}; continue with "
+                f"`python train.py fit ... --run_name {os.path.basename(trainer.default_root_dir)} --ckpt_path last`"
+            )
 
 
 class ValidateAtEnd(Callback):

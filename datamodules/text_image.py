@@ -458,12 +458,32 @@ class TextImageDataModule(LightningDataModule):
         return self._sum_reports(self._skips, split, self._skips_before if split == "train" else {})
 
     def state_dict(self) -> dict:
-        return {"skipped_train": self.skipped("train")}
+        """The training skip counts of every rank: summed (``skipped_train``) and per rank
+        (``skipped_train_by_rank``). Called on every rank when a checkpoint is saved (Lightning
+        saves on all ranks together), so the ranks' counts are gathered here."""
+        local = self.skipped("train")
+        by_rank = [local]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            by_rank = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(by_rank, local)
+        total: dict[str, int] = {}
+        for counts in by_rank:
+            for reason, n in counts.items():
+                total[reason] = total.get(reason, 0) + n
+        return {"skipped_train": total, "skipped_train_by_rank": by_rank}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore the training skip counts, so ``data/skipped/*`` keeps counting after a resume."""
+        """Restore the training skip counts, so ``data/skipped/*`` keeps counting after a resume:
+        each rank takes its own share when the world size is the same, else rank zero takes the
+        total; the counts saved next are then again the sum over every rank since the run began."""
         self._skips = {}
-        before = state.get("skipped_train")
-        if before is None:  # checkpoints of earlier versions kept each worker's latest report
-            before = self._sum_reports(state.get("skipped", {}), "train", {})
+        rank, world = self._rank_world()
+        by_rank = state.get("skipped_train_by_rank")
+        if isinstance(by_rank, list) and len(by_rank) == world:
+            before = by_rank[rank]
+        else:
+            before = state.get("skipped_train")
+            if before is None:  # checkpoints of earlier versions kept each worker's latest report
+                before = self._sum_reports(state.get("skipped", {}), "train", {})
+            before = before if rank == 0 else {}
         self._skips_before = {str(k): int(v) for k, v in before.items()}

@@ -166,6 +166,7 @@ def test_method_config_runs_fast_dev_run(config, shapes16, tmp_path):
                  "--data.init_args.num_val", "8", "--data.init_args.shard_size", "20"]  # fmt: skip
     proc = run_cli(args, tmp_path)
     assert "max_steps=1` reached" in proc.stdout + proc.stderr
+    assert "continue training" not in proc.stdout  # a fast_dev_run saves nothing to continue from
 
 
 def _ckpt(path):

@@ -57,6 +57,7 @@ def test_main_job_config_gives_a_grid_a_score_and_checkpoints_and_its_summary_co
     best = re.search(r"best val/shapes_all_correct: [0-9.]+ in (\S+)", out)
     assert best and os.path.exists(tmp_path / best.group(1))
     assert "run directory:" in out and "wandb sync" in out and "final sample grid:" in out
+    assert "Epoch " not in out + proc.stderr  # output in a file: no progress bar, only progress lines
     predict = re.search(r"generate from it: python train.py (.*)", out).group(1)
     assert "continue training: python train.py fit --config " in out and "--ckpt_path last" in out
     run_cli([*shlex.split(predict), "--trainer.enable_progress_bar", "false"], tmp_path)

@@ -261,6 +261,31 @@ def test_sigusr1_requeues_and_the_next_attempt_resumes_at_the_saved_step(cluster
         assert all(torch.allclose(a[key], b[key], atol=1e-6) for key in ("exp_avg", "exp_avg_sq")), "optimizer state"
 
 
+@needs_slurm
+def test_the_main_jobs_data_is_rendered_once_when_two_nodes_start_on_a_fresh_folder(cluster, tmp_path):
+    """The first multi-node run on a fresh checkout: both nodes' local rank zero prepare the shapes
+    data into the same (shared) folder at once; one renders, the other waits, both then train."""
+    runs, root = str(tmp_path / "runs"), str(tmp_path / "data" / "shapes16")
+    os.makedirs(runs)
+    cmd = ["sbatch", "--parsable", "--nodes", "2", "--ntasks-per-node", "1", "--gpus-per-node", "0",
+           "--cpus-per-task", "1", "--chdir", ROOT, "--output", os.path.join(runs, "slurm-%j.log"),
+           os.path.join(ROOT, "scripts", "slurm", "train.sbatch"), os.path.join(ROOT, "tests", "configs", "slurm_tiny.yaml"),
+           "--data", os.path.join(ROOT, "configs", "data", "shapes16.yaml"), "--data.init_args.root", root,
+           "--data.init_args.num_train", "1200", "--data.init_args.num_val", "32", "--data.init_args.shard_size", "100",
+           "--data.init_args.batch_size", "4", "--data.init_args.num_workers", "1",
+           "--trainer.default_root_dir", runs, "--trainer.max_steps", "4"]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, env=_job_env(cluster))
+    assert out.returncode == 0, out.stderr
+    job = out.stdout.strip().split(";")[0]
+    info = _wait(cluster, job, _done)
+    log = open(os.path.join(runs, f"slurm-{job}.log")).read()
+    assert info["JobState"] == "COMPLETED", log[-3000:]
+    assert sorted(os.listdir(root)) == ["heldout.jsonl", "manifest.json", "train", "val"]
+    assert len(os.listdir(os.path.join(root, "train"))) == 12 and os.listdir(tmp_path / "data") == ["shapes16"]
+    rows = _probe(os.path.join(runs, job))
+    assert sorted({row[2] for row in rows}) == ["0", "1"] and max(int(row[3]) for row in rows) == 4
+
+
 # ---------------------------------------------------------------------------------- no cluster needed
 def test_who_counts_as_a_slurm_run(monkeypatch):
     for var in ("SLURM_STEP_ID", "SLURM_NTASKS", "SLURM_JOB_NAME", "T2I_SLURM", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):

@@ -1,0 +1,71 @@
+"""Checkpoints that are whole or absent: written to a temporary file in the same folder, flushed
+to disk and renamed into place, so a process killed mid-write (an OOM kill, a node failure,
+SLURM's KILL after the grace period) leaves the previous checkpoint, never a truncated one."""
+
+from __future__ import annotations
+
+import os
+import uuid
+import zipfile
+
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+
+def atomic_torch_save(obj, path: str) -> None:
+    """``torch.save(obj, path)`` through ``<dir>/.<name>.<random>.tmp`` and an atomic rename."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.remove(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    try:  # the rename itself survives a power loss only once the folder is on disk too
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's ``TorchCheckpointIO`` with atomic writes for local paths (``last``, best, HPC);
+    remote paths (``s3://``, ...) are left to Lightning. ``train.py`` installs it on every trainer
+    whose strategy uses the plain Torch checkpoint IO."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        if storage_options is not None or "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options=storage_options)
+        atomic_torch_save(checkpoint, str(path))
+
+
+def checkpoint_problem(path: str) -> str | None:
+    """Why ``path`` cannot be a checkpoint to resume or load from (truncated, empty, not one), or
+    None. It reads only the archive's directory at the end of the file, not the tensors."""
+    try:
+        size = os.path.getsize(path)
+    except OSError as err:
+        return f"cannot be read ({err.strerror})"
+    if size == 0:
+        return "is empty (0 bytes)"
+    if not zipfile.is_zipfile(path):
+        return f"is truncated or not a checkpoint ({size:,} bytes, no complete torch.save archive)"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError) as err:
+        return f"is damaged ({err})"
+    if not any(name.endswith("data.pkl") for name in names):
+        return "is a zip archive but not a torch.save checkpoint"
+    return None
