@@ -19,11 +19,10 @@ import os
 import sys
 import time
 
-from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
-from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from callbacks.checkpoint_io import AtomicCheckpointIO, checkpoint_problem
+from callbacks.checkpoint_io import checkpoint_problem, use_atomic_checkpoint_io
 from callbacks.dashboard import Throughput, experiment_group, run_tags
 from callbacks.process_group import destroy_at_exit
 from callbacks.progress import ProgressLog
@@ -346,11 +345,14 @@ class TextToImageCLI(LightningCLI):
                 "variables are ignored); set T2I_SLURM=1 to treat it as a SLURM run\n"
             )
         trainer = super().instantiate_trainer(**kwargs)
-        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not a sharded or user-given one
-            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
-        if self.subcommand == "fit" and not any(isinstance(c, SaveLastCheckpoint) for c in trainer.callbacks):
-            trainer.callbacks.append(SaveLastCheckpoint())  # every fit ends with a resumable last.ckpt
-        if any(isinstance(c, ProgressLog) and c.writes_lines() for c in trainer.callbacks):
+        use_atomic_checkpoint_io(trainer.strategy)
+        if self.subcommand == "fit" and trainer.checkpoint_callbacks:  # (none: checkpointing is off)
+            for callback in trainer.checkpoint_callbacks:  # Lightning's default one writes into a logger's
+                if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:  # folder: use the run's
+                    callback.dirpath = os.path.join(trainer.default_root_dir, "checkpoints")
+            if not any(isinstance(c, SaveLastCheckpoint) for c in trainer.callbacks):
+                trainer.callbacks.append(SaveLastCheckpoint())  # every fit ends with a resumable last.ckpt
+        if self.subcommand == "fit" and any(isinstance(c, ProgressLog) and c.writes_lines() for c in trainer.callbacks):
             trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, ProgressBar)]
         if slurm_managed() and self.subcommand == "fit":
             trainer.callbacks[:0] = [SlurmRequeue(), SharedRunDirCheck(start_rendezvous_watchdog())]

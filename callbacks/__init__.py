@@ -11,6 +11,8 @@ from .stopping import SaveLastCheckpoint, ValidateAtEnd
 from .threads import ThreadBudget
 from .wandb_logger import AutoOfflineWandbLogger
 
+SaveOnInterrupt = SaveLastCheckpoint  # its former name: the config.yaml of earlier runs still loads
+
 __all__ = [
     "AutoOfflineWandbLogger",
     "ProgressLog",
@@ -19,6 +21,7 @@ __all__ = [
     "RunSummary",
     "SampleGrid",
     "SaveLastCheckpoint",
+    "SaveOnInterrupt",
     "ShapesScore",
     "SkippedSamplesLogger",
     "ThreadBudget",

@@ -50,6 +50,39 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_torch_save(checkpoint, str(path))
 
 
+def use_atomic_checkpoint_io(strategy) -> bool:
+    """Make ``strategy`` save through :class:`AtomicCheckpointIO` when it uses Lightning's plain
+    Torch checkpoint IO, also inside a wrapper (``AsyncCheckpointIO``). A sharded strategy's own
+    IO, or one the user chose, is left alone. Returns whether it now writes atomically."""
+    from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
+
+    io = strategy.checkpoint_io
+    if type(io) is TorchCheckpointIO:
+        strategy.checkpoint_io = AtomicCheckpointIO()
+        return True
+    if isinstance(io, _WrappingCheckpointIO) and type(io.checkpoint_io) is TorchCheckpointIO:
+        io._checkpoint_io = AtomicCheckpointIO()  # the wrapper's setter ignores a second inner IO
+        return True
+    return isinstance(io, AtomicCheckpointIO) or (
+        isinstance(io, _WrappingCheckpointIO) and isinstance(io.checkpoint_io, AtomicCheckpointIO)
+    )
+
+
+def remove_partial_writes(folder: str) -> list[str]:
+    """Remove the temporary files that writers killed mid-write left in ``folder``
+    (``.<name>.<hex>.tmp``); returns what was removed."""
+    import glob
+
+    removed = []
+    for path in glob.glob(os.path.join(glob.escape(folder), ".*.ckpt.*.tmp")):
+        try:
+            os.remove(path)
+            removed.append(path)
+        except OSError:
+            pass
+    return removed
+
+
 def checkpoint_problem(path: str) -> str | None:
     """Why ``path`` cannot be a checkpoint to resume or load from (truncated, empty, not one), or
     None. It reads only the archive's directory at the end of the file, not the tensors."""

@@ -13,6 +13,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from .checkpoint_io import remove_partial_writes
+
 
 def last_checkpoint_path(trainer) -> str:
     """Where ``--ckpt_path last`` looks: ``last.ckpt`` beside the run's ModelCheckpoint files."""
@@ -23,13 +25,32 @@ def last_checkpoint_path(trainer) -> str:
 
 
 def saved_at_step(trainer, path: str) -> bool:
-    """Whether a ModelCheckpoint of ``trainer`` wrote ``path`` at the current step."""
-    return os.path.isfile(path) and any(
+    """Whether a ModelCheckpoint of ``trainer`` wrote ``path`` at the current step. Decided from
+    the callbacks' state, which every rank shares, never from the file system (a rank that cannot
+    see rank zero's file would otherwise save alone and wait for the others forever)."""
+    return any(
         isinstance(c, ModelCheckpoint)
         and c._last_global_step_saved == trainer.global_step
         and os.path.abspath(getattr(c, "_last_checkpoint_saved", "") or "") == os.path.abspath(path)
         for c in trainer.checkpoint_callbacks
     )
+
+
+def _writes_last(callback, path: str) -> bool:
+    """Whether ``callback`` (a ModelCheckpoint) keeps its latest state in ``path``: ``save_last``,
+    or no monitor with ``filename: last``."""
+    if not isinstance(callback, ModelCheckpoint) or not callback.dirpath:
+        return False
+    same = os.path.abspath(os.path.join(callback.dirpath, "last" + callback.FILE_EXTENSION)) == os.path.abspath(path)
+    return same and (bool(callback.save_last) or (callback.monitor is None and callback.filename == "last"))
+
+
+def stopping_after_this_epoch(trainer) -> bool:
+    """Whether training ends when the current epoch loop ends (a stop request, ``max_time``,
+    ``max_steps``, ``max_epochs``)."""
+    if trainer.should_stop or (trainer.max_steps is not None and 0 < trainer.max_steps <= trainer.global_step):
+        return True
+    return trainer.max_epochs is not None and 0 <= trainer.max_epochs <= trainer.current_epoch + 1
 
 
 class SaveLastCheckpoint(Callback):
@@ -62,6 +83,10 @@ class SaveLastCheckpoint(Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         self.requested, self._saved_step = None, None
+        if trainer.is_global_zero:  # what writers killed mid-write left (a checkpoint's size each)
+            for folder in {os.path.dirname(last_checkpoint_path(trainer)), trainer.default_root_dir}:
+                for path in remove_partial_writes(folder):
+                    rank_zero_info(f"removed {path}, a checkpoint write that was interrupted")
         if threading.current_thread() is threading.main_thread():
             self._previous_handler = signal.signal(signal.SIGINT, self._on_sigint)
 
@@ -79,8 +104,18 @@ class SaveLastCheckpoint(Callback):
             self.requested = "SIGTERM"
             self.save(trainer)
 
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        """The end of training is saved here, where Lightning's ModelCheckpoint saves too: the loop
+        state then says "in this epoch", so a resume continues the epoch (at ``on_train_end`` the
+        epoch is already counted as complete, and a resume would start the next one early)."""
+        if stopping_after_this_epoch(trainer):
+            self.save_at_end(trainer)
+
     def on_train_end(self, trainer, pl_module) -> None:
-        if trainer.fast_dev_run or self._saved_step == trainer.global_step:
+        self.save_at_end(trainer)  # whatever ended training without an epoch end
+
+    def save_at_end(self, trainer) -> None:
+        if trainer.fast_dev_run or trainer.sanity_checking or self._saved_step == trainer.global_step:
             return
         if not saved_at_step(trainer, last_checkpoint_path(trainer)):
             self.save(trainer, announce=False)
@@ -94,6 +129,11 @@ class SaveLastCheckpoint(Callback):
         path = last_checkpoint_path(trainer)
         trainer.save_checkpoint(path)  # every rank takes part; rank zero writes
         self._saved_step = trainer.global_step
+        for callback in trainer.checkpoint_callbacks:  # the ModelCheckpoints that keep the same file:
+            if _writes_last(callback, path):  # saved, so they neither write it again nor a last-v1.ckpt
+                callback._last_checkpoint_saved = callback.last_model_path = path
+                if callback.monitor is None and not callback.save_last:
+                    callback._last_global_step_saved = trainer.global_step
         if announce:
             rank_zero_info(
                 f"{self.requested}: saved {path} at step {trainer.global_step}; continue with "

@@ -4,9 +4,14 @@ Every process that needs a dataset calls :func:`prepare_once` with the same fold
 parameters. The first to create the claim file ``<root>.lock`` (an exclusive create, atomic on
 local and shared file systems) builds the dataset in a folder of its own beside ``root`` and
 renames it into place when complete; the manifest, written last, marks it complete. The others
-wait until a complete manifest appears. A claim whose holder died is taken over: its holder
-touches it while it builds, so a claim left untouched for ``stale_after`` seconds (or held by a
-process of this host that no longer exists) is stale.
+wait until a complete manifest appears.
+
+A claim whose holder died is taken over: the holder touches its claim while it builds, so a claim
+whose modification time has not changed for ``stale_after`` seconds (measured on the waiter's own
+clock), or whose holder is a process of this host and pid namespace that no longer exists, is
+stale. A takeover renames the stale claim away (only one waiter can), checks that it took the
+claim it judged stale, and removes the dead holder's unfinished folder. Each claim carries a
+random token, and a process only ever releases its own.
 
 This is what lets Lightning call ``prepare_data`` once per node (``prepare_data_per_node=True``,
 its default): on node-local disks every node builds its own copy, and on a shared file system
@@ -15,6 +20,7 @@ the nodes' local rank zeros agree through the claim, so exactly one copy is buil
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import shutil
@@ -37,7 +43,7 @@ def read_manifest(root: str) -> dict | None:
 
 
 def write_manifest(root: str, params: dict) -> None:
-    """Write ``root/manifest.json`` last, through a temporary file: a reader sees all or nothing."""
+    """Write ``root/manifest.json`` through a temporary file: a reader sees all or nothing."""
     tmp = os.path.join(root, f".{MANIFEST}.{uuid.uuid4().hex}")
     with open(tmp, "w") as f:
         json.dump(params, f)
@@ -54,74 +60,133 @@ def _check_params(root: str, manifest: dict, params: dict) -> None:
         )
 
 
-def _claim_holder(claim: str) -> dict:
+def _pid_namespace() -> int | None:
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None
+
+
+def _read_claim(claim: str) -> dict | None:
     try:
         with open(claim) as f:
             return json.load(f)
+    except FileNotFoundError:
+        return None
     except (OSError, ValueError):
-        return {}
+        return {}  # being written, or damaged: judged by its age alone
 
 
-def _is_stale(claim: str, stale_after: float) -> bool:
-    try:
-        age = time.time() - os.path.getmtime(claim)
-    except OSError:
-        return False  # gone: not stale, just released
-    holder = _claim_holder(claim)
-    if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
-        try:
-            os.kill(holder["pid"], 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            pass
-    return age > stale_after
-
-
-def _try_claim(claim: str) -> bool:
-    try:
-        fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
+def _holder_is_dead(holder: dict) -> bool:
+    """True only when the holder is a process of this host and pid namespace that is gone."""
+    if holder.get("host") != socket.gethostname() or holder.get("pidns") != _pid_namespace():
         return False
-    with os.fdopen(fd, "w") as f:
-        json.dump({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}, f)
-    return True
+    pid = holder.get("pid")
+    if not isinstance(pid, int) or _pid_namespace() is None:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
-def _heartbeat(claim: str, every: float) -> tuple[threading.Thread, threading.Event]:
+class _Claim:
+    """This process's claim on ``<root>.lock``."""
+
+    def __init__(self, path: str, tmp: str):
+        self.path, self.tmp, self.token = path, tmp, uuid.uuid4().hex
+
+    def acquire(self) -> bool:
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            json.dump({"host": socket.gethostname(), "pid": os.getpid(), "pidns": _pid_namespace(),
+                       "token": self.token, "tmp": self.tmp, "since": time.time()}, f)  # fmt: skip
+        return True
+
+    def owned(self) -> bool:
+        return (_read_claim(self.path) or {}).get("token") == self.token
+
+    def release(self) -> None:
+        if self.owned():  # never another process's claim
+            try:
+                os.remove(self.path)
+            except FileNotFoundError:
+                pass
+
+
+def _heartbeat(claim: _Claim, every: float) -> threading.Event:
     done = threading.Event()
 
     def beat() -> None:
         while not done.wait(every):
             try:
-                os.utime(claim)
+                os.utime(claim.path)
             except OSError:
-                return
+                continue  # a passing error (NFS ESTALE): beat again next time
 
-    thread = threading.Thread(target=beat, name="prepare-claim-heartbeat", daemon=True)
-    thread.start()
-    return thread, done
+    threading.Thread(target=beat, name="prepare-claim-heartbeat", daemon=True).start()
+    return done
 
 
-def _clear_incomplete(root: str, expected: set[str]) -> None:
-    """Remove an incomplete build left in ``root`` (no manifest) by a process that died. Only entries
-    a build writes are removed; anything else is the user's, and stops the preparation."""
+def _take_over(path: str, judged: dict | None) -> bool:
+    """Remove the stale claim at ``path`` if it is still the one judged stale (same token), and
+    the unfinished folder of its holder. Only one of several waiters can rename it away."""
+    aside = f"{path}.stale-{uuid.uuid4().hex[:8]}"
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return False  # released, or another waiter took it over
+    taken = _read_claim(aside) or {}
+    if (judged or {}).get("token") != taken.get("token"):  # a fresh claim came in between: put it back
+        try:
+            os.link(aside, path)  # fails if yet another claim exists: then that one stands
+        except OSError:
+            pass
+        os.remove(aside)
+        return False
+    os.remove(aside)
+    tmp = taken.get("tmp")
+    if isinstance(tmp, str) and os.path.basename(tmp).startswith(os.path.basename(path)[: -len(".lock")] + ".tmp-"):
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"took over the stale claim {path} (holder {taken.get('host', '?')} pid {taken.get('pid', '?')})", flush=True)
+    return True
+
+
+def _clear_incomplete(root: str, patterns: set[str]) -> None:
+    """Clear an incomplete build left in ``root`` (no manifest) by the code of before builds were
+    renamed into place: only when every entry in it is a file a build writes (``patterns``, paths
+    relative to ``root``) or a folder of them; anything else is the user's, and stops here."""
     if not os.path.lexists(root):
         return
-    if os.path.isdir(root) and not os.listdir(root):
-        os.rmdir(root)  # an empty folder (made ahead by the user or a tool): the build takes its place
-        return
-    entries = set(os.listdir(root)) if os.path.isdir(root) else {None}
-    foreign = sorted(str(e) for e in entries - expected if e is not None and not str(e).startswith(".")) or (
-        ["(not a folder)"] if None in entries else []
-    )
+    if not os.path.isdir(root) or os.path.islink(root):
+        raise FileExistsError(f"{root} exists and is not a folder; choose another root or remove it")
+    foreign = []
+    for folder, dirs, files in os.walk(root):
+        for name in files + [d for d in dirs if os.path.islink(os.path.join(folder, d))]:
+            rel = os.path.relpath(os.path.join(folder, name), root)
+            if not any(fnmatch.fnmatchcase(rel, p) for p in patterns):
+                foreign.append(rel)
     if foreign:
         raise FileExistsError(
-            f"{root} exists without {MANIFEST} and holds {', '.join(foreign[:5])}: not a dataset this "
-            "command made; choose another root or move those files away"
+            f"{root} exists without {MANIFEST} and holds {', '.join(sorted(foreign)[:5])}"
+            f"{' ...' if len(foreign) > 5 else ''}: not a dataset this command made; choose another root "
+            "or move those files away"
         )
-    print(f"removing the incomplete dataset in {root} (no {MANIFEST}; its build was interrupted)", flush=True)
-    shutil.rmtree(root)
+    if any(files for _, _, files in os.walk(root)):
+        print(f"removing the incomplete dataset in {root} (no {MANIFEST}; its build was interrupted)", flush=True)
+    try:
+        shutil.rmtree(root)
+    except OSError as err:
+        raise OSError(
+            f"cannot replace {root} ({err.strerror}); if it is a mount point, point the data root at a "
+            "folder inside it"
+        ) from err
 
 
 def prepare_once(
@@ -129,7 +194,7 @@ def prepare_once(
     params: dict,
     build: Callable[[str], None],
     *,
-    expected: set[str] | None = None,
+    patterns: set[str] | None = None,
     timeout: float = 3600.0,
     stale_after: float = 120.0,
     poll: float = 0.5,
@@ -137,13 +202,14 @@ def prepare_once(
     """Make sure ``root`` holds the dataset described by ``params``, building it at most once.
 
     Args:
-        root: the dataset's folder.
+        root: the dataset's folder (a symbolic link is followed: the data goes where it points).
         params: what the dataset is made from; saved as ``root/manifest.json`` and compared with an
             existing one (a mismatch is an error, never a silent rebuild).
         build: writes the dataset into the folder it is given (not ``root``); the manifest is
             written afterwards by this function.
-        expected: names a build writes at the top of its folder; an interrupted old build made of
-            these (and no manifest) is cleared, anything else in ``root`` stops with an error.
+        patterns: the files a build writes, as glob patterns relative to its folder
+            (``train/shapes-*.tar``); an interrupted old build made only of these (and no
+            manifest) is cleared, anything else in ``root`` stops with an error.
         timeout: seconds to wait for another process's build before giving up with an error.
         stale_after: seconds without a heartbeat after which another process's claim is stale.
         poll: seconds between looks at the manifest while waiting.
@@ -151,64 +217,64 @@ def prepare_once(
     Returns:
         ``params``, once ``root`` holds the complete dataset.
     """
-    root = os.path.normpath(root)
-    claim = root + ".lock"
-    parent = os.path.dirname(root) or "."
+    root = os.path.realpath(root)
+    path = root + ".lock"
+    parent = os.path.dirname(root)
     os.makedirs(parent, exist_ok=True)
+    claim = _Claim(path, f"{root}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     deadline = time.monotonic() + timeout
+    seen: tuple | None = None  # (token, mtime) of the other claim and when it was first seen so
+    seen_since = 0.0
     announced = False
     while True:
         manifest = read_manifest(root)
         if manifest is not None:
             _check_params(root, manifest, params)
             return params
-        if _try_claim(claim):
+        if claim.acquire():
             break
-        if _is_stale(claim, stale_after):
-            holder = _claim_holder(claim)
-            print(f"taking over the stale claim {claim} (holder {holder or 'unknown'})", flush=True)
-            try:
-                os.remove(claim)
-            except FileNotFoundError:
-                pass
+        holder = _read_claim(path)
+        try:
+            mtime = os.path.getmtime(path)
+        except OSError:
+            continue  # released just now: look again
+        now = time.monotonic()
+        if seen is None or seen[:2] != ((holder or {}).get("token"), mtime):
+            seen, seen_since = ((holder or {}).get("token"), mtime, holder), now
+        if (_holder_is_dead(holder or {}) or now - seen_since > stale_after) and _take_over(path, holder):
+            seen = None
             continue
-        if time.monotonic() > deadline:
-            holder = _claim_holder(claim)
+        if now > deadline:
             raise TimeoutError(
                 f"waited {timeout:.0f} s for {os.path.join(root, MANIFEST)}: another process "
-                f"({holder.get('host', '?')}, pid {holder.get('pid', '?')}) holds {claim} and has not finished. "
-                f"Check that it is still running and that {parent} is the same file system on every node; "
-                f"if nothing is preparing the data, delete {claim} and start again"
+                f"({(holder or {}).get('host', '?')}, pid {(holder or {}).get('pid', '?')}) holds {path} and has "
+                f"not finished. Check that it is still running and that {parent} is the same file system on "
+                f"every node; if nothing is preparing the data, delete {path} and start again"
             )
         if not announced:
-            holder = _claim_holder(claim)
-            print(f"waiting for {root} to be prepared by {holder.get('host', '?')} pid {holder.get('pid', '?')}", flush=True)
+            print(f"waiting for {root} to be prepared by {(holder or {}).get('host', '?')} "
+                  f"pid {(holder or {}).get('pid', '?')}", flush=True)  # fmt: skip
             announced = True
         time.sleep(poll)
 
-    thread, done = _heartbeat(claim, every=max(stale_after / 8, 0.05))
-    tmp = f"{root}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    done = _heartbeat(claim, every=max(stale_after / 8, 0.05))
     try:
         manifest = read_manifest(root)  # finished by another process between our look and our claim
         if manifest is not None:
             _check_params(root, manifest, params)
             return params
-        _clear_incomplete(root, expected or set())
-        build(tmp)
-        write_manifest(tmp, params)
+        _clear_incomplete(root, patterns or set())
+        build(claim.tmp)
+        write_manifest(claim.tmp, params)
         try:
-            os.rename(tmp, root)  # the complete dataset appears at once
+            os.rename(claim.tmp, root)  # the complete dataset appears at once
         except OSError:
-            manifest = read_manifest(root)  # another process, which took over a claim it thought stale, was first
+            manifest = read_manifest(root)
             if manifest is None:
                 raise
             _check_params(root, manifest, params)
         return params
     finally:
         done.set()
-        thread.join()
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            os.remove(claim)
-        except FileNotFoundError:
-            pass
+        shutil.rmtree(claim.tmp, ignore_errors=True)
+        claim.release()

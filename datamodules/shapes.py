@@ -466,6 +466,8 @@ def score_batch(images, attrs: Sequence[dict]) -> dict[str, float]:
 # ----------------------------------------------------------------------------- shards
 
 SPLITS = {"train": 0, "val": 1}
+# every file a build writes (relative to the root): an interrupted old build made of these is cleared
+BUILD_PATTERNS = {f"{split}/shapes-*.tar{end}" for split in SPLITS for end in ("", ".partial")} | {"heldout.jsonl"}
 
 
 def write_shapes_shards(
@@ -518,7 +520,7 @@ def write_shapes_shards(
 
     from .prepare import prepare_once
 
-    return prepare_once(root, params, build, expected={*SPLITS, "heldout.jsonl"}, timeout=wait_timeout)
+    return prepare_once(root, params, build, patterns=BUILD_PATTERNS, timeout=wait_timeout)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -21,7 +21,12 @@ from conftest import run_processes
 from PIL import Image
 from test_cli import ROOT, TINY, run_cli
 
-from callbacks.checkpoint_io import AtomicCheckpointIO, atomic_torch_save, checkpoint_problem
+from callbacks.checkpoint_io import (
+    AtomicCheckpointIO,
+    atomic_torch_save,
+    checkpoint_problem,
+    remove_partial_writes,
+)
 from datamodules.prepare import prepare_once, read_manifest
 
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests")])}
@@ -85,10 +90,15 @@ def test_a_claim_left_by_a_dead_process_is_taken_over_and_an_interrupted_build_c
     root, log = str(tmp_path / "ds"), tmp_path / "log"
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
+    leftover = root + ".tmp-deadhost-1-abc"
+    os.makedirs(leftover)  # the unfinished folder of the dead holder
     with open(root + ".lock", "w") as f:  # the claim of a process of this host that is gone
-        json.dump({"host": socket.gethostname(), "pid": dead.pid}, f)
-    os.makedirs(os.path.join(root, "train"))  # what it had written before it died (no manifest)
-    prepare_once(root, {"v": 1}, _build_counting(log), expected={"train"}, timeout=10)
+        json.dump({"host": socket.gethostname(), "pid": dead.pid, "pidns": os.stat("/proc/self/ns/pid").st_ino,
+                   "token": "t", "tmp": leftover}, f)  # fmt: skip
+    os.makedirs(os.path.join(root, "train"))  # what the code of before wrote before it died (no manifest)
+    open(os.path.join(root, "train", "shapes-00000.tar.partial"), "w").close()
+    prepare_once(root, {"v": 1}, _build_counting(log), patterns={"train/shapes-*.tar.partial"}, timeout=10)
+    assert not os.path.exists(leftover)
     assert read_manifest(root) == {"v": 1} and sorted(os.listdir(root)) == ["data.txt", "manifest.json"]
     assert not os.path.exists(root + ".lock")
     prepare_once(root, {"v": 1}, _build_counting(log), timeout=10)  # complete: not built again
@@ -97,13 +107,40 @@ def test_a_claim_left_by_a_dead_process_is_taken_over_and_an_interrupted_build_c
         prepare_once(root, {"v": 2}, _build_counting(log), timeout=10)
 
 
-def test_a_folder_with_foreign_files_is_never_cleared(tmp_path):
+@pytest.mark.parametrize("foreign", ["notes.txt", ".notes", "train/laion-00000.tar"])
+def test_a_folder_with_foreign_files_is_never_cleared(foreign, tmp_path):
     root = tmp_path / "ds"
-    root.mkdir()
-    (root / "notes.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="notes.txt"):
-        prepare_once(str(root), {"v": 1}, _build_counting(tmp_path / "log"), expected={"train"}, timeout=10)
-    assert (root / "notes.txt").read_text() == "mine"
+    (root / "train").mkdir(parents=True)
+    (root / "train" / "shapes-00000.tar").write_text("")
+    (root / foreign).write_text("mine")
+    with pytest.raises(FileExistsError, match=foreign.replace(".", r"\.")):
+        prepare_once(str(root), {"v": 1}, _build_counting(tmp_path / "log"), patterns={"train/shapes-*.tar"},
+                     timeout=10)  # fmt: skip
+    assert (root / foreign).read_text() == "mine"
+
+
+def test_a_stale_claim_is_taken_over_by_one_waiter_and_a_live_one_is_never_released_by_another(tmp_path):
+    from datamodules.prepare import _Claim, _take_over
+
+    path = str(tmp_path / "ds.lock")
+    first = _Claim(path, str(tmp_path / "ds.tmp-a"))
+    assert first.acquire() and not _Claim(path, "x").acquire()
+    judged = json.load(open(path))
+    assert _take_over(path, judged) and not _take_over(path, judged)  # the second waiter finds nothing
+    second = _Claim(path, str(tmp_path / "ds.tmp-b"))
+    assert second.acquire()
+    assert not _take_over(path, judged)  # a waiter that judged the old claim leaves the new one
+    first.release()  # not the holder any more: releases nothing
+    assert second.owned()
+
+
+def test_a_symlinked_root_gets_the_data_where_it_points(tmp_path):
+    target = tmp_path / "scratch" / "shapes"
+    target.mkdir(parents=True)
+    (tmp_path / "data").mkdir()
+    os.symlink(target, tmp_path / "data" / "shapes")
+    prepare_once(str(tmp_path / "data" / "shapes"), {"v": 1}, _build_counting(tmp_path / "log"), timeout=10)
+    assert read_manifest(str(target)) == {"v": 1} and os.path.islink(tmp_path / "data" / "shapes")
 
 
 def test_waiting_for_a_live_claim_times_out_naming_the_claim_file(tmp_path):
@@ -129,6 +166,42 @@ def _step(path):
     return torch.load(path, map_location="cpu", weights_only=False)["global_step"]
 
 
+def _epoch(path):
+    return torch.load(path, map_location="cpu", weights_only=False)["epoch"]
+
+
+def test_a_save_last_checkpoint_that_never_saved_does_not_write_a_second_last_file(tmp_path):
+    """Lightning's ModelCheckpoint(save_last=True) saves at the end of training when it has not
+    saved yet; after SaveLastCheckpoint wrote last.ckpt it neither writes it again nor last-v1.ckpt."""
+    import lightning as L
+    from tiny_module import TinyRegression
+    from torch.utils.data import DataLoader
+
+    from callbacks.stopping import SaveLastCheckpoint
+    from networks.text_encoders import TransformerTextEncoder
+
+    batch = {"image": torch.zeros(2, 3, 16, 16), "caption": ["a", "b"]}
+    model = TinyRegression(TransformerTextEncoder(width=16, depth=1, heads=2, tokenizer="byte"))
+    folder = tmp_path / "checkpoints"
+    every = L.pytorch.callbacks.ModelCheckpoint(dirpath=folder, save_last=True, every_n_train_steps=1000)
+    L.Trainer(max_steps=3, callbacks=[every, SaveLastCheckpoint()], logger=False, enable_progress_bar=False,
+              enable_model_summary=False, accelerator="cpu", default_root_dir=tmp_path,
+              ).fit(model, DataLoader([batch] * 10, batch_size=None))  # fmt: skip
+    assert os.listdir(folder) == ["last.ckpt"] and _step(folder / "last.ckpt") == 3
+
+
+def test_wrapped_checkpoint_io_writes_atomically_too():
+    from lightning.pytorch.plugins.io import AsyncCheckpointIO, TorchCheckpointIO
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+
+    from callbacks.checkpoint_io import use_atomic_checkpoint_io
+
+    plain = SingleDeviceStrategy("cpu", checkpoint_io=TorchCheckpointIO())
+    wrapped = SingleDeviceStrategy("cpu", checkpoint_io=AsyncCheckpointIO(TorchCheckpointIO()))
+    assert use_atomic_checkpoint_io(plain) and type(plain.checkpoint_io) is AtomicCheckpointIO
+    assert use_atomic_checkpoint_io(wrapped) and type(wrapped.checkpoint_io.checkpoint_io) is AtomicCheckpointIO
+
+
 def test_fit_without_validation_ends_with_a_last_ckpt_that_ckpt_path_last_continues(shapes16, tmp_path):
     """No validation, with no callback in the config (train.py adds SaveLastCheckpoint) and with the
     CPU trainer config (ModelCheckpoints that monitor a validation metric): the run still ends
@@ -138,11 +211,11 @@ def test_fit_without_validation_ends_with_a_last_ckpt_that_ckpt_path_last_contin
     for trainer in ([], cpu):
         args = ["fit", *trainer, *_tiny_fit(runs, "--data.init_args.root", shapes16, "--trainer.limit_val_batches",
                                             "0", "--trainer.enable_progress_bar", "false")[1:],
-                *([] if trainer else ["--trainer.logger", "false"])]  # fmt: skip
+                ]  # fmt: skip
         name = "noval" + str(len(trainer))
         first = run_cli([*args, "--trainer.max_steps", "2", "--run_name", name], tmp_path)
-        last = os.path.join(runs, name, "checkpoints", "last.ckpt")
-        assert _step(last) == 2
+        last = os.path.join(runs, name, "checkpoints", "last.ckpt")  # also with Lightning's default checkpoint
+        assert _step(last) == 2 and _epoch(last) == 0  # saved inside its epoch, so a resume continues it
         if trainer:  # with the run summary of the trainer config: its command continues
             again = re.search(r"continue training: python train.py (.*)", first.stdout).group(1)
             assert "--ckpt_path last" in again and "--trainer.max_steps 4" in again
@@ -150,7 +223,9 @@ def test_fit_without_validation_ends_with_a_last_ckpt_that_ckpt_path_last_contin
         else:
             resumed = run_cli([*args, "--trainer.max_steps", "4", "--run_name", name, "--ckpt_path", "last"], tmp_path)
         assert f"Restored all states from the checkpoint at {last}" in resumed.stdout + resumed.stderr
-        assert _step(last) == 4
+        assert _step(last) == 4 and _epoch(last) == 0  # 200 batches an epoch: still the first
+        if trainer:  # its two ModelCheckpoints (best by val/loss, latest as last.ckpt) wrote nothing else
+            assert os.listdir(os.path.dirname(last)) == ["last.ckpt"]
 
 
 def _fails_in_one_line(args, cwd):
@@ -229,6 +304,8 @@ def test_a_process_killed_while_saving_leaves_the_previous_checkpoint(tmp_path):
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert torch.load(path, weights_only=False)["global_step"] == 1
     assert checkpoint_problem(path) is None
+    left = remove_partial_writes(str(tmp_path))  # what the next run's start removes
+    assert len(left) == 1 and os.listdir(tmp_path) == ["last.ckpt"]
 
 
 def test_train_writes_checkpoints_through_the_atomic_checkpoint_io(shapes16, tmp_path, monkeypatch):
