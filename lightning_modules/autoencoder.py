@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
@@ -71,7 +72,8 @@ class Autoencoder(ManualOptimization, BaseModule):
         disc_start: autoencoder steps before the discriminator is switched on.
         disc_weight: weight of the adversarial loss (times the adaptive weight).
         d_r1_weight: gamma of an R1 gradient penalty on real images, ``gamma / 2 * |grad D(x)|^2``,
-            added to the discriminator's loss (0: none, as in taming).
+            added to the discriminator's loss (0: none, as in taming). It assumes no coupling between
+            the images of a batch: give the discriminator ``norm: group`` (a batch norm warns).
         adaptive_disc_weight: scale the adversarial loss by the ratio of the reconstruction and
             adversarial gradient norms at the decoder's last layer (taming); False: by 1.
         optimizer, d_optimizer: optimizer factories of the autoencoder and the discriminator.
@@ -131,6 +133,12 @@ class Autoencoder(ManualOptimization, BaseModule):
             )
         self.disc_start, self.disc_weight, self.adaptive = disc_start, disc_weight, adaptive_disc_weight
         self.d_r1_weight = d_r1_weight
+        if d_r1_weight > 0 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in (discriminator or nn.Identity()).modules()):
+            warnings.warn(
+                "d_r1_weight > 0 with a batch-norm discriminator: R1 penalises each image's own input gradient, "
+                "which batch statistics couple to the other images of the batch; give the discriminator "
+                "norm: group (or none)", stacklevel=2,
+            )  # fmt: skip
         factories = {"ae": (optimizer, lr_scheduler)}
         if discriminator is not None:
             factories["d"] = (d_optimizer, d_lr_scheduler)

@@ -18,11 +18,16 @@ from networks.errors import ConfigError, MissingFileError
 from networks.noise import Generators, run_seed, seeded, stream_seed
 
 
-def decay_groups(module: nn.Module) -> list[dict]:
+def decay_groups(module: nn.Module, every_matrix: bool = False) -> list[dict]:
     """Parameter groups: weight decay on the weights of Linear layers only; biases, norms,
-    embeddings and position tables without (minGPT, taming-transformers)."""
-    decay = {id(m.weight) for m in module.modules() if isinstance(m, nn.Linear)}
+    embeddings and position tables without (minGPT, taming-transformers). With ``every_matrix``,
+    open_clip's rule: every parameter of two or more dimensions decays (Linear and conv kernels,
+    embeddings, position tables), none of the gains, biases or scalars (logit scale and bias)."""
     params = [p for p in module.parameters() if p.requires_grad]
+    if every_matrix:
+        decay = {id(p) for p in params if p.ndim >= 2}
+    else:
+        decay = {id(m.weight) for m in module.modules() if isinstance(m, nn.Linear)}
     return [
         {"params": [p for p in params if id(p) in decay]},
         {"params": [p for p in params if id(p) not in decay], "weight_decay": 0.0},

@@ -15,7 +15,13 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from networks.clip_loss import INIT_LOGIT_SCALE, MAX_LOGIT_SCALE, clip_loss, siglip_loss
+from networks.clip_loss import (
+    INIT_LOGIT_SCALE,
+    MAX_LOGIT_SCALE,
+    SIGLIP_INIT_LOGIT_SCALE,
+    clip_loss,
+    siglip_loss,
+)
 from networks.errors import ConfigError, MissingFileError
 from networks.frozen import keep_out_of_checkpoints
 from networks.text_encoders import TextEncoding
@@ -53,11 +59,14 @@ class CLIP(BaseModule):
             already end in one space of the same size, as open_clip's do: a pretrained pair keeps
             its alignment).
         loss: ``clip`` (symmetric InfoNCE, open_clip's) or ``siglip`` (pairwise sigmoid).
+        init_logit_scale: the log of the inverse temperature at the start; None: open_clip's
+            start for the loss, ``log(1 / 0.07)`` for ``clip`` and ``log(10)`` for ``siglip``.
         init_logit_bias: SigLIP's learnable bias at the start (SigLIP: -10).
-        optimizer, lr_scheduler: factories; weight decay on Linear weights only.
+        optimizer, lr_scheduler: factories; weight decay as open_clip's: on every parameter of
+            two or more dimensions (Linear and conv kernels, embeddings), not on gains, biases,
+            the logit scale or bias.
 
-    ``logit_scale`` (the log of the inverse temperature) starts at ``log(1 / 0.07)`` and is
-    clamped to ``[0, log(100)]`` after every optimizer step. Validation logs retrieval recall@1
+    ``logit_scale`` is clamped to ``[0, log(100)]`` after every optimizer step. Validation logs retrieval recall@1
     and @5 in both directions over the whole (fixed) validation set, all ranks together:
     ``val/retrieval_i2t_r1``, ``val/retrieval_t2i_r5``, ...
     """
@@ -68,6 +77,7 @@ class CLIP(BaseModule):
         text_tower: nn.Module,
         embed_dim: int | None = 256,
         loss: str = "clip",
+        init_logit_scale: float | None = None,
         init_logit_bias: float = -10.0,
         optimizer: OptimizerCallable = _adamw,
         lr_scheduler: LRSchedulerCallable | None = None,
@@ -87,7 +97,9 @@ class CLIP(BaseModule):
         else:
             self.image_proj = nn.Linear(image_tower.dim, embed_dim, bias=False)
             self.text_proj = nn.Linear(text_tower.dim, embed_dim, bias=False)
-        self.logit_scale = nn.Parameter(torch.tensor(INIT_LOGIT_SCALE))
+        if init_logit_scale is None:
+            init_logit_scale = INIT_LOGIT_SCALE if loss == "clip" else SIGLIP_INIT_LOGIT_SCALE
+        self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
         self.logit_bias = nn.Parameter(torch.tensor(init_logit_bias)) if loss == "siglip" else None
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self._val_features: list[tuple[Tensor, Tensor]] = []
@@ -145,7 +157,7 @@ class CLIP(BaseModule):
 
     def configure_optimizers(self):
         return self.optimizer_with_scheduler(
-            self.optimizer_factory(decay_groups(self)), self.lr_scheduler_factory
+            self.optimizer_factory(decay_groups(self, every_matrix=True)), self.lr_scheduler_factory
         )
 
 

@@ -73,8 +73,9 @@ class ConditionalVAE(TextToImageModule):
             return self.beta
         return self.beta * min(1.0, step / self.kl_anneal_steps)
 
-    def losses(self, batch: dict, noise: Tensor | None = None) -> dict[str, Tensor]:
-        """``loss`` (what is minimised), ``rec_loss``, ``kl`` (nats per image) for a batch."""
+    def losses(self, batch: dict, noise: Tensor | None = None, beta: float | None = None) -> dict[str, Tensor]:
+        """``loss`` (``rec_loss`` + ``beta`` x the KL term per pixel; ``beta`` defaults to the
+        annealed value at this step), ``rec_loss``, ``kl`` (nats per image) for a batch."""
         x = batch["image"]
         text = self.text_encoder(list(batch["caption"])).pooled
         mu_q, logvar_q = self.net.posterior(x, text)
@@ -88,8 +89,9 @@ class ConditionalVAE(TextToImageModule):
         kl = kl_dims.sum(1).mean()
         penalised = kl_dims.mean(0).clamp_min(self.free_bits).sum() if self.free_bits else kl
         pixels = x[0].numel()
-        loss = rec + self.beta_at(self.global_step) * penalised / pixels
-        return {"loss": loss, "rec_loss": rec, "kl": kl}
+        beta = self.beta_at(self.global_step) if beta is None else beta
+        loss = rec + beta * penalised / pixels
+        return {"loss": loss, "rec_loss": rec, "kl": kl, "kl_term": penalised / pixels}
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         out = self.losses(batch)
@@ -100,11 +102,15 @@ class ConditionalVAE(TextToImageModule):
         return out["loss"]
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        """The full-``beta`` loss on a noise fixed per batch, so that validations compare."""
+        """``val/loss`` at the full ``beta`` on a noise fixed per batch, so that the same weights
+        score the same at any step and validations compare (a checkpoint monitor then does not
+        prefer the annealing phase); ``val/loss_annealed`` is the loss at this step's ``beta``."""
         x = batch["image"]
         g = torch.Generator(device=x.device).manual_seed(batch_idx)
         noise = torch.randn((x.shape[0], self.net.latent_dim), generator=g, device=x.device)
-        out = self.losses(batch, noise)
+        out = self.losses(batch, noise, beta=self.beta)
+        kl_term = out.pop("kl_term")
+        out["loss_annealed"] = out["rec_loss"] + self.beta_at(self.global_step) * kl_term
         b = len(batch["caption"])
         self.log_dict({f"val/{k}": v for k, v in out.items()}, sync_dist=True, batch_size=b)
 

@@ -18,6 +18,7 @@ from networks.errors import ConfigError
 from networks.noise import Generators
 from networks.text_encoders import BPETokenizer, ByteTokenizer
 from networks.transformer import (
+    choice_noise,
     guided_logits,
     gumbel,
     mask_ratio,
@@ -344,8 +345,8 @@ class MaskGITPrior(TokenPrior):
             sampled = sample_from_logits(logits, generator, temperature)  # (b, n)
             sampled = torch.where(masked, sampled, tokens)
             log_probs = logits.log_softmax(-1).gather(-1, sampled[..., None])[..., 0]
-            anneal = choice_temperature * (1.0 - (step + 1) / steps)
-            confidence = log_probs + anneal * gumbel((b, n), generator, self.device)
+            noise = choice_noise(step, steps, choice_temperature)
+            confidence = log_probs + noise * gumbel((b, n), generator, self.device)
             confidence = confidence.masked_fill(~masked, float("inf"))  # decided tokens stay
             still = masked.sum(-1)
             keep_masked = torch.minimum(torch.full_like(still, schedule[step]), (still - 1).clamp_min(0))

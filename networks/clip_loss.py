@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 MAX_LOGIT_SCALE = math.log(100.0)  # open_clip clamps exp(logit_scale) at 100 after every step
-INIT_LOGIT_SCALE = math.log(1 / 0.07)
+INIT_LOGIT_SCALE = math.log(1 / 0.07)  # CLIP's start: temperature 0.07
+SIGLIP_INIT_LOGIT_SCALE = math.log(10.0)  # SigLIP's (and open_clip's for it) start, with bias -10
 
 
 def _distributed() -> tuple[int, int]:

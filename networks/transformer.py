@@ -371,6 +371,13 @@ def mask_ratio(r: Tensor | float) -> Tensor | float:
     return math.cos(r * math.pi / 2)
 
 
+def choice_noise(step: int, steps: int, choice_temperature: float) -> float:
+    """The scale of the Gumbel noise on MaskGIT's confidences at decoding ``step`` (0-based):
+    ``choice_temperature * (1 - (step + 1) / steps)``, annealed from near ``choice_temperature``
+    at the first step to 0 at the last (MaskGIT's ``mask_by_random_topk``)."""
+    return choice_temperature * (1.0 - (step + 1) / steps)
+
+
 def masked_per_step(num_tokens: int, steps: int) -> list[int]:
     """How many tokens are still masked after each of ``steps`` decoding steps (the last is 0)."""
     return [max(0, math.floor(mask_ratio((s + 1) / steps) * num_tokens)) for s in range(steps)]

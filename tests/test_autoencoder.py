@@ -5,6 +5,7 @@ the perceptual loss read from a local file, and clear errors for settings that c
 import os
 
 import lightning as L
+import lpips
 import pytest
 import torch
 import torchvision
@@ -109,6 +110,39 @@ def test_adaptive_weight_is_the_ratio_of_gradient_norms_at_the_last_layer():
     assert adaptive_weight(rec * 1e9, g * 1e-9, last) == 1e4  # clamped
 
 
+def test_the_adaptive_weight_is_taken_at_the_layer_that_makes_the_image(monkeypatch):
+    """In a training step after disc_start, the parameter given to adaptive_weight is the weight of
+    the last layer the decoder runs (the output convolution, as in taming), not an earlier one."""
+    from lightning_modules import autoencoder as ae
+
+    torch.manual_seed(0)
+    model = _vq(disc_start=0)
+    order = []
+    for module in model.decoder.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            module.register_forward_hook(lambda m, i, o: order.append(m.weight))
+    given = []
+    real = ae.adaptive_weight
+    monkeypatch.setattr(ae, "adaptive_weight", lambda rec, g, last, *a: (given.append(last), real(rec, g, last, *a))[1])
+    _trainer(1, limit_val_batches=0).fit(model, _loader(_images(), 1))
+    assert given and order and given[0] is order[-1]
+
+
+def test_the_kl_term_is_the_closed_form_kl_weighted_per_pixel():
+    """latent-diffusion's weighting: kl_weight x KL(posterior || N(0, I)) summed over the latent,
+    divided by the pixels of an image (here the reconstruction loss is a per-pixel mean)."""
+    from torch.distributions import Normal, kl_divergence
+
+    enc, dec = _nets(latent=4, out=8)
+    model = KLAutoencoder(enc, dec, latent_channels=4, image_size=16, kl_weight=0.5).train()
+    h = torch.randn(2, 8, 8, 8)
+    _, loss, logs = model.bottleneck(h)
+    mean, logvar = h.chunk(2, dim=1)
+    kl = kl_divergence(Normal(mean, (0.5 * logvar).exp()), Normal(0.0, 1.0)).flatten(1).sum(1).mean()
+    assert torch.isclose(logs["kl"], kl, rtol=1e-5)
+    assert torch.isclose(loss, 0.5 * kl / (3 * 16 * 16), rtol=1e-5)  # a 16 px RGB image, f = 2
+
+
 def test_discriminator_is_off_before_disc_start_and_on_after_with_the_adaptive_weight():
     torch.manual_seed(0)
     model = _vq(disc_start=3, disc_weight=0.5)
@@ -133,6 +167,21 @@ def test_discriminator_is_off_before_disc_start_and_on_after_with_the_adaptive_w
     assert after["train/loss"] == pytest.approx(after["train/rec_loss"] + 0.25 * after["train/commit_loss"]
                                                 + 0.5 * after["train/disc_weight"] * after["train/g_loss"], rel=1e-4)  # fmt: skip
     assert any(not torch.equal(a, b) for a, b in zip(d_before, model.discriminator.parameters()))
+
+
+def test_r1_sees_each_image_alone_with_group_norm_but_not_with_batch_norm():
+    """The batch's R1 is the mean of the images' own penalties when the discriminator has no batch
+    statistics (group norm, the VQGAN config's); with batch norm each image's gradient depends on
+    the others, hence the warning."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 16, 16)
+    for norm, independent in (("group", True), ("batch", False)):
+        d = PatchDiscriminator(channels=8, num_layers=2, norm=norm).train()
+        together = r1_penalty(d, x)[1]
+        alone = torch.stack([r1_penalty(d, x[i : i + 1])[1] for i in range(4)]).mean()
+        assert torch.isclose(together, alone, rtol=1e-4) == independent, norm
+    with pytest.warns(UserWarning, match="norm: group"):
+        _vq(d_r1_weight=10.0)  # the helper's discriminator uses batch norm
 
 
 def test_r1_penalty_is_the_squared_input_gradient_of_the_mean_patch_logit():
@@ -242,6 +291,10 @@ def test_perceptual_loss_reads_its_trunk_from_a_local_file_or_folder(tmp_path):
         x = _images(2, size=32)
         assert torch.allclose(loss(x, x), torch.zeros(2), atol=1e-6)
         assert (loss(x, x.flip(0)) > 0).all()
+        heads = torch.load(os.path.join(os.path.dirname(lpips.__file__), "weights", "v0.1", "vgg.pth"),
+                           map_location="cpu", weights_only=True)  # fmt: skip
+        mine = loss.lpips.state_dict()
+        assert len(heads) == 5 and all(torch.equal(mine[key], value) for key, value in heads.items())
         assert loss.training is False
         loss.train()
         assert loss.training is False

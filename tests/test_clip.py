@@ -66,6 +66,25 @@ def test_temperature_starts_at_one_over_007_and_stays_clamped_at_100(tmp_path):
     assert model.logit_scale.item() == pytest.approx(math.log(100.0))
 
 
+def test_siglip_starts_as_open_clip_does_at_scale_10_and_bias_minus_10():
+    model = _clip(loss="siglip")
+    assert math.isclose(model.logit_scale.exp().item(), 10.0, rel_tol=1e-6) and model.logit_bias.item() == -10.0
+    assert math.isclose(_clip(loss="siglip", init_logit_scale=0.0).logit_scale.item(), 0.0)
+
+
+def test_weight_decay_is_open_clips_every_matrix_and_kernel_but_no_gain_bias_or_scale():
+    model = _clip(loss="siglip", optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.1))
+    groups = model.configure_optimizers()
+    groups = (groups["optimizer"] if isinstance(groups, dict) else groups).param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+    kept = {names[id(p)] for g in groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert decayed | kept == set(names.values()) and not decayed & kept
+    assert decayed == {n for n, p in model.named_parameters() if p.ndim >= 2}
+    assert any(p.ndim == 4 for n, p in model.named_parameters() if n in decayed)  # conv kernels decay
+    assert {"logit_scale", "logit_bias"} <= kept and all(p.ndim < 2 for n, p in model.named_parameters() if n in kept)
+
+
 def test_bad_clip_checkpoints_are_clear_errors(tiny_autoencoders, tmp_path):
     with pytest.raises(MissingFileError, match="model.init_args.clip: CLIP checkpoint"):
         load_clip(str(tmp_path / "none.ckpt"), option="model.init_args.clip")

@@ -51,6 +51,23 @@ def test_loss_is_reconstruction_plus_beta_kl_per_pixel_with_free_bits_and_anneal
     assert annealed.beta_at(0) == 0 and annealed.beta_at(50) == 0.25 and annealed.beta_at(500) == 0.5
 
 
+def test_val_loss_is_at_full_beta_whatever_the_annealing_step(monkeypatch):
+    """The same weights score the same val/loss at step 0, 500 and 1,000 of a 1,000-step KL ramp
+    (a trainer that monitors it would otherwise prefer checkpoints of the annealing phase);
+    val/loss_annealed follows the ramp."""
+    torch.manual_seed(0)
+    model = _model(beta=0.5, kl_anneal_steps=1000)
+    loader = DataLoader([{"image": _targets(), "caption": CAPTIONS}], batch_size=None)
+    scores = []
+    for step in (0, 500, 1000):
+        monkeypatch.setattr(ConditionalVAE, "global_step", property(lambda self, s=step: s))
+        trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+        scores.append(trainer.validate(model, loader, verbose=False)[0])
+    assert scores[0]["val/loss"] == scores[1]["val/loss"] == scores[2]["val/loss"]
+    assert scores[0]["val/loss_annealed"] < scores[1]["val/loss_annealed"] < scores[2]["val/loss_annealed"]
+    assert scores[2]["val/loss_annealed"] == pytest.approx(scores[2]["val/loss"], rel=1e-6)
+
+
 def test_overfit_each_caption_generates_its_own_image():
     L.seed_everything(0)
     targets = _targets()

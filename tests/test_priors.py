@@ -185,6 +185,40 @@ def test_maskgit_schedule_unmasks_every_token_by_the_last_step(tiny_autoencoders
     assert expected < counts.mean() < expected + 1
 
 
+def test_maskgit_never_changes_a_token_once_it_is_decided(tiny_autoencoders):
+    """Each step's input (what the transformer sees) keeps every token decided at an earlier step,
+    and the final tokens are the last decided values: decided tokens are never masked again."""
+    torch.manual_seed(0)
+    prior = _maskgit(tiny_autoencoders["vq"]).eval()
+    seen = []
+    forward = prior.transformer.forward
+    prior.transformer.forward = lambda tokens, *a, **k: (seen.append(tokens[:3].clone()), forward(tokens, *a, **k))[1]
+    final = prior.sample_tokens(["a red square", "a blue square", "a green square"], prior.generator([0, 1, 2], "cpu"),
+                                8, 1.0, 4.5, 1.0)  # fmt: skip
+    mask_id = prior.transformer.mask_id
+    steps = [*seen, final]
+    for before, after in zip(steps, steps[1:]):
+        decided = before != mask_id
+        assert torch.equal(after[decided], before[decided])  # still decided, same value
+
+
+def test_maskgit_choice_noise_is_annealed_from_its_temperature_to_zero(tiny_autoencoders, monkeypatch):
+    """MaskGIT's reference: the Gumbel noise on the confidences is choice_temperature * (1 - ratio),
+    ratio = (step + 1) / steps: largest at the first step, zero at the last. And the sampler uses
+    exactly this scale: with it forced to 0, sampling equals choice_temperature 0."""
+    from lightning_modules import priors
+    from networks.transformer import choice_noise
+
+    assert [choice_noise(s, 4, 4.5) for s in range(4)] == [4.5 * 3 / 4, 4.5 / 2, 4.5 / 4, 0.0]
+    prior = _maskgit(tiny_autoencoders["vq"]).eval()
+    prompts = ["a red square", "a blue square"]
+    greedy = prior.sample_tokens(prompts, prior.generator([0, 1], "cpu"), 6, 1.0, 0.0, 1.0)
+    noisy = prior.sample_tokens(prompts, prior.generator([0, 1], "cpu"), 6, 1.0, 1e4, 1.0)
+    assert not torch.equal(greedy, noisy)  # the choice noise matters ...
+    monkeypatch.setattr(priors, "choice_noise", lambda step, steps, t: 0.0)
+    assert torch.equal(prior.sample_tokens(prompts, prior.generator([0, 1], "cpu"), 6, 1.0, 1e4, 1.0), greedy)
+
+
 # ---------------------------------------------------------------------------------- training
 def _own_image(images, targets):
     """For each generated image, the index of the nearest target image."""

@@ -90,6 +90,22 @@ def test_an_ema_update_moves_the_codes_to_the_means_of_their_vectors():
     assert torch.allclose(vq2.codebook, expected, atol=1e-6)
 
 
+def test_ema_counts_are_laplace_smoothed_so_an_unused_code_stays_finite():
+    """Sonnet's / vector-quantize-pytorch's smoothing: (count + eps) / (n + K eps) * n. A code no
+    vector chose has a zero count and a zero sum: it stays at 0, not 0 / 0."""
+    vq = VectorQuantizer(4, dim=2, ema=True, decay=0.0, eps=0.5).train()
+    with torch.no_grad():
+        vq.codebook.copy_(torch.tensor([[0.0, 0.0], [9.0, 9.0], [-9.0, 9.0], [9.0, -9.0]]))
+    z = torch.tensor([[0.1, 0.2], [0.3, -0.1], [-0.2, 0.1]]).T.reshape(1, 2, 3, 1)  # all nearest to code 0
+    vq(z)
+    counts = torch.tensor([3.0, 0.0, 0.0, 0.0])
+    smoothed = (counts + 0.5) / (3 + 4 * 0.5) * 3
+    expected = torch.zeros(4, 2)
+    expected[0] = torch.tensor([0.2, 0.2]) / smoothed[0]  # the sum of the three vectors
+    assert torch.isfinite(vq.codebook).all()
+    assert torch.allclose(vq.codebook, expected, atol=1e-6)
+
+
 @pytest.mark.parametrize("ema", [True, False])
 def test_dead_codes_are_restarted_from_encoder_outputs(ema):
     torch.manual_seed(0)
