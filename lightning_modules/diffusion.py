@@ -11,7 +11,15 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from networks.diffusion import SAMPLERS, NoiseSchedule, Prediction, Sampler, dynamic_threshold
+from networks.diffusion import (
+    SAMPLERS,
+    NoiseSchedule,
+    Prediction,
+    Sampler,
+    Schedule,
+    dynamic_threshold,
+    rescale_guidance,
+)
 from networks.errors import ConfigError
 from networks.noise import Generators, offset, randn
 from networks.text_encoders import TextEncoding
@@ -42,7 +50,9 @@ class TextToImageDiffusion(FrozenAutoencoderUser, TextToImageModule):
         text_encoder: trainable (trained with the denoiser) or frozen (no trainable parameters).
         image_size: side of generated images.
         timesteps: training timesteps ``T``.
-        schedule: ``linear`` or ``cosine``.
+        schedule: ``linear``, ``cosine`` or ``scaled_linear`` (latent diffusion's).
+        zero_terminal_snr: rescale the schedule to zero SNR at its last step (Lin et al.); needs
+            ``prediction: v`` (or ``x0``).
         prediction: the network's target: ``eps``, ``x0`` or ``v``.
         min_snr_gamma: min-SNR-gamma loss weighting; None for the plain MSE.
         cond_drop_prob: probability of replacing a caption by "" (classifier-free guidance).
@@ -52,6 +62,8 @@ class TextToImageDiffusion(FrozenAutoencoderUser, TextToImageModule):
         sampler: default sampler of ``generate``: ``ddpm``, ``ddim`` or ``dpmpp_2m``.
         sample_steps: default number of sampling steps.
         guidance_scale: default classifier-free guidance scale (1 = conditional only).
+        guidance_rescale: default CFG rescale (Lin et al.; 0: none, the paper's 0.7 with a
+            zero-terminal-SNR schedule).
         dynamic_threshold: Imagen dynamic-thresholding percentile (e.g. 0.995); None disables.
         clip_denoised: static thresholding: clamp every predicted x0 to [-1, 1] (when no dynamic
             threshold is set). With eps-prediction the x0 implied at the noisiest steps is
@@ -70,7 +82,8 @@ class TextToImageDiffusion(FrozenAutoencoderUser, TextToImageModule):
         text_encoder: nn.Module,
         image_size: int = 32,
         timesteps: int = 1000,
-        schedule: Literal["linear", "cosine"] = "cosine",
+        schedule: Schedule = "cosine",
+        zero_terminal_snr: bool = False,
         prediction: Prediction = "eps",
         min_snr_gamma: float | None = 5.0,
         cond_drop_prob: float = 0.1,
@@ -80,6 +93,7 @@ class TextToImageDiffusion(FrozenAutoencoderUser, TextToImageModule):
         sampler: Sampler = "dpmpp_2m",
         sample_steps: int = 20,
         guidance_scale: float = 3.0,
+        guidance_rescale: float = 0.0,
         dynamic_threshold: float | None = None,
         clip_denoised: bool | None = None,
         autoencoder: str | None = None,
@@ -96,7 +110,12 @@ class TextToImageDiffusion(FrozenAutoencoderUser, TextToImageModule):
             self.register_buffer("latent_bound", torch.tensor(0.0))
             self._latents_checked = False
         self.denoiser, self.text_encoder = denoiser, text_encoder
-        self.schedule = NoiseSchedule(timesteps, schedule)
+        if zero_terminal_snr and prediction == "eps":
+            raise ConfigError(
+                "zero_terminal_snr needs prediction: v (or x0): at zero SNR the noise is the whole input, so an "
+                "eps-prediction says nothing about the image; set model.init_args.prediction v"
+            )
+        self.schedule = NoiseSchedule(timesteps, schedule, zero_terminal_snr)
         self.image_size, self.prediction, self.min_snr_gamma = image_size, prediction, min_snr_gamma
         self.cond_drop_prob, self.ema_decay = cond_drop_prob, ema_decay
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
@@ -104,6 +123,7 @@ class TextToImageDiffusion(FrozenAutoencoderUser, TextToImageModule):
             "sampler": sampler,
             "steps": sample_steps,
             "guidance_scale": guidance_scale,
+            "guidance_rescale": guidance_rescale,
             "dynamic_threshold": dynamic_threshold,
             "clip_denoised": True if clip_denoised is None else clip_denoised,
         }
@@ -257,10 +277,10 @@ class TextToImageDiffusion(FrozenAutoencoderUser, TextToImageModule):
 
     def denoise_fn(
         self, prompts: list[str], guidance_scale: float, threshold: float | None, use_ema: bool, cond: dict,
-        clip_denoised: bool = False,
+        clip_denoised: bool = False, guidance_rescale: float = 0.0,
     ):  # fmt: skip
-        """The ``(x_t, t) -> (x0, eps)`` function the samplers call, with guidance and thresholding
-        (dynamic with a percentile ``threshold``, else static with ``clip_denoised``)."""
+        """The ``(x_t, t) -> (x0, eps)`` function the samplers call, with guidance (and its rescale)
+        and thresholding (dynamic with a percentile ``threshold``, else static with ``clip_denoised``)."""
         net = self.ema_denoiser if use_ema else self.denoiser
         text = self.encode(prompts, ema=use_ema)
         null = self.encode([""] * len(prompts), ema=use_ema) if guidance_scale != 1.0 else None
@@ -272,7 +292,7 @@ class TextToImageDiffusion(FrozenAutoencoderUser, TextToImageModule):
                 both = TextEncoding(*(torch.cat([a, b]) for a, b in zip(text, null)))
                 extra = {k: torch.cat([v, v]) for k, v in cond.items()}
                 c, u = net(torch.cat([x, x]), torch.cat([t, t]), both, **extra).chunk(2)
-                out = u + guidance_scale * (c - u)
+                out = rescale_guidance(u + guidance_scale * (c - u), c, guidance_rescale)
             x0, eps = self.schedule.to_x0_eps(self.prediction, out.to(x.dtype), x, t)
             if threshold is not None or clip_denoised:
                 bound = float(self.latent_bound) if self.autoencoder is not None else 1.0
@@ -292,6 +312,7 @@ class TextToImageDiffusion(FrozenAutoencoderUser, TextToImageModule):
         sampler: Sampler | None = None,
         steps: int | None = None,
         guidance_scale: float | None = None,
+        guidance_rescale: float | None = None,
         eta: float = 0.0,
         dynamic_threshold: float | None = None,
         clip_denoised: bool | None = None,
@@ -318,7 +339,8 @@ class TextToImageDiffusion(FrozenAutoencoderUser, TextToImageModule):
         clip = d["clip_denoised"] if clip_denoised is None else clip_denoised
         if self.autoencoder is not None and threshold is not None:
             raise ValueError("dynamic_threshold rescales to the pixels' [-1, 1]: not for latent diffusion")
-        denoise = self.denoise_fn(list(prompts), guidance_scale, threshold, use_ema, cond, clip)
+        rescale = d["guidance_rescale"] if guidance_rescale is None else guidance_rescale
+        denoise = self.denoise_fn(list(prompts), guidance_scale, threshold, use_ema, cond, clip, rescale)
         x = SAMPLERS[sampler](denoise, self.schedule, noise, steps=steps, eta=eta, generator=generator)
         if self.autoencoder is not None:
             x = self.from_latents(x)

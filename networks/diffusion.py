@@ -41,18 +41,45 @@ def cosine_betas(timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> T
     )
 
 
+def scaled_linear_betas(timesteps: int, beta_start: float = 0.00085, beta_end: float = 0.012) -> Tensor:
+    """Latent diffusion's schedule: betas linear in their square root (terminal abar about 0.0047
+    at T = 1000)."""
+    return torch.linspace(beta_start**0.5, beta_end**0.5, timesteps, dtype=torch.float64) ** 2
+
+
+def rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
+    """Lin et al. (2024), "Common Diffusion Noise Schedules and Sample Steps are Flawed",
+    Algorithm 1: shift and scale ``sqrt(abar)`` so that it keeps its first value and is exactly 0
+    at the last step (pure noise: zero signal-to-noise ratio); the betas that give it."""
+    root = torch.cumprod(1 - betas, 0).sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    root = (root - last) * first / (first - last)
+    abar = root**2
+    alphas = torch.cat([abar[:1], abar[1:] / abar[:-1]])
+    return 1 - alphas
+
+
+Schedule = Literal["linear", "cosine", "scaled_linear"]
+BETAS = {"linear": linear_betas, "cosine": cosine_betas, "scaled_linear": scaled_linear_betas}
+
+
 class NoiseSchedule(nn.Module):
     """A discrete-time variance-preserving schedule; all tables are float64 buffers.
 
     Args:
         timesteps: number of training timesteps ``T``.
-        kind: ``linear`` or ``cosine``.
+        kind: ``linear`` (DDPM), ``cosine`` (improved DDPM) or ``scaled_linear`` (latent diffusion).
+        zero_terminal_snr: rescale it so that ``abar = 0`` at the last step (Lin et al.): training
+            then sees pure noise at ``t = T - 1``, where sampling starts. Needs a prediction other
+            than ``eps`` (at zero SNR the noise says nothing about the image).
     """
 
-    def __init__(self, timesteps: int = 1000, kind: Literal["linear", "cosine"] = "cosine"):
+    def __init__(self, timesteps: int = 1000, kind: Schedule = "cosine", zero_terminal_snr: bool = False):
         super().__init__()
-        betas = linear_betas(timesteps) if kind == "linear" else cosine_betas(timesteps)
-        self.timesteps, self.kind = timesteps, kind
+        betas = BETAS[kind](timesteps)
+        if zero_terminal_snr:
+            betas = rescale_zero_terminal_snr(betas)
+        self.timesteps, self.kind, self.zero_terminal_snr = timesteps, kind, zero_terminal_snr
         self.register_buffer("betas", betas, persistent=False)
         self.register_buffer("alphas_cumprod", torch.cumprod(1 - betas, 0), persistent=False)
 
@@ -102,6 +129,17 @@ class NoiseSchedule(nn.Module):
         clipped = snr.clamp(max=min_snr_gamma)
         weight = {"eps": clipped / snr, "x0": clipped, "v": clipped / (snr + 1)}[prediction]
         return weight.float()
+
+
+def rescale_guidance(guided: Tensor, conditional: Tensor, rescale: float) -> Tensor:
+    """CFG rescale (Lin et al. 2024, Sec. 3.4): bring the guided prediction's standard deviation
+    (per sample) back to the conditional one's, blended by ``rescale`` in [0, 1] (paper: 0.7).
+    It keeps a high guidance scale from over-exposing images under a zero-terminal-SNR schedule."""
+    if rescale == 0:
+        return guided
+    dims = list(range(1, guided.dim()))
+    rescaled = guided * (conditional.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
+    return rescale * rescaled + (1 - rescale) * guided
 
 
 def dynamic_threshold(x0: Tensor, percentile: float = 0.995) -> Tensor:
@@ -207,7 +245,9 @@ def sample_dpmpp_2m(
     def alpha_sigma_lambda(t: int) -> tuple[float, float, float]:
         abar = host.abar(t)
         alpha, sigma = abar**0.5, (1 - abar) ** 0.5
-        return alpha, sigma, (math.log(alpha) - math.log(sigma)) if sigma > 0 else math.inf
+        if sigma == 0 or alpha == 0:  # the clean image; pure noise (a zero-terminal-SNR schedule)
+            return alpha, sigma, math.inf if sigma == 0 else -math.inf
+        return alpha, sigma, math.log(alpha) - math.log(sigma)
 
     for t, prev in host.steps():
         x0, _ = denoise(x, _full(t, x))

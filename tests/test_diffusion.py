@@ -196,6 +196,39 @@ def test_classifier_free_guidance_is_u_plus_s_times_c_minus_u():
         assert torch.allclose(eps, u + scale * (c - u), atol=1e-5), scale
 
 
+def test_guidance_rescale_is_applied_to_the_guided_prediction():
+    from networks.diffusion import rescale_guidance
+
+    model = tiny(prediction="v").eval()
+    with torch.no_grad():
+        for p in model.ema_denoiser.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([10, 700])
+    prompts = ["a red circle", "a blue square"]
+    c = model.ema_denoiser(x, t, model.encode(prompts, ema=True))
+    u = model.ema_denoiser(x, t, model.encode(["", ""], ema=True))
+    expected = model.schedule.to_x0_eps("v", rescale_guidance(u + 5.0 * (c - u), c, 0.7), x, t)[0]
+    x0, _ = model.denoise_fn(prompts, 5.0, None, True, {}, guidance_rescale=0.7)(x, t)
+    assert torch.allclose(x0, expected, atol=1e-5)
+    plain, _ = model.denoise_fn(prompts, 5.0, None, True, {})(x, t)
+    assert not torch.allclose(x0, plain, atol=1e-3)
+
+
+def test_zero_terminal_snr_samples_from_pure_noise_and_refuses_eps_prediction():
+    from networks.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="prediction: v"):
+        tiny(zero_terminal_snr=True, prediction="eps")
+    model = tiny(zero_terminal_snr=True, prediction="v", schedule="scaled_linear", clip_denoised=False).eval()
+    assert model.schedule.alphas_cumprod[-1] == 0
+    with torch.no_grad():
+        for p in model.ema_denoiser.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    for sampler in ("ddpm", "ddim", "dpmpp_2m"):
+        out = model.generate(["x", "y"], seed=0, sampler=sampler, steps=6, guidance_rescale=0.7)
+        assert out.shape == (2, 3, 8, 8) and torch.isfinite(out).all(), sampler
+
+
 def test_validation_loss_is_the_ema_weights_and_raw_loss_the_live_ones():
     model = tiny(ema_decay=0.5)
     with torch.no_grad():

@@ -252,3 +252,79 @@ def test_min_snr_weights_are_the_closed_forms_and_agree_across_targets(kind):
     assert torch.allclose(losses["eps"], losses["x0"], rtol=1e-6) and torch.allclose(
         losses["v"], losses["x0"], rtol=1e-6
     )
+
+
+# ------------------------------------------------------------------ conditioning: schedules that sample right
+ZERO_SNR_KINDS = {"linear": "linear", "cosine": "squaredcos_cap_v2", "scaled_linear": "scaled_linear"}
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine", "scaled_linear"])
+@pytest.mark.parametrize("zero_snr", [False, True])
+def test_scaled_linear_and_zero_terminal_snr_schedules_match_diffusers(kind, zero_snr):
+    ends = {"beta_start": 0.00085, "beta_end": 0.012} if kind == "scaled_linear" else {}  # Stable Diffusion's
+    ref = DDPMScheduler(num_train_timesteps=T, beta_schedule=ZERO_SNR_KINDS[kind], rescale_betas_zero_snr=zero_snr,
+                        **ends)  # fmt: skip
+    s = NoiseSchedule(T, kind, zero_terminal_snr=zero_snr)
+    assert torch.allclose(s.betas.float(), ref.betas, atol=1e-6, rtol=1e-4)  # diffusers rescales in float32
+    assert torch.allclose(s.alphas_cumprod.float(), ref.alphas_cumprod, atol=1e-6)
+    if zero_snr:
+        assert s.alphas_cumprod[-1] == 0
+        assert torch.isclose(s.alphas_cumprod[0], NoiseSchedule(T, kind).alphas_cumprod[0], rtol=1e-12)
+
+
+def test_cfg_rescale_matches_diffusers():
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+    from networks.diffusion import rescale_guidance
+
+    g = torch.Generator().manual_seed(3)
+    cond, uncond = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    guided = uncond + 7.5 * (cond - uncond)
+    for phi in (0.0, 0.7, 1.0):
+        assert torch.allclose(rescale_guidance(guided, cond, phi), rescale_noise_cfg(guided, cond, phi), atol=1e-6)
+    assert torch.allclose(rescale_guidance(guided, cond, 1.0).std(dim=(1, 2, 3)), cond.std(dim=(1, 2, 3)), atol=1e-5)
+
+
+MU, S = 0.3, 0.5  # Gaussian data, each pixel N(MU, S^2): its optimal denoiser is known in closed form
+
+
+def _gaussian_network(schedule, prediction, error):
+    """The exact posterior mean of Gaussian data, given as a network predicting ``prediction``
+    with a relative ``error`` in its output, then converted back as the method does."""
+
+    def denoise(x, t):
+        a, sg = schedule.alpha_sigma(t, x)
+        x0 = MU + a * S**2 / (a**2 * S**2 + sg**2) * (x - a * MU)
+        eps = (x - a * x0) / sg
+        out = {"eps": eps, "v": a * eps - sg * x0, "x0": x0}[prediction] * (1 + error)
+        return schedule.to_x0_eps(prediction, out, x, t)
+
+    return denoise
+
+
+def _exact_sample(schedule, noise):
+    """Where the probability-flow ODE takes ``noise`` at the first sampling step: for Gaussian data
+    it maps the noise's quantile to the data's."""
+    abar = float(schedule.alphas_cumprod[-1])
+    return MU + S * (noise - abar**0.5 * MU) / (abar * S**2 + 1 - abar) ** 0.5
+
+
+@pytest.mark.parametrize(("kind", "tolerance"), [("cosine", {"dpmpp_2m": 0.01, "ddim": 0.06}),
+                                                 ("scaled_linear", {"dpmpp_2m": 0.07, "ddim": 0.1}),
+                                                 ("linear", {"dpmpp_2m": 0.04, "ddim": 0.1})])  # fmt: skip
+def test_samplers_land_on_the_exact_sample_in_20_steps_under_v_prediction_and_zero_terminal_snr(kind, tolerance):
+    """With a 1% error in the network's output, each deterministic sampler ends within the stated RMS
+    distance of the exact sample, and DDPM's samples have the data's mean and spread. Under
+    eps-prediction on the cosine schedule (alpha = 5e-5 at the first step) the same 1% error
+    is multiplied by 1 / alpha in x0: the samples end far from the exact ones."""
+    noise = torch.randn(128, 1, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    s = NoiseSchedule(T, kind, zero_terminal_snr=True)
+    exact = _exact_sample(s, noise)
+    for name, tol in tolerance.items():
+        out = SAMPLERS[name](_gaussian_network(s, "v", 0.01), s, noise, steps=20)
+        assert ((out - exact) ** 2).mean().sqrt() < tol, name
+    x = sample_ddpm(_gaussian_network(s, "v", 0.01), s, noise, steps=50, generator=torch.Generator().manual_seed(1))
+    assert abs(x.mean() - MU) < 0.02 and abs(x.std() - S) < 0.08
+    ill = NoiseSchedule(T, "cosine")
+    out = sample_dpmpp_2m(_gaussian_network(ill, "eps", 0.01), ill, noise, steps=20)
+    assert ((out - _exact_sample(ill, noise)) ** 2).mean().sqrt() > 1.0
