@@ -4,7 +4,6 @@ Imagen-style frozen text encoders, and a super-resolution stage for cascades."""
 from __future__ import annotations
 
 import copy
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
