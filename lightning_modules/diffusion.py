@@ -161,8 +161,12 @@ class TextToImageDiffusion(FrozenAutoencoderUser, TextToImageModule):
 
     @torch.no_grad()
     def to_latents(self, images: Tensor) -> Tensor:
-        """Images -> scaled latents; the first call sets ``latent_scale`` (if unset) and ``latent_bound``."""
+        """Images -> scaled latents; the first training batch sets ``latent_scale`` (if unset) and
+        ``latent_bound``. A validation before it (Lightning's sanity check) scales by its own
+        batch's spread, provisionally, and keeps nothing."""
         z = self.autoencoder.encode_latents(images).float()
+        if not self._latents_checked and not self.training and self.latent_scale == 0:
+            return z / z.std().clamp_min(1e-8)
         if not self._latents_checked:  # once: comparing a device tensor on every step would sync
             trainer = self._trainer
             distributed = trainer is not None and trainer.world_size > 1
@@ -283,6 +287,7 @@ class TextToImageDiffusion(FrozenAutoencoderUser, TextToImageModule):
         net = self.ema_denoiser if use_ema else self.denoiser
         text = self.encode(prompts, ema=use_ema)
         null = self.encode([""] * len(prompts), ema=use_ema) if guidance_scale != 1.0 else None
+        bound = float(self.latent_bound) if self.autoencoder is not None else 1.0  # read once, not per step
 
         def denoise(x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
             if null is None:
@@ -293,8 +298,7 @@ class TextToImageDiffusion(FrozenAutoencoderUser, TextToImageModule):
                 c, u = net(torch.cat([x, x]), torch.cat([t, t]), both, **extra).chunk(2)
                 out = rescale_guidance(u + guidance_scale * (c - u), c, guidance_rescale)
             x0, eps = self.schedule.to_x0_eps(self.prediction, out.to(x.dtype), x, t)
-            if threshold is not None or clip_denoised:
-                bound = float(self.latent_bound) if self.autoencoder is not None else 1.0
+            if threshold is not None or (clip_denoised and bound > 0):  # an unset bound (0) clamps nothing
                 x0 = dynamic_threshold(x0, threshold) if threshold is not None else x0.clamp(-bound, bound)
                 alpha, sigma = self.schedule.alpha_sigma(t, x)
                 eps = (x - alpha * x0) / sigma.clamp(min=1e-8)

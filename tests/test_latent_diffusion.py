@@ -64,6 +64,28 @@ def test_latent_scale_is_one_over_the_first_batch_std_and_is_kept_on_resume(tiny
     assert fixed.latent_scale == 0.5
 
 
+def test_the_scale_comes_from_the_first_training_batch_not_the_sanity_check_validation(tiny_autoencoders):
+    model = _latent(tiny_autoencoders["kl"])
+    batches = _batches(4)
+    L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, accelerator="cpu", num_sanity_val_steps=1, limit_val_batches=1).fit(
+        model, DataLoader(batches[:1], batch_size=None), DataLoader(batches[3:], batch_size=None))  # fmt: skip
+    first = model.autoencoder.encode_latents(batches[0]["image"]).float()
+    assert torch.isclose(model.latent_scale, 1.0 / first.std(unbiased=True), rtol=1e-5)
+
+
+def test_an_untrained_latent_bound_never_collapses_the_images(tiny_autoencoders):
+    """A model given latent_scale but not trained has latent_bound 0: the clamp is then off, and
+    different seeds give different images (clamping x0 to 0 would make every image decode(0))."""
+    model = _latent(tiny_autoencoders["kl"], latent_scale=1.0).eval()
+    assert model.latent_bound == 0
+    with torch.no_grad():
+        for p in model.ema_denoiser.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    a, b = model.generate(["a red square"], seed=0, steps=4), model.generate(["a red square"], seed=1, steps=4)
+    assert not torch.allclose(a, b, atol=1e-3)
+
+
 def test_loss_is_on_scaled_latents_and_generate_decodes_to_images(tiny_autoencoders):
     model = _latent(tiny_autoencoders["kl"], latent_scale=2.0)
     seen = []
