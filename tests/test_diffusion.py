@@ -182,8 +182,9 @@ def save_untrained(tmp_path, **models) -> list[str]:
     return paths
 
 
-def test_classifier_free_guidance_is_u_plus_s_times_c_minus_u():
-    model = tiny().eval()
+def _guided_halves(model):
+    """Prompts, ``x``, ``t`` and the EMA network's conditional and unconditional outputs there (its
+    zero-initialised output layer jittered, so that outputs are not all zero)."""
     with torch.no_grad():
         for p in model.ema_denoiser.parameters():
             p.add_(torch.randn_like(p) * 0.05)
@@ -191,6 +192,11 @@ def test_classifier_free_guidance_is_u_plus_s_times_c_minus_u():
     prompts = ["a red circle", "a blue square"]
     c = model.ema_denoiser(x, t, model.encode(prompts, ema=True))
     u = model.ema_denoiser(x, t, model.encode(["", ""], ema=True))
+    return prompts, x, t, c, u
+
+
+def test_classifier_free_guidance_is_u_plus_s_times_c_minus_u():
+    prompts, x, t, c, u = _guided_halves(model := tiny().eval())
     for scale in (0.0, 2.5, 7.0):
         _, eps = model.denoise_fn(prompts, scale, None, True, {})(x, t)
         assert torch.allclose(eps, u + scale * (c - u), atol=1e-5), scale
@@ -199,14 +205,7 @@ def test_classifier_free_guidance_is_u_plus_s_times_c_minus_u():
 def test_guidance_rescale_is_applied_to_the_guided_prediction():
     from networks.diffusion import rescale_guidance
 
-    model = tiny(prediction="v").eval()
-    with torch.no_grad():
-        for p in model.ema_denoiser.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    x, t = torch.randn(2, 3, 8, 8), torch.tensor([10, 700])
-    prompts = ["a red circle", "a blue square"]
-    c = model.ema_denoiser(x, t, model.encode(prompts, ema=True))
-    u = model.ema_denoiser(x, t, model.encode(["", ""], ema=True))
+    prompts, x, t, c, u = _guided_halves(model := tiny(prediction="v").eval())
     expected = model.schedule.to_x0_eps("v", rescale_guidance(u + 5.0 * (c - u), c, 0.7), x, t)[0]
     x0, _ = model.denoise_fn(prompts, 5.0, None, True, {}, guidance_rescale=0.7)(x, t)
     assert torch.allclose(x0, expected, atol=1e-5)
