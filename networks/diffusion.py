@@ -122,12 +122,18 @@ class NoiseSchedule(nn.Module):
         return alpha * x - sigma * output, sigma * x + alpha * output
 
     def loss_weight(self, prediction: Prediction, t: Tensor, min_snr_gamma: float | None) -> Tensor:
-        """Min-SNR-gamma weights (Hang et al. 2023) for the MSE on ``prediction``; ones if gamma is None."""
+        """Min-SNR-gamma weights (Hang et al. 2023) for the MSE on ``prediction``; ones if gamma is None.
+
+        eps and x0 get the paper's min(SNR, g) / SNR and min(SNR, g). For v the paper's
+        min(SNR, g) / (SNR + 1) is zero at zero SNR, so under a zero-terminal-SNR schedule the
+        first step of every sampler would be untrained; v gets min(SNR + 1, g) / (SNR + 1)
+        instead (diffusers' convention): the plain v loss where SNR + 1 <= g, capped above."""
         if min_snr_gamma is None:
             return torch.ones_like(t, dtype=torch.float32)
         snr = self.snr(t)
         clipped = snr.clamp(max=min_snr_gamma)
-        weight = {"eps": clipped / snr, "x0": clipped, "v": clipped / (snr + 1)}[prediction]
+        v_weight = (snr + 1).clamp(max=min_snr_gamma) / (snr + 1)
+        weight = {"eps": clipped / snr, "x0": clipped, "v": v_weight}[prediction]
         return weight.float()
 
 

@@ -221,9 +221,9 @@ def test_conversions_round_trip():
 
 @pytest.mark.parametrize("kind", ["linear", "cosine"])
 def test_min_snr_weights_are_the_closed_forms_and_agree_across_targets(kind):
-    """Hang et al. 2023: with SNR = abar / (1 - abar), the weights are min(SNR, g) / SNR for eps,
-    min(SNR, g) for x0 and min(SNR, g) / (SNR + 1) for v, which makes the three weighted losses
-    one and the same loss on x0."""
+    """Hang et al. 2023: with SNR = abar / (1 - abar), the weights are min(SNR, g) / SNR for eps and
+    min(SNR, g) for x0, which makes the two weighted losses one and the same loss on x0. v gets
+    min(SNR + 1, g) / (SNR + 1): the same loss on x0 weighted by min(SNR + 1, g), never zero."""
     s, gamma = NoiseSchedule(T, kind), 5.0
     t = torch.tensor([0, 1, 50, 300, 500, 700, 999])
     abar = s.alphas_cumprod[t]
@@ -231,7 +231,7 @@ def test_min_snr_weights_are_the_closed_forms_and_agree_across_targets(kind):
     closed = {
         "eps": snr.clamp(max=gamma) / snr,
         "x0": snr.clamp(max=gamma),
-        "v": snr.clamp(max=gamma) / (snr + 1),
+        "v": (snr + 1).clamp(max=gamma) / (snr + 1),
     }
     for prediction, expected in closed.items():
         assert torch.allclose(s.loss_weight(prediction, t, gamma).double(), expected, rtol=1e-6), prediction
@@ -249,9 +249,18 @@ def test_min_snr_weights_are_the_closed_forms_and_agree_across_targets(kind):
     losses = {
         p: (outputs[p] - s.target(p, x0, eps, t)).pow(2).flatten(1).mean(1) * closed[p] for p in outputs
     }
-    assert torch.allclose(losses["eps"], losses["x0"], rtol=1e-6) and torch.allclose(
-        losses["v"], losses["x0"], rtol=1e-6
-    )
+    assert torch.allclose(losses["eps"], losses["x0"], rtol=1e-6)
+    x0_loss = (x0_hat - x0).pow(2).flatten(1).mean(1)
+    assert torch.allclose(losses["v"], x0_loss * (snr + 1).clamp(max=gamma), rtol=1e-6)
+
+
+def test_v_weight_is_not_zero_at_zero_snr():
+    """Under a zero-terminal-SNR schedule the paper's v weight min(SNR, g) / (SNR + 1) would be 0
+    at the last step, which every sampler starts from; ours is the plain v loss there."""
+    s = NoiseSchedule(T, "cosine", zero_terminal_snr=True)
+    t = torch.tensor([T - 1, T - 2])
+    assert s.snr(t)[0] == 0
+    assert torch.allclose(s.loss_weight("v", t, 5.0), torch.ones(2))
 
 
 # ------------------------------------------------------------------ conditioning: schedules that sample right
