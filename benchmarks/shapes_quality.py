@@ -13,7 +13,13 @@ over that of the shapes renderer's own images for the same prompts: 1 is the dat
 blurrier, above 1 has more high-frequency content (noise, speckle) than the data. The last row, ``data``, is the renderer itself (its score, and with
 ``--diversity`` the diversity of N renders of each prompt).
 
+``--part val`` or ``--part test`` takes one of the two disjoint halves of the held-out prompts
+(compare and tune on ``val``). ``all`` comes with a prompt-level bootstrap 95% interval, and every
+row after the first with the paired difference from the first row (same prompts and seeds).
+
     python benchmarks/shapes_quality.py runs/<run>/checkpoints/last.ckpt --seeds 2 --diversity 8
+    python benchmarks/shapes_quality.py runs/<run>/checkpoints/last.ckpt --part val --seeds 8 \
+        --samplers ddpm:50,ddim:50,dpmpp_2m:10,dpmpp_2m:20
 """
 
 import argparse
@@ -24,7 +30,8 @@ import numpy as np
 import torch
 from common import from_run_config, load  # benchmarks/common.py
 
-from datamodules.shapes import heldout_prompts, objects_for, render, score_batch
+from datamodules.shapes import HELDOUT_PARTS, heldout_prompts, objects_for, render, score, score_batch
+from evaluation.intervals import bootstrap_interval, format_interval, paired_difference
 
 
 def rendered(prompts, resolution: int, seed: int) -> torch.Tensor:
@@ -54,12 +61,14 @@ def main() -> None:
     p.add_argument(
         "--diversity", type=int, default=0, help="seeds per prompt for the diversity column (0: none)"
     )
+    p.add_argument("--part", choices=HELDOUT_PARTS, default="all", help="which held-out prompts (tune on val)")
     a = p.parse_args()
     model = from_run_config(a.config, a.checkpoint) if a.config else load(a.checkpoint)
     if torch.cuda.is_available():
         model = model.cuda()
-    prompts = heldout_prompts()
-    print(f"{len(prompts)} held-out single-object prompts x {a.seeds} seed(s), resolution {model.image_size}")
+    prompts = heldout_prompts(a.part)
+    print(f"{len(prompts)} held-out single-object prompts ({a.part}) x {a.seeds} seed(s), "
+          f"resolution {model.image_size}, {torch.get_num_threads()} thread(s)")  # fmt: skip
     extra = json.loads(a.sampling)
     if "sampler" in model.sampling_options():  # diffusion: one row per sampler
         rows = [(name, int(steps), {"sampler": name, "steps": int(steps), "guidance_scale": a.guidance, **extra})
@@ -71,6 +80,7 @@ def main() -> None:
         f"{'method':<12}{'steps':>6}{'all':>8}{'colour':>8}{'shape':>8}{'size':>8}{'position':>9}{'img/s':>9}"
         + f"{'edges':>10}" + (f"{'diversity':>10}" if a.diversity else "")
     )
+    hits = {}  # row -> (prompts, seeds) all-correct
     reference = edge_energy(torch.cat([rendered(prompts, model.image_size, seed) for seed in range(a.seeds)]))
     for name, steps, sampling in rows:
         images, attrs = [], []
@@ -89,6 +99,12 @@ def main() -> None:
         line += f"{edge_energy(torch.stack(images)) / reference:>10.3f}"
         if a.diversity:
             line += f"{diversity(model, prompts, a.diversity, sampling, a.batch):>10.4f}"
+        row = f"{name}:{steps}"
+        hits[row] = np.array([score(img, at)["all"] for img, at in zip(images, attrs)]).reshape(a.seeds, -1).T
+        line += f"   all {format_interval(*bootstrap_interval(hits[row]))}"
+        first = next(iter(hits))
+        if row != first:
+            line += f"   minus {first}: {format_interval(*paired_difference(hits[row], hits[first]))}"
         print(line, flush=True)
     data = torch.cat([rendered(prompts, model.image_size, seed) for seed in range(a.seeds)])
     s = score_batch(list(data), [at for _ in range(a.seeds) for _, at in prompts])

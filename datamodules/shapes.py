@@ -256,12 +256,20 @@ def make_sample(rng: np.random.Generator, resolution: int, **kw) -> tuple[Image.
     return render(objects_for(attrs, rng), resolution), caption(attrs, rng), attrs
 
 
-def heldout_prompts() -> list[tuple[str, dict]]:
-    """Every held-out single-object combination as ``(caption, attrs)``, in a fixed order."""
+HELDOUT_PARTS = ("all", "val", "test")
+
+
+def heldout_prompts(part: str = "all") -> list[tuple[str, dict]]:
+    """Every held-out single-object combination as ``(caption, attrs)``, in a fixed order; ``val``
+    and ``test`` are its two disjoint halves (every other combination): compare and select on
+    ``val``, report on ``test``."""
+    if part not in HELDOUT_PARTS:
+        raise ValueError(f"unknown held-out part {part!r}; choose one of {', '.join(HELDOUT_PARTS)}")
     out = []
-    for combo in sorted(HELDOUT):
+    for i, combo in enumerate(sorted(HELDOUT)):
         a = single_attrs(*combo)
-        out.append((caption(a)[0], a))
+        if part == "all" or (i % 2 == 0) == (part == "val"):
+            out.append((caption(a)[0], a))
     return out
 
 

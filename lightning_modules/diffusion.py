@@ -8,6 +8,7 @@ import copy
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from networks.diffusion import (
@@ -39,10 +40,11 @@ class TextToImageDiffusion(FrozenAutoencoderUser, TextToImageModule):
     Latent diffusion (``autoencoder`` set): training encodes the images (the KL autoencoder's
     posterior mean, a VQ autoencoder's pre-quantisation latents) and multiplies them by
     ``latent_scale``, estimated as ``1 / std`` of the first training batch's latents (averaged
-    over ranks) unless given, and saved in the checkpoint, so a resumed run keeps it. The largest
-    scaled latent of that batch (``latent_bound``, the maximum over ranks) is saved with it and
-    plays the part of the pixels' 1 in ``clip_denoised``. ``generate`` samples latents and decodes
-    ``latents / latent_scale``.
+    over ranks) unless given, and saved in the checkpoint, so a resumed run keeps it. Latents
+    have no fixed range, so nothing clamps them: the schedule and target must keep the predicted
+    latents well conditioned (v-prediction on a zero-terminal-SNR schedule; BENCHMARKS.md measures
+    why eps-prediction on the cosine schedule does not). ``generate`` samples latents and
+    decodes ``latents / latent_scale``.
 
     Args:
         denoiser: network ``(x_t, t, TextEncoding, ...) -> prediction`` (e.g. ``networks.unet.UNet``).
@@ -64,12 +66,10 @@ class TextToImageDiffusion(FrozenAutoencoderUser, TextToImageModule):
         guidance_rescale: default CFG rescale (Lin et al.; 0: none, the paper's 0.7 with a
             zero-terminal-SNR schedule).
         dynamic_threshold: Imagen dynamic-thresholding percentile (e.g. 0.995); None disables.
-        clip_denoised: static thresholding: clamp every predicted x0 to [-1, 1] (when no dynamic
-            threshold is set). With eps-prediction the x0 implied at the noisiest steps is
-            ``(x - sigma * eps) / alpha`` with ``alpha`` near 0, so unclamped samplers blow up.
-            In latent space the clamp is to ``[-latent_bound, latent_bound]``: with eps-prediction
-            and the cosine schedule the unclamped latents reach thousands (measured in
-            BENCHMARKS.md). None: on.
+        clip_denoised: static thresholding: clamp every predicted x0 to the pixels' [-1, 1] (when
+            no dynamic threshold is set). With eps-prediction the x0 implied at the noisiest steps
+            is ``(x - sigma * eps) / alpha`` with ``alpha`` near 0, and the clamp keeps it in range.
+            None: on in pixel space; latent diffusion has no range to clamp to (an error).
         autoencoder: checkpoint path of a trained KL or VQ autoencoder: diffusion in its latent
             space (frozen, not stored in this method's checkpoints). None: pixel space.
         latent_scale: the latents' scale factor; None estimates it on the first training batch.
@@ -104,10 +104,15 @@ class TextToImageDiffusion(FrozenAutoencoderUser, TextToImageModule):
         if autoencoder is not None:
             self.attach_autoencoder(autoencoder)
             self.check_latent_setup(denoiser, image_size, dynamic_threshold)
-            # 0 until estimated on the first training batch (buffers, so checkpoints keep them)
+            # 0 until estimated on the first training batch (a buffer, so checkpoints keep it)
             self.register_buffer("latent_scale", torch.tensor(float(latent_scale or 0.0)))
-            self.register_buffer("latent_bound", torch.tensor(0.0))
             self._latents_checked = False
+            if clip_denoised:
+                raise ConfigError(
+                    "model.init_args.clip_denoised clamps to the pixels' [-1, 1], which latents do not have: "
+                    "leave it unset for latent diffusion (use prediction: v with zero_terminal_snr: true, "
+                    "whose predicted latents need no clamp)"
+                )
         self.denoiser, self.text_encoder = denoiser, text_encoder
         if zero_terminal_snr and prediction == "eps":
             raise ConfigError(
@@ -124,7 +129,7 @@ class TextToImageDiffusion(FrozenAutoencoderUser, TextToImageModule):
             "guidance_scale": guidance_scale,
             "guidance_rescale": guidance_rescale,
             "dynamic_threshold": dynamic_threshold,
-            "clip_denoised": True if clip_denoised is None else clip_denoised,
+            "clip_denoised": autoencoder is None if clip_denoised is None else clip_denoised,
         }
         self.text_trainable = any(p.requires_grad for p in text_encoder.parameters())
         self.ema_denoiser = copy.deepcopy(denoiser).requires_grad_(False).eval()
@@ -149,7 +154,7 @@ class TextToImageDiffusion(FrozenAutoencoderUser, TextToImageModule):
         if dynamic_threshold is not None:
             raise ConfigError(
                 f"{option}.dynamic_threshold rescales to the pixel range [-1, 1], which latents do not have: "
-                "leave it unset for latent diffusion (clip_denoised clamps latents to their measured bound)"
+                "leave it unset for latent diffusion"
             )
 
     @property
@@ -161,28 +166,21 @@ class TextToImageDiffusion(FrozenAutoencoderUser, TextToImageModule):
 
     @torch.no_grad()
     def to_latents(self, images: Tensor) -> Tensor:
-        """Images -> scaled latents; the first training batch sets ``latent_scale`` (if unset) and
-        ``latent_bound``. A validation before it (Lightning's sanity check) scales by its own
-        batch's spread, provisionally, and keeps nothing."""
+        """Images -> scaled latents; the first training batch sets ``latent_scale`` (if unset). A
+        validation before it (Lightning's sanity check) scales by its own batch's spread,
+        provisionally, and keeps nothing."""
         z = self.autoencoder.encode_latents(images).float()
         if not self._latents_checked and not self.training and self.latent_scale == 0:
             return z / z.std().clamp_min(1e-8)
         if not self._latents_checked:  # once: comparing a device tensor on every step would sync
             trainer = self._trainer
-            distributed = trainer is not None and trainer.world_size > 1
             if self.latent_scale == 0:
                 var = z.var()
-                if distributed:  # the same scale on every rank
+                if trainer is not None and trainer.world_size > 1:  # the same scale on every rank
                     var = trainer.strategy.reduce(var, reduce_op="mean")
                 self.latent_scale.fill_(float(1.0 / var.sqrt().clamp_min(1e-8)))
-            if self.latent_bound == 0:
-                bound = (z * self.latent_scale).abs().max()
-                if distributed:
-                    bound = trainer.strategy.reduce(bound, reduce_op="max")
-                self.latent_bound.fill_(float(bound))
                 if trainer is not None:
-                    self.print(f"latent_scale {float(self.latent_scale):.4f} (1 / std of the first batch's latents), "
-                               f"latent_bound {float(self.latent_bound):.3f}")  # fmt: skip
+                    self.print(f"latent_scale {float(self.latent_scale):.4f} (1 / std of the first batch's latents)")
             self._latents_checked = True
         return z * self.latent_scale
 
@@ -192,6 +190,16 @@ class TextToImageDiffusion(FrozenAutoencoderUser, TextToImageModule):
                 "latent_scale is not set: train the model (or give model.init_args.latent_scale) first"
             )
         return self.autoencoder.decode_latents(latents / self.latent_scale)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Checkpoints from before the latent clamp was removed carry ``latent_bound``: dropped,
+        with a warning when the model predicts eps (it was trained to be sampled clamped)."""
+        if checkpoint.get("state_dict", {}).pop("latent_bound", None) is not None and self.prediction == "eps":
+            rank_zero_warn(
+                "this latent-diffusion checkpoint predicts eps and was sampled with its latents clamped to "
+                "latent_bound, which no longer exists: its samples may diverge. Retrain with prediction: v "
+                "and zero_terminal_snr: true (configs/diffusion/latent_shapes.yaml)"
+            )
 
     # ------------------------------------------------------------------ training
     def conditioning(self, batch: dict) -> dict:
@@ -287,7 +295,6 @@ class TextToImageDiffusion(FrozenAutoencoderUser, TextToImageModule):
         net = self.ema_denoiser if use_ema else self.denoiser
         text = self.encode(prompts, ema=use_ema)
         null = self.encode([""] * len(prompts), ema=use_ema) if guidance_scale != 1.0 else None
-        bound = float(self.latent_bound) if self.autoencoder is not None else 1.0  # read once, not per step
 
         def denoise(x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
             if null is None:
@@ -298,8 +305,8 @@ class TextToImageDiffusion(FrozenAutoencoderUser, TextToImageModule):
                 c, u = net(torch.cat([x, x]), torch.cat([t, t]), both, **extra).chunk(2)
                 out = rescale_guidance(u + guidance_scale * (c - u), c, guidance_rescale)
             x0, eps = self.schedule.to_x0_eps(self.prediction, out.to(x.dtype), x, t)
-            if threshold is not None or (clip_denoised and bound > 0):  # an unset bound (0) clamps nothing
-                x0 = dynamic_threshold(x0, threshold) if threshold is not None else x0.clamp(-bound, bound)
+            if threshold is not None or clip_denoised:
+                x0 = dynamic_threshold(x0, threshold) if threshold is not None else x0.clamp(-1, 1)
                 alpha, sigma = self.schedule.alpha_sigma(t, x)
                 eps = (x - alpha * x0) / sigma.clamp(min=1e-8)
             return x0, eps
@@ -340,8 +347,11 @@ class TextToImageDiffusion(FrozenAutoencoderUser, TextToImageModule):
         generator = self.generator(seed, self.device)
         noise = randn((len(prompts), *self.sample_shape), generator, device=self.device)
         clip = d["clip_denoised"] if clip_denoised is None else clip_denoised
-        if self.autoencoder is not None and threshold is not None:
-            raise ValueError("dynamic_threshold rescales to the pixels' [-1, 1]: not for latent diffusion")
+        if self.autoencoder is not None and (threshold is not None or clip):
+            raise ValueError(
+                "dynamic_threshold and clip_denoised clamp to the pixels' [-1, 1], which latents do not have: "
+                "not for latent diffusion"
+            )
         rescale = d["guidance_rescale"] if guidance_rescale is None else guidance_rescale
         denoise = self.denoise_fn(list(prompts), guidance_scale, threshold, use_ema, cond, clip, rescale)
         x = SAMPLERS[sampler](denoise, self.schedule, noise, steps=steps, eta=eta, generator=generator)

@@ -14,6 +14,10 @@ from networks.text_encoders import TransformerTextEncoder
 from networks.unet import UNet
 
 
+# configs/diffusion/latent_shapes.yaml's parameterisation
+LATENT_DEFAULTS = {"prediction": "v", "zero_terminal_snr": True, "schedule": "cosine", "min_snr_gamma": 5.0}
+
+
 def _latent(path, channels=4, **kw):
     torch.manual_seed(0)
     unet = UNet(in_channels=channels, out_channels=channels, base_channels=32, channel_mult=[1, 2], num_res_blocks=1,
@@ -43,13 +47,12 @@ def test_latent_scale_is_one_over_the_first_batch_std_and_is_kept_on_resume(tiny
     trainer.fit(model, DataLoader(batches[:3], batch_size=None))
     first = model.autoencoder.encode_latents(batches[0]["image"]).float()
     assert torch.isclose(model.latent_scale, 1.0 / first.std(unbiased=True), rtol=1e-5)
-    assert torch.isclose(model.latent_bound, (first * model.latent_scale).abs().max(), rtol=1e-5)
     path = str(tmp_path / "latent.ckpt")
     trainer.save_checkpoint(path)
     state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
     assert (
         "latent_scale" in state
-        and "latent_bound" in state
+        and "latent_bound" not in state  # nothing clamps latents any more
         and not any(k.startswith("autoencoder.") for k in state)
     )
     resumed = _latent(tiny_autoencoders["kl"])
@@ -57,7 +60,6 @@ def test_latent_scale_is_one_over_the_first_batch_std_and_is_kept_on_resume(tiny
         resumed, DataLoader(batches[3:], batch_size=None), ckpt_path=path, weights_only=False
     )  # other batches, other std
     assert torch.equal(resumed.latent_scale, model.latent_scale)
-    assert torch.equal(resumed.latent_bound, model.latent_bound)
     # a scale given in the config is used as it is
     fixed = _latent(tiny_autoencoders["kl"], latent_scale=0.5)
     _trainer(1).fit(fixed, DataLoader(batches[:1], batch_size=None))
@@ -74,11 +76,10 @@ def test_the_scale_comes_from_the_first_training_batch_not_the_sanity_check_vali
     assert torch.isclose(model.latent_scale, 1.0 / first.std(unbiased=True), rtol=1e-5)
 
 
-def test_an_untrained_latent_bound_never_collapses_the_images(tiny_autoencoders):
-    """A model given latent_scale but not trained has latent_bound 0: the clamp is then off, and
-    different seeds give different images (clamping x0 to 0 would make every image decode(0))."""
+def test_an_untrained_latent_model_never_collapses_the_images(tiny_autoencoders):
+    """A model given latent_scale but not trained gives different images for different seeds (a
+    clamp of x0 to an unset bound of 0 once made every image decode(0))."""
     model = _latent(tiny_autoencoders["kl"], latent_scale=1.0).eval()
-    assert model.latent_bound == 0
     with torch.no_grad():
         for p in model.ema_denoiser.parameters():
             p.add_(torch.randn_like(p) * 0.05)
@@ -92,28 +93,23 @@ def test_loss_is_on_scaled_latents_and_generate_decodes_to_images(tiny_autoencod
     model.denoiser.register_forward_hook(lambda m, i, o: seen.append(i[0].shape))
     model.loss({"image": block_images(), "caption": list(BLOCK_CAPTIONS)})
     assert seen[-1] == (4, 4, 4, 4)  # the denoiser works on (4, 4 x 4) latents of the 16 px images
-    model.latent_bound.fill_(1.5)
     decoded = []
     decode = model.autoencoder.decode_latents
-    model.autoencoder.decode_latents = lambda z: (
-        decoded.append(z * 2.0) or decode(z)
-    )  # back to the scaled latents
+    model.autoencoder.decode_latents = lambda z: decoded.append(z) or decode(z)
     out = model.eval().generate(["a red square", "a blue square"], seed=0, steps=4, sampler="ddim")
     assert out.shape == (2, 3, 16, 16) and out.min() >= -1 and out.max() <= 1
-    # every predicted x0 is clamped to the latents' bound, so the last (DDIM's x0) is inside it
-    assert decoded[-1].abs().max() <= 1.5 + 1e-5
-    unclamped = model.generate(
-        ["a red square", "a blue square"], seed=0, steps=4, sampler="ddim", clip_denoised=False
-    )
-    assert decoded[-1].abs().max() > 1.5 and not torch.equal(unclamped, out)  # an untrained model leaves it
-    with pytest.raises(ValueError, match="latent"):
-        model.generate(["a"], dynamic_threshold=0.995)
+    assert len(decoded) == 1 and decoded[0].shape == (2, 4, 4, 4)  # the latents, decoded once
+    for option in ({"dynamic_threshold": 0.995}, {"clip_denoised": True}):  # pixel-range clamps
+        with pytest.raises(ValueError, match="latent"):
+            model.generate(["a"], **option)
 
 
 @pytest.mark.parametrize("kind", ["kl", "vq"])
 def test_each_of_four_captions_generates_its_own_image(tiny_autoencoders, kind):
+    """At the configured default parameterisation (v-prediction, zero-terminal-SNR cosine schedule,
+    min-SNR weights), with no clamp anywhere."""
     model = _latent(tiny_autoencoders[kind], channels=4 if kind == "kl" else 8, cond_drop_prob=0.2, ema_decay=0.0,
-                    prediction="x0", min_snr_gamma=None)  # fmt: skip
+                    **LATENT_DEFAULTS)  # fmt: skip
     torch.manual_seed(0)
     _trainer(300).fit(model, DataLoader(_batches(1) * 300, batch_size=None))
     model.ema_denoiser.load_state_dict(model.denoiser.state_dict())
@@ -143,6 +139,8 @@ def test_settings_that_cannot_work_are_clear_errors(tiny_autoencoders, tmp_path)
         _latent(tiny_autoencoders["kl"], channels=3)
     with pytest.raises(ConfigError, match="dynamic_threshold"):
         _latent(tiny_autoencoders["kl"], dynamic_threshold=0.995)
+    with pytest.raises(ConfigError, match="clip_denoised .* latents"):
+        _latent(tiny_autoencoders["kl"], clip_denoised=True)
     unet = UNet(in_channels=4, out_channels=4, base_channels=16, channel_mult=[1], num_res_blocks=1, attention_levels=[],
                 context_dim=32)  # fmt: skip
     text = TransformerTextEncoder(width=32, depth=1, heads=2, max_length=16, tokenizer="byte")
@@ -150,3 +148,18 @@ def test_settings_that_cannot_work_are_clear_errors(tiny_autoencoders, tmp_path)
         TextToImageDiffusion(unet, text, image_size=32, autoencoder=tiny_autoencoders["kl"])
     with pytest.raises(ConfigError, match="pixel space"):
         SuperResolutionDiffusion(unet, text, autoencoder=tiny_autoencoders["kl"])
+
+
+def test_a_checkpoint_with_the_old_latent_bound_still_loads(tiny_autoencoders, tmp_path):
+    """Checkpoints made while latents were clamped carry a latent_bound buffer: it is dropped, and an
+    eps model, which was trained to be sampled clamped, says so."""
+    model = _latent(tiny_autoencoders["kl"], latent_scale=1.5)
+    _trainer(1).fit(model, DataLoader(_batches(1), batch_size=None))
+    path = tmp_path / "old.ckpt"
+    model.trainer.save_checkpoint(path)
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    checkpoint["state_dict"]["latent_bound"] = torch.tensor(7.4)
+    torch.save(checkpoint, path)
+    with pytest.warns(UserWarning, match="latent_bound"):
+        loaded = TextToImageDiffusion.load_from_checkpoint(path, weights_only=False)
+    assert loaded.latent_scale == 1.5 and "latent_bound" not in loaded.state_dict()

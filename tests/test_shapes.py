@@ -62,3 +62,7 @@ def test_generation_is_deterministic_and_excludes_heldout(tmp_path):
     combos = {tuple(d["objects"][0].values()) for d in drawn}
     assert not combos & S.HELDOUT
     assert len(S.heldout_prompts()) == len(S.HELDOUT) > 10
+    val, test = ({c for c, _ in S.heldout_prompts(part)} for part in ("val", "test"))
+    assert not val & test and val | test == {c for c, _ in S.heldout_prompts()} and abs(len(val) - len(test)) <= 1
+    with pytest.raises(ValueError, match="held-out part"):
+        S.heldout_prompts("train")
