@@ -62,7 +62,7 @@ TOP_KEYS = {
     "extractors": "FID/KID feature extractors: clip, inception, {name, open_clip, weights} or {name, class_path, init_args}",
     "inception_weights": "local pt_inception-2015-12-05 weights for the inception extractor",
     "lpips": "local VGG weights for LPIPS diversity (null: pixel distance)",
-    "r_precision": "{distractors: 99, folds: 10}",
+    "r_precision": "{distractors: 99}",
     "wandb": "{project: t2i, enabled: true}",
     "methods": "the list of methods: name, checkpoint or model, sampling, family",
     "cache": "folder for the real images' features per dataset and extractor (null: no cache)",
@@ -149,6 +149,10 @@ def load_config(path: str, overrides: argparse.Namespace) -> dict:
                     f"--methods: no method {n!r} in {path}{_suggest(n, names)}; it lists {', '.join(names)}"
                 )
         cfg["methods"] = [m for m in methods if m["name"] in wanted]
+    if "folds" in (cfg.get("r_precision") or {}):
+        raise ConfigProblem(
+            f"{path}: r_precision.folds is gone: R-precision's interval is now a bootstrap over prompts; remove it"
+        )
     for ext in cfg["extractors"]:
         if ext == "clip" and not cfg.get("clip"):
             raise ConfigProblem("extractors: clip needs the clip option (a CLIP checkpoint)")
@@ -164,7 +168,7 @@ def protocol_of(cfg: dict) -> Protocol:
     prompts = int(cfg["prompts_per_set"])
     return Protocol(prompt_sets=list(cfg["prompt_sets"]), prompts=prompts, seeds=max(1, -(-int(cfg["num_samples"]) // prompts)),
                     seed=int(cfg["seed"]), resolution=int(cfg["resolution"]), batch_size=int(cfg["batch_size"]),
-                    distractors=int(rp.get("distractors", 99)), folds=int(rp.get("folds", 10)))  # fmt: skip
+                    distractors=int(rp.get("distractors", 99)))  # fmt: skip
 
 
 def import_class(class_path: str, option: str):
@@ -287,8 +291,8 @@ def judge_note(spec: dict, judge: str | None) -> str | None:
 def _fmt(key: str, value, fmt: str, row: dict | None = None) -> str:
     if value is None or value == "":
         return "" if key in ("error", "note") else "–"
-    if key == "r_precision" and row and row.get("r_precision_std") is not None:
-        return f"{value:.3f} ± {row['r_precision_std']:.3f}"
+    if key == "r_precision" and row and row.get("r_precision_low") is not None:
+        return f"{value:.3f} [{row['r_precision_low']:.3f}, {row['r_precision_high']:.3f}]"
     try:
         return fmt.format(value)
     except (ValueError, TypeError):
@@ -550,8 +554,8 @@ def write_files(out: str, cfg: dict, protocol: Protocol, command: str, rows: lis
         + (
             "CLIP score, R-precision and fid_clip/kid_clip use the CLIP "
             + f"`{cfg.get('clip')}`; R-precision "
-            f"is AttnGAN's R@1 with up to {protocol.distractors} distractor captions of the same set, mean over "
-            f"{protocol.folds} folds (± their std). "
+            f"is AttnGAN's R@1 with up to {protocol.distractors} distractor captions of the same set (none that is "
+            "true of the image; a tie counts 1/(k+1)), with its prompt-level bootstrap 95% interval. "
             if has_clip
             else ""
         )

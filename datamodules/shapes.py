@@ -319,6 +319,26 @@ def prompt_set(name: str, n: int, seed: int = 0) -> list[tuple[str, dict]]:
     return list(out.items())
 
 
+_MIRROR = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+
+
+def scene_key(attrs: dict) -> tuple:
+    """What a prompt says about a scene, in a canonical form: two prompts with the same key are
+    true of the same images ("a red circle and a blue square" and "a blue square and a red
+    circle"; "A to the left of B" and "B to the right of A")."""
+    kind = attrs["kind"]
+
+    def obj(o: dict) -> tuple:
+        return tuple(sorted(o.items()))
+
+    if kind == "relation":
+        (o1, o2), rel = attrs["objects"], attrs["relation"]
+        return kind, min((obj(o1), rel, obj(o2)), (obj(o2), _MIRROR[rel], obj(o1)))
+    if kind == "count":
+        return kind, attrs["count"], obj(attrs["objects"][0])
+    return kind, tuple(sorted(obj(o) for o in attrs["objects"]))
+
+
 # ----------------------------------------------------------------------------- scorer
 
 

@@ -27,9 +27,11 @@ from datamodules.shapes import (
     objects_for,
     prompt_set,
     render,
+    scene_key,
     score_batch,
     single_attrs,
 )
+from evaluation.intervals import bootstrap_interval
 from evaluation.metrics import clip_score, diversity, fid_kid, image_features, r_precision_hits
 
 SEED_STRIDE = 100_003
@@ -47,7 +49,6 @@ class Protocol:
     resolution: int = 32
     batch_size: int = 32
     distractors: int = 99
-    folds: int = 10
 
     def __post_init__(self):
         unknown = [s for s in self.prompt_sets if s not in PROMPT_SETS]
@@ -71,14 +72,21 @@ def prompts_for(protocol: Protocol) -> dict[str, list[tuple[str, dict]]]:
     return {name: prompt_set(name, protocol.prompts, protocol.seed) for name in protocol.prompt_sets}
 
 
-def distractor_pool(name: str, seed: int) -> list[str]:
-    """Captions of the same kind for R-precision's mismatched candidates: every single-object
-    caption for ``single``, every counting caption, else 200 prompts of the set."""
+def distractor_pool(name: str, seed: int) -> list[tuple[str, dict]]:
+    """Prompts of the same kind for R-precision's mismatched candidates, as ``(caption, attrs)``:
+    every single-object prompt for ``single``, every counting prompt, else 200 prompts of the set."""
     if name == "single":
         from datamodules.shapes import _single_combos
 
-        return [caption(single_attrs(*c))[0] for c in _single_combos()]
-    return [c for c, _ in prompt_set(name, 200, seed + 1)]
+        return [(caption(a)[0], a) for a in (single_attrs(*c) for c in _single_combos())]
+    return prompt_set(name, 200, seed + 1)
+
+
+def same_scene(items: Sequence[tuple[str, dict]], pool: Sequence[tuple[str, dict]]) -> Callable[[str, str], bool]:
+    """``same(prompt, candidate)``: the candidate caption is true of the prompt's images (the same
+    ``scene_key``), so it cannot be one of R-precision's distractors."""
+    keys = {c: scene_key(a) for c, a in [*pool, *items]}
+    return lambda prompt, candidate: keys[prompt] == keys.get(candidate)
 
 
 def _to_resolution(images: Tensor, resolution: int) -> Tensor:
@@ -218,15 +226,15 @@ def quality(
     if clip is not None:
         status("clip score, r-precision")
         row["clip_score"] = clip_score(clip, flat, _captions(prompts, protocol.seeds))
-        hits = []
+        hits = []  # (prompts, seeds) per set
         for name, items in prompts.items():
             pool = distractor_pool(name, protocol.seed)
             g = torch.Generator().manual_seed(protocol.seed)
-            hits += r_precision_hits(clip, images[name].flatten(0, 1), _captions({name: items}, protocol.seeds),
-                                     pool, protocol.distractors, g)  # fmt: skip
-        folds = torch.tensor(hits).chunk(min(protocol.folds, len(hits)))
-        rates = torch.stack([f.mean() for f in folds])
-        row["r_precision"], row["r_precision_std"] = float(rates.mean()), float(rates.std(unbiased=False))
+            set_hits = r_precision_hits(clip, images[name].flatten(0, 1), _captions({name: items}, protocol.seeds),
+                                        [c for c, _ in pool], protocol.distractors, g, same_scene(items, pool))  # fmt: skip
+            hits.append(np.asarray(set_hits).reshape(len(items), protocol.seeds))
+        mean, lo, hi = bootstrap_interval(np.concatenate(hits), seed=protocol.seed)  # over prompts
+        row["r_precision"], row["r_precision_low"], row["r_precision_high"] = mean, lo, hi
     if protocol.seeds >= 2:
         status("diversity")
         values = [diversity(images[n], lpips) for n in prompts]

@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable
+
+import numpy as np
 
 import torch
 from torch import Tensor, nn
 
+from evaluation.intervals import bootstrap_interval
 from networks.errors import MissingFileError
 
 
@@ -133,29 +137,33 @@ def clip_score(clip: nn.Module, images: Tensor, prompts: list[str]) -> float:
 
 @torch.no_grad()
 def r_precision_hits(clip: nn.Module, images: Tensor, prompts: list[str], pool: list[str], distractors: int = 99,
-                     generator: torch.Generator | None = None) -> list[float]:  # fmt: skip
-    """For each image, 1.0 when its true prompt is more similar than every one of ``distractors``
-    others drawn from ``pool`` without replacement (never the true prompt; all others when the pool
-    is smaller), else 0.0."""
+                     generator: torch.Generator | None = None,
+                     same: Callable[[str, str], bool] | None = None) -> list[float]:  # fmt: skip
+    """For each image, whether its true prompt is more similar than every one of ``distractors``
+    others drawn from ``pool`` without replacement (all others when the pool is smaller): 1 when
+    it beats them all, ``1 / (k + 1)`` when it ties with ``k`` of them at the top, else 0. A
+    distractor is never the true prompt, nor a caption that ``same(prompt, caption)`` says is true
+    of the same images (the two objects of "A and B" in the other order)."""
     image = clip.encode_image(images)
     hits = []
     for i, prompt in enumerate(prompts):
-        others = sorted({p for p in pool if p != prompt})
+        others = sorted({p for p in pool if p != prompt and not (same and same(prompt, p))})
         picks = torch.randperm(len(others), generator=generator)[:distractors].tolist()
         texts = clip.encode_text([prompt] + [others[j] for j in picks])
         sims = texts @ image[i]
-        hits.append(float(sims[0] > sims[1:].max()))
+        beaten, tied = bool((sims[1:] > sims[0]).any()), int((sims[1:] == sims[0]).sum())
+        hits.append(0.0 if beaten else 1.0 / (tied + 1))
     return hits
 
 
 def r_precision(clip: nn.Module, images: Tensor, prompts: list[str], pool: list[str], distractors: int = 99,
-                folds: int = 10, seed: int = 0) -> tuple[float, float]:  # fmt: skip
+                seeds: int = 1, seed: int = 0, same: Callable[[str, str], bool] | None = None,
+                ) -> tuple[float, float, float]:  # fmt: skip
     """AttnGAN's R-precision (R@1): the rate at which an image's true prompt beats ``distractors``
-    others from ``pool`` (``r_precision_hits``), as mean and std over ``folds`` folds of the images."""
-    hits = r_precision_hits(clip, images, prompts, pool, distractors, torch.Generator().manual_seed(seed))
-    chunks = torch.tensor(hits).chunk(min(folds, len(hits)))
-    rates = torch.stack([c.mean() for c in chunks])
-    return float(rates.mean()), float(rates.std(unbiased=False))
+    others from ``pool`` (``r_precision_hits``), with its prompt-level bootstrap 95% interval:
+    ``(mean, low, high)``. The images come ``seeds`` per prompt, one prompt after another."""
+    hits = r_precision_hits(clip, images, prompts, pool, distractors, torch.Generator().manual_seed(seed), same)
+    return bootstrap_interval(np.asarray(hits).reshape(-1, seeds), seed=seed)
 
 
 @torch.no_grad()

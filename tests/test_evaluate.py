@@ -19,7 +19,7 @@ from wandb_records import history_keys
 
 import evaluate
 from datamodules.shapes import PROMPT_SETS, objects_for, prompt_set, render, score
-from evaluation.metrics import r_precision
+from evaluation.metrics import r_precision, r_precision_hits
 
 
 @pytest.fixture(autouse=True)
@@ -81,23 +81,44 @@ def test_r_precision_with_a_fake_clip_equals_the_hand_computed_rate():
     images = torch.stack([e[0], 0.4 * e[1] + 0.9 * e[3], e[2] + 0.1 * e[4]])
     clip = TableCLIP(images, texts)
     pool = list(texts)  # four distractors: every other caption, whatever the draw
-    mean, std = r_precision(clip, torch.zeros(3, 3, 8, 8), ["p0", "p1", "p2"], pool, distractors=4, folds=3)
-    assert mean == pytest.approx(2 / 3)
-    assert std == pytest.approx((2 / 9) ** 0.5)  # folds of one image: 1, 0, 1
-    assert r_precision(clip, torch.zeros(3, 3, 8, 8), ["p0", "p1", "p2"], pool, distractors=4, folds=1) == (
-        pytest.approx(2 / 3), 0.0)  # fmt: skip
+    mean, low, high = r_precision(clip, torch.zeros(3, 3, 8, 8), ["p0", "p1", "p2"], pool, distractors=4)
+    assert mean == pytest.approx(2 / 3) and low == 0.0 and high == 1.0  # three prompts: a wide interval
+    # a tie with k distractors at the top counts 1 / (k + 1): image 0 as near p3 and p4 as its own p0
+    tied = TableCLIP(torch.stack([e[0] + e[3] + e[4], e[1], e[2]]), texts)
+    assert r_precision_hits(tied, torch.zeros(3, 3, 8, 8), ["p0", "p1", "p2"], pool, 4) == [1 / 3, 1.0, 1.0]
+    # a caption true of the image (same(prompt, caption)) is never a distractor: p3 is p1's twin
+    twins = lambda prompt, caption: {prompt, caption} == {"p1", "p3"}  # noqa: E731
+    assert r_precision_hits(clip, torch.zeros(3, 3, 8, 8), ["p0", "p1", "p2"], pool, 4, same=twins) == [1.0] * 3
+
+
+def test_r_precision_of_a_perfect_judge_is_one_on_every_set_where_twins_are_true_too():
+    """The "and" sets hold each prompt's twin with its objects swapped: a judge that reads the
+    objects (and so cannot tell twins apart) scored 0.58 before twins left the distractors."""
+    from datamodules.shapes import scene_key
+    from evaluation.harness import Protocol, distractor_pool, prompts_for, same_scene
+
+    protocol = Protocol(prompts=20, seeds=1)
+    for name, items in prompts_for(protocol).items():
+        pool = distractor_pool(name, 0)
+        keys = sorted({scene_key(a) for _, a in [*pool, *items]})
+        axis = {k: torch.nn.functional.one_hot(torch.tensor(i), len(keys)).float() for i, k in enumerate(keys)}
+        texts = {c: axis[scene_key(a)] for c, a in [*pool, *items]}
+        judge = TableCLIP(torch.stack([texts[c] for c, _ in items]), texts)
+        hits = r_precision_hits(judge, torch.zeros(len(items), 3, 8, 8), [c for c, _ in items], [c for c, _ in pool],
+                                99, torch.Generator().manual_seed(0), same_scene(items, pool))  # fmt: skip
+        assert hits == [1.0] * len(items), name
 
 
 def test_r_precision_of_a_trained_clip_is_near_one_on_real_images_and_chance_on_noise(tiny_methods):
     from lightning_modules.clip import load_clip
 
     clip = load_clip(tiny_methods["clip"])
-    real, _ = r_precision(clip, block_images(), list(BLOCK_CAPTIONS), list(BLOCK_CAPTIONS), distractors=3)
+    real, _, _ = r_precision(clip, block_images(), list(BLOCK_CAPTIONS), list(BLOCK_CAPTIONS), distractors=3)
     assert real == 1.0
     g = torch.Generator().manual_seed(0)
     noise = torch.rand(200, 3, 16, 16, generator=g) * 2 - 1
     prompts = [BLOCK_CAPTIONS[i] for i in torch.randint(0, 4, (200,), generator=g).tolist()]
-    rate, _ = r_precision(clip, noise, prompts, list(BLOCK_CAPTIONS), distractors=3)
+    rate, _, _ = r_precision(clip, noise, prompts, list(BLOCK_CAPTIONS), distractors=3)
     assert 0.1 < rate < 0.45  # chance is 1/4
 
 
