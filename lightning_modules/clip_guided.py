@@ -146,6 +146,30 @@ class CLIPRerank(CLIPScorer, TextToImageModule):
         return {**batch, "image": best, "candidates": images, "scores": scores}
 
 
+def colour_jitter(image: Tensor, strength: float, generator: torch.Generator) -> Tensor:
+    """Brightness, contrast and saturation each scaled by a factor drawn from
+    ``[1 - strength, 1 + strength]``, on an image in [0, 1] ``(3, h, w)``; the result is clamped
+    to [0, 1] in the forward pass only, so every pixel keeps its gradient (torchvision's
+    ``ColorJitter`` clamps with a zero gradient outside the range)."""
+    b, c, s = (1 + strength * (2 * torch.rand(3, generator=generator) - 1)).tolist()
+    x = image * b
+    x = (x - _grey(x).mean()) * c + _grey(x).mean()
+    x = (x - _grey(x)) * s + _grey(x)
+    return x + (x.clamp(0, 1) - x).detach()
+
+
+def _grey(x: Tensor) -> Tensor:
+    """ITU-R 601-2 luma, as torchvision's ``rgb_to_grayscale``, ``(1, h, w)``."""
+    return (0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2])[None]
+
+
+def border_colour(image: Tensor) -> list[float]:
+    """The median colour of an image's outermost pixels (its background, for a scene on a plain
+    ground): what the affine map fills the corners it uncovers with."""
+    edge = torch.cat([image[:, 0], image[:, -1], image[:, :, 0], image[:, :, -1]], dim=1)  # (3, 4 side)
+    return edge.detach().median(dim=1).values.tolist()
+
+
 def spherical_distance(x: Tensor, y: Tensor) -> Tensor:
     """Squared great-circle distance of unit vectors (the VQGAN+CLIP notebooks' loss)."""
     return (x - y).norm(dim=-1).div(2).arcsin().pow(2).mul(2)
@@ -159,7 +183,8 @@ class VQGANCLIP(CLIPScorer, FrozenAutoencoderUser, TextToImageModule):
     quantiser straight-through (forward: the nearest code; backward: identity) and is clamped to
     the codebook's range after every step. Each step scores ``cutouts`` random crops of the image
     (side between ``cut_min`` of it and all of it, resized to the CLIP's input) after a small
-    random affine map and colour jitter (torchvision v2), with the spherical-distance loss.
+    random affine map (torchvision v2, uncovered corners filled with the image's border colour) and
+    colour jitter, both on the image mapped to [0, 1] and back, with the spherical-distance loss.
 
     Args:
         autoencoder: checkpoint of a VQ autoencoder (VQGAN or VQ-VAE).
@@ -201,14 +226,7 @@ class VQGANCLIP(CLIPScorer, FrozenAutoencoderUser, TextToImageModule):
         if not 0 < cut_min <= 1:
             raise ConfigError(f"model.init_args.cut_min must be in (0, 1], got {cut_min}")
         self.steps, self.lr, self.cutouts, self.cut_min = steps, lr, cutouts, cut_min
-        augs = []
-        if affine_degrees or affine_translate:
-            augs.append(
-                v2.RandomAffine(degrees=affine_degrees, translate=(affine_translate, affine_translate))
-            )
-        if jitter:
-            augs.append(v2.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter))
-        self.augment = v2.Compose(augs) if augs else None
+        self.affine_degrees, self.affine_translate, self.jitter = affine_degrees, affine_translate, jitter
         self.cut_noise = cut_noise
         self.side = vq.image_size // vq.downsample_factor
         self.init_colour, self.init_noise = init_colour, init_noise
@@ -241,15 +259,24 @@ class VQGANCLIP(CLIPScorer, FrozenAutoencoderUser, TextToImageModule):
             crop = int(round(side * (self.cut_min + (1 - self.cut_min) * u[0])))
             top, left = int(u[1] * (side - crop + 1)), int(u[2] * (side - crop + 1))
             cut = v2.functional.resized_crop(image, top, left, crop, crop, [size, size], antialias=True)
-            if self.augment is not None:
-                with torch.random.fork_rng(devices=[]):  # torchvision draws from the global RNG
-                    torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
-                    cut = self.augment(cut)
+            cut = self.augment((cut + 1) / 2, generator) * 2 - 1  # torchvision's colour ops want [0, 1]
             if self.cut_noise:
                 scale = self.cut_noise * float(torch.rand(1, generator=generator))
                 cut = cut + scale * torch.randn(cut.shape, generator=generator).to(cut.device)
             out.append(cut)
         return torch.stack(out)
+
+    def augment(self, cut: Tensor, generator: torch.Generator) -> Tensor:
+        """The random affine map and colour jitter of one cutout ``(3, s, s)`` in [0, 1]."""
+        if self.affine_degrees or self.affine_translate:
+            t = self.affine_translate
+            affine = v2.RandomAffine(degrees=self.affine_degrees, translate=(t, t), fill=border_colour(cut))
+            with torch.random.fork_rng(devices=[]):  # torchvision draws from the global RNG
+                torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
+                cut = affine(cut)
+        if self.jitter:
+            cut = colour_jitter(cut, self.jitter, generator)
+        return cut
 
     def _initial(self, codes: Tensor, gens: list[torch.Generator]) -> Tensor:
         """Lookup-space latents to start from, ``(b, h, w, d)``, one generator per prompt."""

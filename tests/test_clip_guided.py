@@ -9,7 +9,7 @@ import torch
 from conftest import BLOCK_CAPTIONS
 from test_cli import ROOT, run_cli
 
-from lightning_modules.clip_guided import VQGANCLIP, CLIPRerank, spherical_distance
+from lightning_modules.clip_guided import VQGANCLIP, CLIPRerank, border_colour, colour_jitter, spherical_distance
 from networks.errors import ConfigError, MissingFileError
 
 
@@ -115,7 +115,12 @@ def test_clip_guidance_lowers_the_clip_loss_and_a_seed_repeats_the_image(checkpo
     images = model.generate(BLOCK_CAPTIONS[:2], seed=[1, 2])
     curve = model.last_loss_curve
     assert images.shape == (2, 3, 16, 16) and curve.shape == (30, 2)
-    assert (curve[-5:].mean(0) < curve[:5].mean(0) - 0.01).all(), curve[[0, -1]]
+    # the whole image, seen without cutouts or augmentation, moved towards its prompt under CLIP
+    start = model.generate(BLOCK_CAPTIONS[:2], seed=[1, 2], steps=0)
+    with torch.no_grad():
+        text = model.clip.encode_text(BLOCK_CAPTIONS[:2])
+        before, after = (spherical_distance(model.clip.encode_image(x), text) for x in (start, images))
+    assert (after < before - 0.01).all(), (before, after)
     assert torch.equal(model.generate(BLOCK_CAPTIONS[:2], seed=[1, 2]), images)
     alone = model.generate(BLOCK_CAPTIONS[1:2], seed=[2])  # the batch does not change a prompt's image
     assert torch.allclose(alone[0], images[1], atol=1e-4)
@@ -133,3 +138,36 @@ def test_vqgan_clip_predict_config_runs_on_tiny_checkpoints(checkpoints, tiny_au
              "--run_name", "vc"], tmp_path)  # fmt: skip
     out = tmp_path / "runs" / "vc" / "predictions"
     assert len([f for f in os.listdir(out) if f.startswith("0000_")]) == 1
+
+
+def _red_circle(side=32):
+    """A rendered shapes scene in [-1, 1]: a red circle on the dark background."""
+    import numpy as np
+
+    from datamodules.shapes import objects_for, render, single_attrs
+
+    img = render(objects_for(single_attrs("red", "circle", "large", "center"), np.random.default_rng(0)), side)
+    return torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
+
+
+def test_the_augmentation_keeps_the_image_range_the_background_and_every_gradient():
+    """Colour ops on an image in [-1, 1] (torchvision assumes [0, 1] and clamps) once zeroed the
+    gradient of most of a red circle's pixels; the affine map filled uncovered corners with grey."""
+    image = _red_circle()
+    g = torch.Generator().manual_seed(0)
+    x = ((image + 1) / 2).requires_grad_(True)
+    out = colour_jitter(x, 0.3, g)
+    assert out.min() >= 0 and out.max() <= 1
+    out.sum().backward()
+    assert (x.grad != 0).all()  # every pixel, the saturated red ones included
+    # the method's augmentation: in [-1, 1] out, the uncovered corners get the background's colour
+    method = VQGANCLIP.__new__(VQGANCLIP)
+    torch.nn.Module.__init__(method)
+    method.affine_degrees, method.affine_translate, method.jitter = 20.0, 0.2, 0.0
+    background = torch.tensor([40 / 255] * 3)
+    assert torch.allclose(torch.tensor(border_colour((image + 1) / 2)), background, atol=1e-6)
+    for seed in range(4):
+        cut = method.augment((image + 1) / 2, torch.Generator().manual_seed(seed)) * 2 - 1
+        assert cut.min() >= -1 and cut.max() <= 1
+        corners = torch.stack([cut[:, 0, 0], cut[:, 0, -1], cut[:, -1, 0], cut[:, -1, -1]])
+        assert torch.allclose(corners, background * 2 - 1, atol=0.02), corners  # never mid-grey (0)
