@@ -422,12 +422,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", help="comma-separated names from the config's methods (default: all)")
     p.add_argument("--num-samples", dest="num_samples", type=int, help="images per prompt set")
     p.add_argument("--output", help="output folder (default: the config's output)")
+    p.add_argument("--overwrite", action="store_true", help="replace the results in an output folder that has some")
     p.add_argument("--seed", type=int, help="protocol seed")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     command = "python evaluate.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     try:
         cfg = load_config(args.config, args)
+        if os.path.isdir(cfg["output"]) and os.listdir(cfg["output"]) and not args.overwrite:
+            raise ConfigProblem(
+                f"the output folder {cfg['output']} already holds results; give a new one with --output, "
+                "or replace them with --overwrite"
+            )
         protocol = protocol_of(cfg)
         clip = None
         if cfg.get("clip"):

@@ -96,6 +96,11 @@ def _to_resolution(images: Tensor, resolution: int) -> Tensor:
     return images
 
 
+def _synchronize() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def generate_images(
     generate: Callable[..., Tensor],
     prompts: dict[str, list[tuple[str, dict]]],
@@ -105,20 +110,24 @@ def generate_images(
 ) -> tuple[dict[str, Tensor], float, int]:
     """Every set's images, ``{set: (prompts, seeds, 3, r, r)}`` in [-1, 1] at the protocol's
     resolution, the seconds spent in ``generate`` and the number of images. One untimed warm-up
-    call comes first (lazy initialisation, allocator)."""
+    call at the measured batch size comes first (lazy initialisation, allocator, autotuning), and
+    on a GPU each timed call is synchronised before and after (CUDA runs asynchronously)."""
     sampling = sampling or {}
     items = [(name, si, pi, s) for s in range(protocol.seeds) for si, name in enumerate(prompts)
              for pi in range(len(prompts[name]))]  # fmt: skip
     first = prompts[next(iter(prompts))][0][0]
-    generate([first], seed=[0], **sampling)
+    generate([first] * min(protocol.batch_size, len(items)), seed=list(range(min(protocol.batch_size, len(items)))),
+             **sampling)  # fmt: skip
     out = {name: torch.zeros(len(p), protocol.seeds, 3, protocol.resolution, protocol.resolution)
            for name, p in prompts.items()}  # fmt: skip
     seconds = 0.0
     for start in range(0, len(items), protocol.batch_size):
         chunk = items[start : start + protocol.batch_size]
+        _synchronize()
         t0 = time.perf_counter()
         images = generate([prompts[n][p][0] for n, _, p, _ in chunk],
                           seed=[image_seed(protocol, si, p, s) for _, si, p, s in chunk], **sampling)  # fmt: skip
+        _synchronize()
         seconds += time.perf_counter() - t0
         if images.shape[0] != len(chunk) or images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(

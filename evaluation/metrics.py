@@ -130,9 +130,10 @@ def image_features(extractor: nn.Module, images: Tensor, batch: int = 64) -> Ten
 
 @torch.no_grad()
 def clip_score(clip: nn.Module, images: Tensor, prompts: list[str]) -> float:
-    """Mean of ``100 * max(cos(image, prompt), 0)`` (torchmetrics' CLIPScore convention)."""
+    """``max(100 * mean cos(image, prompt), 0)``: torchmetrics' CLIPScore convention, which clamps
+    the mean, not each pair."""
     cos = (clip.encode_image(images) * clip.encode_text(list(prompts))).sum(-1)
-    return float(100 * cos.clamp(min=0).mean())
+    return float((100 * cos.mean()).clamp(min=0))
 
 
 @torch.no_grad()

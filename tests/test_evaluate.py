@@ -260,6 +260,12 @@ def test_bad_input_is_a_clear_error_before_any_work(tiny_methods, tmp_path, caps
     assert "prompt_sets: unknown ['colours']" in error(prompt_sets=["colours"])
     missing = error(extractors=[{"name": "oc", "open_clip": "ViT-B-32", "weights": str(tmp_path / "no.bin")}])
     assert "extractors[oc].weights: open_clip weights file" in missing and "Nothing is downloaded" in missing
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "results.json").write_text("{}")
+    config = _config(tmp_path, tiny_methods)
+    assert evaluate.main(["--config", config, "--output", str(earlier)]) == 2
+    assert "already holds results" in capsys.readouterr().err and (earlier / "results.json").read_text() == "{}"
 
 
 def test_too_few_samples_for_a_metric_warn_and_name_the_option(tiny_methods, tmp_path):

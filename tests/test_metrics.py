@@ -102,3 +102,14 @@ def test_fid_inception_reads_its_weights_from_a_local_file(tmp_path, monkeypatch
         out = fid_kid(_images(6), _images(6, shift=0.3, seed=1), None, "inception",
                       inception_weights=str(tmp_path / "pt_inception.pth"), kid_subset=3)  # fmt: skip
     assert set(out) == {"fid_inception", "kid_inception"} and all(np.isfinite(v) for v in out.values())
+
+
+def test_clip_score_clamps_the_mean_as_torchmetrics_does_not_each_pair():
+    class Fixed(nn.Module):
+        def encode_image(self, images):
+            return torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+
+        def encode_text(self, prompts):
+            return torch.tensor([[0.5, 0.75**0.5], [-0.3, 0.91**0.5]])
+
+    assert clip_score(Fixed(), torch.zeros(2, 3, 2, 2), ["a", "b"]) == pytest.approx(100 * (0.5 - 0.3) / 2)
