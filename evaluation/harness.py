@@ -33,9 +33,9 @@ from datamodules.shapes import (
 )
 from evaluation.intervals import bootstrap_interval
 from evaluation.metrics import clip_score, diversity, fid_kid, image_features, r_precision_hits
+from networks.noise import stream_seed
 
-SEED_STRIDE = 100_003
-IMAGE_SEED_RULE = "seed * 10**7 + seed index * 100003 + prompt set index * 1000 + prompt index"
+IMAGE_SEED_RULE = "stream_seed(protocol seed, 'image', prompt set index, prompt index, seed index): a 63-bit hash"
 
 
 @dataclass
@@ -62,8 +62,10 @@ class Protocol:
 
 
 def image_seed(protocol: Protocol, set_index: int, prompt: int, seed_index: int) -> int:
-    """The seed of one image (``IMAGE_SEED_RULE``)."""
-    return protocol.seed * 10**7 + seed_index * SEED_STRIDE + set_index * 1000 + prompt
+    """The seed of one image (``IMAGE_SEED_RULE``): a hash of all four parts, so no two images of
+    any protocol seed, set, prompt and seed index share one (an arithmetic rule collided from 100
+    seeds per prompt on)."""
+    return stream_seed(protocol.seed, "image", set_index, prompt, seed_index)
 
 
 def prompts_for(protocol: Protocol) -> dict[str, list[tuple[str, dict]]]:

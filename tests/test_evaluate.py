@@ -312,3 +312,11 @@ def test_an_open_clip_model_is_an_extractor_of_unit_features():
     (features,) = evaluate.build_extractors(cfg, None).values()
     out = features(torch.rand(5, 3, 32, 32))
     assert out.shape == (5, features.num_features) and torch.allclose(out.norm(dim=-1), torch.ones(5))
+
+
+def test_no_two_images_share_a_seed_across_protocol_seeds_sets_prompts_and_seed_indices():
+    from evaluation.harness import Protocol, image_seed
+
+    seeds = [image_seed(Protocol(seed=ps), si, p, s) for ps in range(3) for si in range(5) for p in range(30)
+             for s in range(150)]  # fmt: skip
+    assert len(set(seeds)) == len(seeds) and max(seeds) < 2**63
