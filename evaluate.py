@@ -277,15 +277,78 @@ def load(spec: dict):
     return model, info
 
 
-def judge_note(spec: dict, judge: str | None) -> str | None:
-    """The honesty flag of a method that uses the judging CLIP itself (guidance, reranking), and
-    the config's own note."""
-    notes = [spec["note"]] if spec.get("note") else []
-    args = (spec.get("model") or {}).get("init_args") or {}
-    used = args.get("clip")
-    if judge and isinstance(used, str) and os.path.realpath(used) == os.path.realpath(judge):
-        notes.append("uses the judging CLIP itself: its CLIP columns flatter it, read the shapes columns")
-    return "; ".join(notes) or None
+def _hparams(path: str) -> dict:
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception:  # noqa: BLE001 - not a checkpoint: nothing to follow
+        return {}
+    hparams = dict(checkpoint.get("hyper_parameters") or {}) if isinstance(checkpoint, dict) else {}
+    if "image_tower" in hparams and "text_tower" in hparams:
+        hparams["__clip_lineage__"] = checkpoint.get("clip_lineage") or {"origin": None}
+    return hparams
+
+
+def clips_used(spec: dict, depth: int = 3) -> dict[str, str | None]:
+    """``{path: origin}`` of every CLIP checkpoint a method uses (guidance, reranking, a CLIP text
+    encoder), found in its ``model.init_args`` or its checkpoint's hyperparameters, following
+    checkpoints that name other checkpoints. The method's own checkpoint is not counted."""
+    found: dict[str, str | None] = {}
+
+    def strings(value):
+        if isinstance(value, str):
+            yield value
+        elif isinstance(value, dict):
+            for v in value.values():
+                yield from strings(v)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                yield from strings(v)
+
+    def follow(values, level):
+        for value in strings(values):
+            if level > depth or not value.endswith(".ckpt") or not os.path.isfile(value) or value in found:
+                continue
+            hparams = _hparams(value)
+            if "__clip_lineage__" in hparams:
+                found[value] = hparams["__clip_lineage__"].get("origin")
+            else:
+                follow(hparams, level + 1)
+
+    follow((spec.get("model") or {}).get("init_args") or {}, 1)
+    if spec.get("checkpoint") and os.path.isfile(spec["checkpoint"]):
+        own = _hparams(spec["checkpoint"])
+        if "__clip_lineage__" not in own:
+            follow(own, 1)
+    return found
+
+
+def judge_problems(cfg: dict) -> tuple[list[str], list[str]]:
+    """Errors for methods whose CLIP shares ancestry with the judging CLIP (the same origin: the
+    same file, or resumed or fine-tuned from one start), and notes where it cannot be told."""
+    judge = cfg.get("clip")
+    if not judge:
+        return [], []
+    origin = (_hparams(judge).get("__clip_lineage__") or {}).get("origin")
+    errors, notes = [], []
+    for spec in cfg["methods"]:
+        for path, theirs in clips_used(spec).items():
+            if os.path.realpath(path) == os.path.realpath(judge) or (origin and theirs == origin):
+                errors.append(
+                    f"methods[{spec['name']}] uses the CLIP {path}, which shares its ancestry with the judging CLIP "
+                    f"{judge} (origin {origin}): a judge must be trained from scratch apart from every CLIP a method "
+                    "uses; train one with its own seed and data (configs/clip/), or set clip: null"
+                )
+            elif origin is None or theirs is None:
+                notes.append(
+                    f"methods[{spec['name']}]: cannot tell whether its CLIP {path} shares ancestry with the judge "
+                    f"{judge}: {'the judge' if origin is None else 'its CLIP'} was trained before lineage was recorded"
+                )
+    return errors, notes
+
+
+def judge_note(spec: dict) -> str | None:
+    """The config's own note for a method."""
+    return spec.get("note") or None
 
 
 def _fmt(key: str, value, fmt: str, row: dict | None = None) -> str:
@@ -447,6 +510,8 @@ def main(argv: list[str] | None = None) -> int:
 
             lpips = PerceptualLoss(cfg["lpips"], option="lpips")
         errors, notes = sample_problems(protocol, extractors)
+        judge_errors, judge_notes = judge_problems(cfg)
+        errors, notes = errors + judge_errors, notes + judge_notes
         if errors:
             raise ConfigProblem("; ".join(errors))
         for note in notes:
@@ -477,7 +542,7 @@ def main(argv: list[str] | None = None) -> int:
             model, info = load(spec)
             model.to(args.device)
             row["family"] = info["family"]
-            row["note"] = judge_note(spec, cfg.get("clip"))
+            row["note"] = judge_note(spec)
             bar.set_description(f"{name}: generate")
             sets, seconds, n = generate_images(
                 model.generate, prompts, protocol, spec.get("sampling"), bar.update

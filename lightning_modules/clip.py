@@ -9,6 +9,7 @@ from its checkpoint, frozen and without a trainer.
 from __future__ import annotations
 
 import os
+import uuid
 
 import torch
 import torch.nn.functional as F
@@ -66,6 +67,11 @@ class CLIP(BaseModule):
             two or more dimensions (Linear and conv kernels, embeddings), not on gains, biases,
             the logit scale or bias.
 
+    Lineage: every checkpoint records ``clip_lineage``: ``origin``, an id drawn when the CLIP
+    started from a fresh initialisation, and ``resumed``, the ``origin@step`` of every checkpoint
+    it was resumed or fine-tuned from. CLIPs with the same origin share weights' ancestry, so
+    ``evaluate.py`` refuses one as the judge of a method that uses the other.
+
     ``logit_scale`` is clamped to ``[0, log(100)]`` after every optimizer step. Validation logs retrieval recall@1
     and @5 in both directions over the whole (fixed) validation set, all ranks together:
     ``val/retrieval_i2t_r1``, ``val/retrieval_t2i_r5``, ...
@@ -103,6 +109,22 @@ class CLIP(BaseModule):
         self.logit_bias = nn.Parameter(torch.tensor(init_logit_bias)) if loss == "siglip" else None
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self._val_features: list[tuple[Tensor, Tensor]] = []
+        self.lineage: dict | None = None  # set at the start of fitting, or from a loaded checkpoint
+
+    def on_fit_start(self) -> None:
+        if self.lineage is None:  # a fresh start: a new origin, the same on every rank
+            self.lineage = {"origin": self.trainer.strategy.broadcast(uuid.uuid4().hex), "resumed": []}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["clip_lineage"] = self.lineage
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        parent = checkpoint.get("clip_lineage")
+        if parent is None:  # a checkpoint from before lineage was recorded
+            self.lineage = {"origin": None, "resumed": []}
+        else:
+            step = checkpoint.get("global_step", 0)
+            self.lineage = {"origin": parent["origin"], "resumed": [*parent["resumed"], f"{parent['origin']}@{step}"]}
 
     @property
     def image_size(self) -> int | None:

@@ -320,3 +320,30 @@ def test_no_two_images_share_a_seed_across_protocol_seeds_sets_prompts_and_seed_
     seeds = [image_seed(Protocol(seed=ps), si, p, s) for ps in range(3) for si in range(5) for p in range(30)
              for s in range(150)]  # fmt: skip
     assert len(set(seeds)) == len(seeds) and max(seeds) < 2**63
+
+
+def test_a_judge_that_shares_ancestry_with_a_methods_clip_is_refused_by_name(tiny_methods, tmp_path, capsys):
+    """A reranker's CLIP resumed from the judge (the same origin) once judged its own choices."""
+    checkpoint = torch.load(tiny_methods["clip"], weights_only=False)
+    origin = checkpoint["clip_lineage"]["origin"]
+    assert isinstance(origin, str) and len(origin) == 32  # drawn at the fresh start of the fixture's fit
+    torch.save(checkpoint, tmp_path / "resumed.ckpt")  # same origin, another file
+    checkpoint["clip_lineage"] = {"origin": "f" * 32, "resumed": []}
+    torch.save(checkpoint, tmp_path / "independent.ckpt")
+    del checkpoint["clip_lineage"]
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+
+    def rerank(clip):
+        init = {"generator": tiny_methods["cvae"], "clip": str(clip), "candidates": 2}
+        return [{"name": "rerank", "model": {"class_path": "lightning_modules.clip_guided.CLIPRerank", "init_args": init}}]
+
+    out = tmp_path / "never"
+    config = _config(tmp_path, tiny_methods, methods=rerank(tmp_path / "resumed.ckpt"))
+    assert evaluate.main(["--config", config, "--output", str(out)]) == 2 and not out.exists()
+    err = capsys.readouterr().err
+    assert f"methods[rerank] uses the CLIP {tmp_path / 'resumed.ckpt'}" in err and "shares its ancestry" in err
+    cfg = {"clip": tiny_methods["clip"]}
+    assert evaluate.judge_problems({**cfg, "methods": rerank(tiny_methods["clip"])})[0]  # the judge itself
+    assert evaluate.judge_problems({**cfg, "methods": rerank(tmp_path / "independent.ckpt")}) == ([], [])
+    errors, notes = evaluate.judge_problems({**cfg, "methods": rerank(tmp_path / "old.ckpt")})
+    assert not errors and "before lineage was recorded" in notes[0]
