@@ -15,10 +15,11 @@ SEED_STRIDE = 100_003  # image seed = seed index * SEED_STRIDE + prompt index
 
 
 class ShapesScore(Callback):
-    """At the end of every validation, generate the held-out single-object prompts of the
-    shapes dataset (attribute combinations never seen in training) through the method's
-    ``generate`` and log the analytic scorer's rates: ``val/shapes_all_correct`` and
-    ``val/shapes_<attribute>``.
+    """At the end of every validation, generate the validation half of the held-out
+    single-object prompts of the shapes dataset (attribute combinations never seen in training)
+    through the method's ``generate`` and log the analytic scorer's rates:
+    ``val/shapes_all_correct`` and ``val/shapes_<attribute>``. The other half (``test``) is for
+    reported tables only; nothing that selects a checkpoint sees it.
 
     Every image has its own seed (``seed index * 100003 + prompt index``), so it does not depend
     on the batch it is generated in. Under DDP the images are split across ranks and the
@@ -27,12 +28,14 @@ class ShapesScore(Callback):
 
     Args:
         seeds: images per prompt.
+        part: ``val`` (the default: selection happens on it), ``test`` or ``all``.
         batch_size: prompts per ``generate`` call.
         sampling: keyword arguments passed to ``generate`` (sampler, steps, guidance scale, ...).
     """
 
-    def __init__(self, seeds: int = 1, batch_size: int = 32, sampling: dict | None = None):
+    def __init__(self, seeds: int = 1, batch_size: int = 32, sampling: dict | None = None, part: str = "val"):
         self.seeds, self.batch_size, self.sampling = seeds, batch_size, sampling or {}
+        self.prompts = heldout_prompts(part)
         self.enabled = True
         self.last: dict[str, float] = {}
 
@@ -50,7 +53,7 @@ class ShapesScore(Callback):
     def score_share(self, pl_module, rank: int = 0, world_size: int = 1) -> torch.Tensor:
         """This rank's share of the images, scored: (ceil(n / world_size), len(keys())) of 0/1,
         padded with rows of -1 so that every rank returns the same shape."""
-        prompts, keys = heldout_prompts(), self.keys()
+        prompts, keys = self.prompts, self.keys()
         items = [(s, i) for s in range(self.seeds) for i in range(len(prompts))]
         mine = items[rank::world_size]
         rows = torch.full((math.ceil(len(items) / world_size), len(keys)), -1.0)

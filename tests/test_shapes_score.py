@@ -12,12 +12,14 @@ class Renderer(torch.nn.Module):
 
     def __init__(self, wrong: bool = False):
         super().__init__()
-        self.scenes = {c: a for c, a in heldout_prompts()}
+        self.scenes = {c: a for c, a in heldout_prompts("all")}
         self.wrong = wrong
         self.calls = []
+        self.asked = set()
 
     def generate(self, prompts, *, seed=None):
         self.calls.append((len(prompts), seed))
+        self.asked |= set(prompts)
         keys = list(self.scenes)
         images = []
         for p in prompts:
@@ -37,8 +39,10 @@ def test_shapes_score_rewards_the_right_images_and_only_those():
 def test_shapes_score_covers_every_prompt_for_every_seed_in_batches():
     model = Renderer()
     ShapesScore(seeds=3, batch_size=10).evaluate(model)
-    n = len(heldout_prompts())
+    n = len(heldout_prompts("val"))
     assert sum(size for size, _ in model.calls) == 3 * n
+    val, test = ({c for c, _ in heldout_prompts(part)} for part in ("val", "test"))
+    assert model.asked == val and not model.asked & test  # selection never sees the test half
     assert max(size for size, _ in model.calls) == 10
     seeds = [s for _, call_seeds in model.calls for s in call_seeds]
     assert len(set(seeds)) == len(seeds) == 3 * n  # every image its own seed
