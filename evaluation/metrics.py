@@ -11,7 +11,6 @@ import warnings
 from collections.abc import Callable
 
 import numpy as np
-
 import torch
 from torch import Tensor, nn
 

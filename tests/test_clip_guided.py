@@ -9,7 +9,13 @@ import torch
 from conftest import BLOCK_CAPTIONS
 from test_cli import ROOT, run_cli
 
-from lightning_modules.clip_guided import VQGANCLIP, CLIPRerank, border_colour, colour_jitter, spherical_distance
+from lightning_modules.clip_guided import (
+    VQGANCLIP,
+    CLIPRerank,
+    border_colour,
+    colour_jitter,
+    spherical_distance,
+)
 from networks.errors import ConfigError, MissingFileError
 
 

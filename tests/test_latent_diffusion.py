@@ -13,7 +13,6 @@ from networks.errors import ConfigError, MissingFileError
 from networks.text_encoders import TransformerTextEncoder
 from networks.unet import UNet
 
-
 # configs/diffusion/latent_shapes.yaml's parameterisation
 LATENT_DEFAULTS = {"prediction": "v", "zero_terminal_snr": True, "schedule": "cosine", "min_snr_gamma": 5.0}
 
