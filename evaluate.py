@@ -354,6 +354,8 @@ def judge_note(spec: dict) -> str | None:
 def _fmt(key: str, value, fmt: str, row: dict | None = None) -> str:
     if value is None or value == "":
         return "" if key in ("error", "note") else "–"
+    if key.startswith("kid_") and row and row.get(f"{key}_std") is not None:
+        return f"{fmt.format(value)} ± {fmt.format(row[f'{key}_std'])}"
     if key == "r_precision" and row and row.get("r_precision_low") is not None:
         return f"{value:.3f} [{row['r_precision_low']:.3f}, {row['r_precision_high']:.3f}]"
     try:
@@ -368,7 +370,11 @@ def visible_columns(rows: list[dict]) -> list[tuple[str, str, str]]:
 
 def markdown_table(rows: list[dict]) -> str:
     cols = visible_columns(rows)
-    lines = ["| " + " | ".join(h for _, h, _ in cols) + " |", "|" + "---|" * len(cols)]
+    headers = []
+    for key, header, _ in cols:  # FID and KID depend on N: the header says it
+        n = next((r[f"fid_{key[4:]}_n"] for r in rows if key[:4] in ("fid_", "kid_") and f"fid_{key[4:]}_n" in r), None)
+        headers.append(f"{header}, N={n}" if n else header)
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         lines.append("| " + " | ".join(_fmt(k, r.get(k), f, r) for k, _, f in cols) + " |")
     return "\n".join(lines)

@@ -75,7 +75,8 @@ class InceptionFeatures(nn.Module):
 def fid_kid(real: Tensor | None, fake: Tensor, extractor: nn.Module | None, name: str,
             inception_weights: str | None = None, kid_subset: int = 50, real_features: Tensor | None = None,
             ) -> dict[str, float]:  # fmt: skip
-    """``{"fid_<name>": ..., "kid_<name>": ...}`` of two image sets under one feature extractor
+    """``{"fid_<name>", "kid_<name>", "kid_<name>_std", "fid_<name>_n"}`` (the std of KID over its
+    random subsets, and N, the images per set) of two image sets under one feature extractor
     (an ``nn.Module`` taking images in [0, 1], or None for Inception from ``inception_weights``);
     ``real_features`` (``image_features`` of the real set) replaces ``real`` when they are cached.
     Below the feature dimension FID's covariance is singular: a warning says so (and the number is
@@ -104,8 +105,9 @@ def fid_kid(real: Tensor | None, fake: Tensor, extractor: nn.Module | None, name
         metric.update(features["fake"], real=False)
     with torch.random.fork_rng(devices=[]):  # KID draws random subsets: the same for the same images
         torch.manual_seed(0)
-        kid_mean, _ = kid.compute()
-    return {f"fid_{name}": float(fid.compute()), f"kid_{name}": float(kid_mean)}
+        kid_mean, kid_std = kid.compute()
+    return {f"fid_{name}": float(fid.compute()), f"kid_{name}": float(kid_mean), f"kid_{name}_std": float(kid_std),
+            f"fid_{name}_n": n}  # fmt: skip
 
 
 class _Features(nn.Module):

@@ -209,6 +209,10 @@ def test_evaluate_writes_the_table_files_plot_grids_and_wandb_run_offline(tiny_m
     assert record["config"]["methods"][0]["checkpoint"] == tiny_methods["cvae"]
     md = (out / "results.md").read_text()
     assert "python evaluate.py --config" in md and "| cvae | vae |" in md and "MissingFileError" in md
+    n = 2 * 2 * 4  # sets x prompts x seeds: FID and KID say on how many images they stand
+    assert f"FID (CLIP), N={n}" in md and f"KID (CLIP), N={n}" in md and rows["gan"]["fid_clip_n"] == n
+    gan_line = next(line for line in md.splitlines() if line.startswith("| gan |"))
+    assert f"{rows['gan']['kid_clip']:.4f} ± {rows['gan']['kid_clip_std']:.4f}" in gan_line
     header = (out / "results.csv").read_text().splitlines()[0].split(",")
     assert header[:4] == ["method", "family", "shapes_single", "shapes_counting"]
     assert (out / "quality_vs_speed.png").stat().st_size > 1000

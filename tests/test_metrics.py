@@ -35,7 +35,8 @@ def _frechet(a, b):
 def test_fid_with_a_custom_extractor_matches_the_closed_form_and_names_the_extractor():
     real, fake = _images(200), _images(200, shift=0.3, seed=1)
     out = fid_kid(real, fake, Pooled(), "pooled", kid_subset=50)
-    assert set(out) == {"fid_pooled", "kid_pooled"}
+    assert set(out) == {"fid_pooled", "kid_pooled", "kid_pooled_std", "fid_pooled_n"} and out["fid_pooled_n"] == 200
+    assert out["kid_pooled_std"] > 0  # the spread over KID's random subsets, kept
     feats = [Pooled()((x + 1) / 2).double().numpy() for x in (real, fake)]
     assert out["fid_pooled"] == pytest.approx(_frechet(*feats), rel=1e-3)
     same = fid_kid(real, _images(200, seed=2), Pooled(), "pooled")
@@ -101,7 +102,7 @@ def test_fid_inception_reads_its_weights_from_a_local_file(tmp_path, monkeypatch
     with pytest.warns(UserWarning, match="not more than the 2048 feature dimensions"):
         out = fid_kid(_images(6), _images(6, shift=0.3, seed=1), None, "inception",
                       inception_weights=str(tmp_path / "pt_inception.pth"), kid_subset=3)  # fmt: skip
-    assert set(out) == {"fid_inception", "kid_inception"} and all(np.isfinite(v) for v in out.values())
+    assert set(out) == {"fid_inception", "kid_inception", "kid_inception_std", "fid_inception_n"} and all(np.isfinite(v) for v in out.values())
 
 
 def test_clip_score_clamps_the_mean_as_torchmetrics_does_not_each_pair():
