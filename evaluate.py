@@ -356,8 +356,8 @@ def _fmt(key: str, value, fmt: str, row: dict | None = None) -> str:
         return "" if key in ("error", "note") else "–"
     if key.startswith("kid_") and row and row.get(f"{key}_std") is not None:
         return f"{fmt.format(value)} ± {fmt.format(row[f'{key}_std'])}"
-    if key == "r_precision" and row and row.get("r_precision_low") is not None:
-        return f"{value:.3f} [{row['r_precision_low']:.3f}, {row['r_precision_high']:.3f}]"
+    if row and row.get(f"{key}_low") is not None:  # a 95% interval: shapes cells, R-precision
+        return f"{value:.3f} [{row[f'{key}_low']:.3f}, {row[f'{key}_high']:.3f}]"
     try:
         return fmt.format(value)
     except (ValueError, TypeError):

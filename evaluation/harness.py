@@ -28,10 +28,11 @@ from datamodules.shapes import (
     prompt_set,
     render,
     scene_key,
+    score,
     score_batch,
     single_attrs,
 )
-from evaluation.intervals import bootstrap_interval
+from evaluation.intervals import bootstrap_interval, bootstrap_mean_of_sets
 from evaluation.metrics import clip_score, diversity, fid_kid, image_features, r_precision_hits
 from networks.noise import stream_seed
 
@@ -164,6 +165,12 @@ def shapes_rates(images: Tensor, items: Sequence[tuple[str, dict]]) -> dict[str,
     return score_batch(images.flatten(0, 1), [attrs for _, attrs in items for _ in range(images.shape[1])])
 
 
+def shapes_hits(images: Tensor, items: Sequence[tuple[str, dict]]) -> np.ndarray:
+    """The scorer's all-correct verdict per image, ``(prompts, seeds)`` of 0/1."""
+    return np.array([[score(x, attrs)["all"] for x in per_seed] for per_seed, (_, attrs) in zip(images, items)],
+                    dtype=np.float64)  # fmt: skip
+
+
 def _flat(images: dict[str, Tensor]) -> Tensor:
     return torch.cat([x.flatten(0, 1) for x in images.values()])
 
@@ -222,11 +229,16 @@ def quality(
     row: dict = {}
     detail: dict = {}
     status("shapes scorer")
+    hits = {}
     for name, items in prompts.items():
         rates = shapes_rates(images[name], items)
         row[f"shapes_{name}"] = rates["all"]
         detail[name] = rates
+        hits[name] = shapes_hits(images[name], items)  # prompt-level bootstrap 95% interval
+        _, row[f"shapes_{name}_low"], row[f"shapes_{name}_high"] = bootstrap_interval(hits[name], seed=protocol.seed)
     row["shapes_overall"] = float(np.mean([row[f"shapes_{n}"] for n in prompts]))
+    _, row["shapes_overall_low"], row["shapes_overall_high"] = bootstrap_mean_of_sets(list(hits.values()),
+                                                                                     seed=protocol.seed)  # fmt: skip
     row["shapes_detail"] = detail
     flat = _flat(images)
     for ext_name, extractor in (extractors or {}).items():

@@ -40,5 +40,16 @@ def paired_difference(a, b, level: float = 0.95, draws: int = 4000, seed: int = 
     return bootstrap_interval(a - b, level, draws, seed)
 
 
+def bootstrap_mean_of_sets(sets, level: float = 0.95, draws: int = 4000, seed: int = 0) -> tuple[float, float, float]:
+    """The mean over several prompt sets of each set's rate (``sets``: one (prompts, seeds) array
+    per set), with a bootstrap interval that resamples each set's prompts on its own."""
+    per_set = [_per_prompt(s) for s in sets]
+    rng = np.random.default_rng(seed)
+    means = np.mean([p[rng.integers(0, len(p), (draws, len(p)))].mean(axis=1) for p in per_set], axis=0)
+    tail = (1 - level) / 2 * 100
+    lo, hi = np.percentile(means, [tail, 100 - tail])
+    return float(np.mean([p.mean() for p in per_set])), float(lo), float(hi)
+
+
 def format_interval(mean: float, lo: float, hi: float) -> str:
     return f"{mean:.3f} [{lo:.3f}, {hi:.3f}]"

@@ -209,6 +209,10 @@ def test_evaluate_writes_the_table_files_plot_grids_and_wandb_run_offline(tiny_m
     assert record["config"]["methods"][0]["checkpoint"] == tiny_methods["cvae"]
     md = (out / "results.md").read_text()
     assert "python evaluate.py --config" in md and "| cvae | vae |" in md and "MissingFileError" in md
+    for r in (rows["gan"], rows["real renders"]):  # every scorer cell with its prompt-level interval
+        for key in ("shapes_single", "shapes_counting", "shapes_overall"):
+            assert r[f"{key}_low"] <= r[key] <= r[f"{key}_high"], key
+    assert f"| {rows['gan']['shapes_single']:.3f} [{rows['gan']['shapes_single_low']:.3f}," in md
     n = 2 * 2 * 4  # sets x prompts x seeds: FID and KID say on how many images they stand
     assert f"FID (CLIP), N={n}" in md and f"KID (CLIP), N={n}" in md and rows["gan"]["fid_clip_n"] == n
     gan_line = next(line for line in md.splitlines() if line.startswith("| gan |"))

@@ -42,3 +42,14 @@ def test_a_paired_difference_is_narrower_when_methods_fail_on_the_same_prompts()
     assert a_lo < b_hi  # while the separate intervals overlap
     with pytest.raises(ValueError, match="same prompts"):
         paired_difference(a, b[:-1])
+
+
+def test_the_mean_of_sets_resamples_each_set_on_its_own():
+    from evaluation.intervals import bootstrap_mean_of_sets
+
+    always, never = np.ones((10, 2)), np.zeros((30, 2))
+    assert bootstrap_mean_of_sets([always, never]) == (0.5, 0.5, 0.5)  # no spread within either set
+    mixed = np.array([1, 0] * 10)
+    mean, lo, hi = bootstrap_mean_of_sets([mixed, always])
+    _, mlo, mhi = bootstrap_interval(mixed)
+    assert mean == 0.75 and lo == pytest.approx((mlo + 1) / 2, abs=0.02) and hi == pytest.approx((mhi + 1) / 2, abs=0.02)
