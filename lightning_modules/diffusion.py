@@ -42,8 +42,8 @@ class TextToImageDiffusion(FrozenAutoencoderUser, TextToImageModule):
     ``latent_scale``, estimated as ``1 / std`` of the first training batch's latents (averaged
     over ranks) unless given, and saved in the checkpoint, so a resumed run keeps it. Latents
     have no fixed range, so nothing clamps them: the schedule and target must keep the predicted
-    latents well conditioned (v-prediction on a zero-terminal-SNR schedule; BENCHMARKS.md measures
-    why eps-prediction on the cosine schedule does not). ``generate`` samples latents and
+    latents well conditioned (eps on the scaled-linear schedule, or v-prediction on a
+    zero-terminal-SNR one; BENCHMARKS.md measures why eps on the cosine schedule does not). ``generate`` samples latents and
     decodes ``latents / latent_scale``.
 
     Args:
@@ -110,8 +110,8 @@ class TextToImageDiffusion(FrozenAutoencoderUser, TextToImageModule):
             if clip_denoised:
                 raise ConfigError(
                     "model.init_args.clip_denoised clamps to the pixels' [-1, 1], which latents do not have: "
-                    "leave it unset for latent diffusion (use prediction: v with zero_terminal_snr: true, "
-                    "whose predicted latents need no clamp)"
+                    "leave it unset for latent diffusion and use a well-conditioned schedule, whose predicted "
+                    "latents need no clamp (schedule: scaled_linear, as configs/diffusion/latent_shapes.yaml)"
                 )
         self.denoiser, self.text_encoder = denoiser, text_encoder
         if zero_terminal_snr and prediction == "eps":
@@ -197,8 +197,8 @@ class TextToImageDiffusion(FrozenAutoencoderUser, TextToImageModule):
         if checkpoint.get("state_dict", {}).pop("latent_bound", None) is not None and self.prediction == "eps":
             rank_zero_warn(
                 "this latent-diffusion checkpoint predicts eps and was sampled with its latents clamped to "
-                "latent_bound, which no longer exists: its samples may diverge. Retrain with prediction: v "
-                "and zero_terminal_snr: true (configs/diffusion/latent_shapes.yaml)"
+                "latent_bound, which no longer exists: its samples may diverge on the cosine schedule. Retrain "
+                "with configs/diffusion/latent_shapes.yaml (eps on the scaled-linear schedule)"
             )
 
     # ------------------------------------------------------------------ training
