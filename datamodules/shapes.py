@@ -15,9 +15,10 @@ evaluation sets in the style of GenEval's categories (``PROMPT_SETS``): two obje
 colour binding and position, each with its own scorer check.
 
 The scorer reads an image back with no learned model: it segments pixels by their nearest
-palette colour, labels connected components and measures each one's extent, fill ratio
-(square ~1, circle ~0.79, triangle ~0.5) and box centre, then checks each attribute of the
-prompt.
+palette colour, labels connected components, explains each one by the renderer's shape whose
+template (sized to its area, blurred by up to 2 pixels) fits its soft coverage best, and
+measures its size and box centre, then checks each attribute of the prompt. Soft images (a
+1-pixel blur, a 2x down- and up-sampling) read the same as sharp ones.
 """
 
 from __future__ import annotations
@@ -345,21 +346,20 @@ def scene_key(attrs: dict) -> tuple:
 @dataclass
 class Blob:
     colour: str
-    area: float  # fraction of the image
+    area: float  # fraction of the image (soft coverage)
     cx: float
     cy: float
-    extent: float  # longer box side, fraction of the image side
-    fill: float  # area / box area
-
-    @property
-    def shape(self) -> str:
-        if self.fill > 0.88:
-            return "square"
-        return "circle" if self.fill > 0.72 else "triangle"
+    extent: float  # the fitted shape's box side, fraction of the image side
+    shape: str  # the renderer's shape that explains the blob best
+    softness: float = 0.0  # the fitted blur, pixels (0: as sharp as a render)
 
 
 _PALETTE = np.asarray([BACKGROUND, *COLOURS.values()], dtype=np.float32)
 _NAMES = ["background", *COLOURS]
+SCORER_VERSION = 2  # 1: fill ratio of the soft box; 2: shape templates fitted with a blur
+_SOFTNESS = (0.0, 0.5, 1.0, 1.5, 2.0)  # the blurs (Gaussian sigma, pixels) a fitted template may have
+_SUB = 4  # template supersampling, as the renderer's
+_MIX_TOLERANCE = 40.0  # RGB distance from the background-to-colour line that still counts as a mix
 
 
 def to_uint8(image) -> np.ndarray:
@@ -383,12 +383,106 @@ def to_uint8(image) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8)
 
 
-def find_blobs(image, max_distance: float = 90.0, min_area: float = 0.006) -> list[Blob]:
+def _template(shape: str, side: float, cx: float, cy: float, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+    """The renderer's coverage of one shape (box side ``side`` and box centre in pixels) on the
+    pixels ``ys`` x ``xs`` (a patch), by supersampling."""
+    offsets = (np.arange(_SUB) + 0.5) / _SUB
+    y = (ys[:, None] + offsets[None, :]).reshape(-1)[:, None]  # (h * SUB, 1) sub-pixel centres
+    x = (xs[:, None] + offsets[None, :]).reshape(-1)[None, :]
+    half = side / 2
+    if shape == "circle":
+        inside = (x - cx) ** 2 + (y - cy) ** 2 <= half**2
+    elif shape == "square":
+        inside = (np.abs(x - cx) <= half) & (np.abs(y - cy) <= half)
+    else:  # apex at the top centre, base along the bottom of the box
+        top = cy - half
+        inside = (y >= top) & (y <= cy + half) & (np.abs(x - cx) <= (y - top) / 2)
+    return inside.reshape(len(ys), _SUB, len(xs), _SUB).mean(axis=(1, 3))
+
+
+_AREA = {"circle": np.pi / 4, "square": 1.0, "triangle": 0.5}  # shape area / box area
+
+
+def _half(x: np.ndarray, axis: int) -> np.ndarray:
+    """Down-sampling by 2 (bilinear with antialiasing, as torch's) along ``axis``, even length."""
+    x = np.moveaxis(x, axis, 0)
+    p = np.concatenate([x[:1], x, x[-1:]], 0)
+    return np.moveaxis((p[0:-2:2] + 3 * p[1:-1:2] + 3 * p[2::2] + p[3::2]) / 8, 0, axis)
+
+
+def _double(y: np.ndarray, axis: int) -> np.ndarray:
+    """Bilinear up-sampling by 2 along ``axis`` (torch's, corners not aligned)."""
+    y = np.moveaxis(y, axis, 0)
+    p = np.concatenate([y[:1], y, y[-1:]], 0)
+    z = np.empty((2 * len(y), *y.shape[1:]))
+    z[0::2], z[1::2] = 0.25 * p[:-2] + 0.75 * p[1:-1], 0.75 * p[1:-1] + 0.25 * p[2:]
+    return np.moveaxis(z, 0, axis)
+
+
+def _softened(sharp: np.ndarray, even: bool) -> list[tuple[float, np.ndarray]]:
+    """A template under each blur the scorer allows: Gaussians of ``_SOFTNESS`` pixels, and (on a
+    patch that starts at even pixels) a render at half the resolution up-sampled 2x, which is
+    how a half-resolution method is compared (-1 as its softness)."""
+    out = [(s, ndimage.gaussian_filter(sharp, s, mode="constant") if s else sharp) for s in _SOFTNESS]
+    if even and sharp.shape[0] % 2 == 0 and sharp.shape[1] % 2 == 0:
+        out.append((-1.0, _double(_double(_half(_half(sharp, 0), 1), 0), 1)))
+    return out
+
+
+def _fit_shape(alpha: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> tuple[str, float, float]:
+    """The shape (circle, square, triangle), box side (pixels) and blur that best explain a blob's
+    soft coverage ``alpha`` on a patch: each shape is sized to the blob's area (which a blur
+    keeps), placed at its centroid, blurred by each of ``_softened`` and compared pixel by pixel."""
+    total = alpha.sum()
+    my = (alpha.sum(1) @ (ys + 0.5)) / total
+    mx = (alpha.sum(0) @ (xs + 0.5)) / total
+    best = (np.inf, "circle", 0.0, 0.0)
+    for shape, fraction in _AREA.items():
+        side = float(np.sqrt(total / fraction))
+        cy = my - side / 6 if shape == "triangle" else my  # a triangle's centroid is 2/3 down its box
+        sharp = _template(shape, side, mx, cy, ys, xs)
+        for sigma, t in _softened(sharp, even=ys[0] % 2 == 0 and xs[0] % 2 == 0):
+            err = float(((t - alpha) ** 2).sum())
+            if err < best[0]:
+                best = (err, shape, side, sigma)
+    return best[1], best[2], best[3]
+
+
+def _split_touching(mask: np.ndarray, alpha: np.ndarray, core: float = 0.75) -> tuple[np.ndarray, int]:
+    """Connected regions of ``mask``, with a region that holds several separate cores (pixels
+    covered at least ``core``) split between them, each pixel to its nearest core: two objects
+    that a blur has joined across a narrow gap count as two."""
+    components, n = ndimage.label(mask)
+    cores, m = ndimage.label(mask & (alpha >= core))
+    if m <= n:  # at most one core per region (a region may have none)
+        return components, n
+    nearest = cores[tuple(ndimage.distance_transform_edt(cores == 0, return_indices=True)[1])]
+    out, count = np.zeros_like(components), 0
+    for comp in range(1, n + 1):
+        region = components == comp
+        inside = np.unique(cores[region & (cores > 0)])
+        if len(inside) <= 1:
+            count += 1
+            out[region] = count
+            continue
+        for c in inside:
+            count += 1
+            out[region & (nearest == c)] = count
+    return out, count
+
+
+def find_blobs(image, max_distance: float = 90.0, min_area: float = 0.006, reach: int = 3) -> list[Blob]:
     """Connected regions of each palette colour, largest first.
 
-    Pixels are labelled by their nearest palette colour. Extent and fill are measured on soft
-    coverage (each pixel's position between background and the blob's colour), so that
-    anti-aliased edges of small shapes still tell a circle from a square.
+    A pixel is the palette colour it is nearest to (within ``max_distance``), or else the colour
+    whose mix with the background it is (more than half covered, within ``_MIX_TOLERANCE`` of
+    the mix): a soft edge stays its object's colour. Each region's soft coverage (each pixel's
+    position between the background and the region's colour, on the pixels within ``reach`` of
+    it that are nearer to it than to another region of its colour) is explained by the
+    renderer's shapes: the one whose template, sized to the coverage's area, placed at its
+    centroid and softened as ``_softened`` allows, is nearest. A blur keeps the area and the
+    centroid, so a soft image reads as a sharp one (scorer version 2; version 1 compared the
+    area with the soft box, which a blur inflates).
     """
     arr = to_uint8(image).astype(np.float32)
     h, w, _ = arr.shape
@@ -396,30 +490,45 @@ def find_blobs(image, max_distance: float = 90.0, min_area: float = 0.006) -> li
     label = dist.argmin(-1)
     label[dist.min(-1) > max_distance] = 0
     offset = arr - _PALETTE[0]
+    directions = _PALETTE[1:] - _PALETTE[0]  # (k - 1, 3): background to each colour
+    alphas = np.clip(offset @ directions.T / (directions**2).sum(1), 0.0, 1.0)  # (h, w, k - 1) coverage
+    residual = np.linalg.norm(offset[..., None, :] - alphas[..., None] * directions, axis=-1)
+    residual[alphas <= 0.5] = np.inf
+    mix = residual.argmin(-1) + 1
+    soft_edge = (label == 0) & (residual.min(-1) < _MIX_TOLERANCE)
+    label[soft_edge] = mix[soft_edge]
     blobs = []
     for idx in range(1, len(_NAMES)):
-        components, n = ndimage.label(label == idx)
+        alpha = alphas[..., idx - 1]
+        components, n = _split_touching(label == idx, alpha)
         if n == 0:
             continue
-        direction = _PALETTE[idx] - _PALETTE[0]
-        alpha = np.clip(offset @ direction / float(direction @ direction), 0.0, 1.0)  # (h, w) coverage
+        # a mix of this colour and the background at any coverage (an edge pixel may be nearest another colour)
+        mixed = np.linalg.norm(offset - alpha[..., None] * directions[idx - 1], axis=-1) < _MIX_TOLERANCE
+        owner = components[tuple(ndimage.distance_transform_edt(components == 0, return_indices=True)[1])]
         for comp in range(1, n + 1):
             mask = components == comp
             ys, xs = np.nonzero(mask)
             if len(xs) / (h * w) < min_area or len(xs) < 3:
                 continue
-            region = ndimage.binary_dilation(mask) & ((label == idx) | (label == 0))
-            soft = alpha * region
-            area = soft.sum()
-            width, height = soft.max(0).sum(), soft.max(1).sum()  # soft box sides
+            near = ndimage.binary_dilation(mask, structure=np.ones((3, 3), bool), iterations=reach)  # a square
+            region = near & (owner == comp) & ((label == 0) | mask | mixed)
+            y0, y1 = max(ys.min() - reach, 0) // 2 * 2, min(ys.max() + reach + 2, h)  # even starts
+            x0, x1 = max(xs.min() - reach, 0) // 2 * 2, min(xs.max() + reach + 2, w)
+            y1, x1 = y1 - (y1 - y0) % 2, x1 - (x1 - x0) % 2
+            soft = (alpha * region)[y0:y1, x0:x1]
+            shape, side, sigma = _fit_shape(
+                soft, np.arange(y0, y1, dtype=np.float64), np.arange(x0, x1, dtype=np.float64)
+            )
             blobs.append(
                 Blob(
                     colour=_NAMES[idx],
-                    area=area / (h * w),
+                    area=float(soft.sum()) / (h * w),
                     cx=(xs.min() + xs.max() + 1) / 2 / w,
                     cy=(ys.min() + ys.max() + 1) / 2 / h,
-                    extent=max(width / w, height / h),
-                    fill=float(area / max(width * height, 1e-6)),
+                    extent=side / max(h, w),
+                    shape=shape,
+                    softness=sigma,
                 )
             )
     return sorted(blobs, key=lambda b: -b.area)

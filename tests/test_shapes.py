@@ -66,3 +66,39 @@ def test_generation_is_deterministic_and_excludes_heldout(tmp_path):
     assert not val & test and val | test == {c for c, _ in S.heldout_prompts()} and abs(len(val) - len(test)) <= 1
     with pytest.raises(ValueError, match="held-out part"):
         S.heldout_prompts("train")
+
+
+def _blur(x):
+    from torchvision.transforms.v2 import functional as TF
+
+    return TF.gaussian_blur(x, kernel_size=5, sigma=1.0)
+
+
+def _down_up(x):
+    import torch.nn.functional as F
+
+    half = F.interpolate(x, scale_factor=0.5, mode="bilinear", antialias=True)
+    return F.interpolate(half, scale_factor=2, mode="bilinear")
+
+
+@pytest.mark.parametrize("soften", [_blur, _down_up], ids=["blur 1px", "2x down-up"])
+def test_soft_renders_read_as_sharp_ones_in_every_set_and_wrong_ones_still_fail(soften):
+    from evaluation.harness import Protocol, prompts_for, render_real
+
+    protocol = Protocol(prompts=26, seeds=1)
+    prompts = prompts_for(protocol)
+    real = render_real(prompts, protocol)
+    for name, items in prompts.items():
+        images = soften(real[name].flatten(0, 1))
+        rate = np.mean([S.score(x, attrs)["all"] for x, (_, attrs) in zip(images, items)])
+        assert rate >= 0.95, (name, rate)
+    # the same softening of a wrong shape or a wrong colour still fails
+    wrong_shape, wrong_colour = [], []
+    for i, (_, attrs) in enumerate(prompts["single"]):
+        o = attrs["objects"][0]
+        for field, values, out in (("shape", S.SHAPES, wrong_shape), ("colour", list(S.COLOURS), wrong_colour)):
+            other = S.single_attrs(**{**o, field: values[(values.index(o[field]) + 1 + i % 2) % len(values)]})
+            img = S.render(S.objects_for(other, np.random.default_rng(i)), 32)
+            x = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1)[None] / 127.5 - 1
+            out.append(S.score(soften(x)[0], attrs)["all"])
+    assert np.mean(wrong_shape) <= 0.05 and np.mean(wrong_colour) == 0.0
