@@ -35,13 +35,17 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from datamodules.shapes import PROMPT_SETS
+from datamodules.shapes import PROMPT_SETS, SCORER_VERSION
+from evaluation import retrain
 from evaluation.harness import (
     IMAGE_SEED_RULE,
     Protocol,
     RealFeatures,
     chance,
+    floors,
     generate_images,
+    mark_floors,
+    paired,
     parameter_count,
     prompts_for,
     quality,
@@ -63,9 +67,13 @@ TOP_KEYS = {
     "inception_weights": "local pt_inception-2015-12-05 weights for the inception extractor",
     "lpips": "local VGG weights for LPIPS diversity (null: pixel distance)",
     "r_precision": "{distractors: 99}",
+    "paired": "claims to test: [[method a, method b], ...]: a - b per set on the same prompts and seeds, with intervals",
+    "fid": "{bootstrap: 50 (rounds of FID's 95% interval over images; 0: none), infinity: false (FID extrapolated to N = infinity)}",
     "wandb": "{project: t2i, enabled: true}",
     "methods": "the list of methods: name, checkpoint or model, sampling, family",
     "cache": "folder for the real images' features per dataset and extractor (null: no cache)",
+    "train": "runs that --train makes first: {name: {config, max_steps | max_time, args}} (evaluation/retrain.py)",
+    "train_root": "folder of the --train runs (default runs): <train_root>/<name>/checkpoints/last.ckpt",
 }
 METHOD_KEYS = {"name", "checkpoint", "config", "model", "sampling", "family", "note"}
 COLUMNS = [  # (key, header, format)
@@ -76,6 +84,8 @@ COLUMNS = [  # (key, header, format)
     ("fid_clip", "FID (CLIP)", "{:.3f}"),
     ("kid_clip", "KID (CLIP)", "{:.4f}"),
     ("fid_inception", "FID (Inception)", "{:.2f}"),
+    ("fid_inf_clip", "FID∞ (CLIP)", "{:.3f}"),
+    ("fid_inf_inception", "FID∞ (Inception)", "{:.2f}"),
     ("clip_score", "CLIP score", "{:.1f}"),
     ("r_precision", "R-prec.", "{:.3f}"),
     ("diversity", "diversity", "{:.3f}"),
@@ -149,6 +159,22 @@ def load_config(path: str, overrides: argparse.Namespace) -> dict:
                     f"--methods: no method {n!r} in {path}{_suggest(n, names)}; it lists {', '.join(names)}"
                 )
         cfg["methods"] = [m for m in methods if m["name"] in wanted]
+    try:
+        retrain.entries(cfg, path)
+    except retrain.TrainProblem as err:
+        raise ConfigProblem(str(err)) from None
+    pairs = cfg.get("paired") or []
+    if not isinstance(pairs, list) or not all(isinstance(p, list) and len(p) == 2 for p in pairs):
+        raise ConfigProblem(f"{path}: paired must be a list of [method a, method b] pairs")
+    for a, b in pairs:
+        for n in (a, b):
+            if n not in names:
+                raise ConfigProblem(f"{path}: paired names {n!r}, not a method{_suggest(n, names)}; it lists {', '.join(names)}")
+    chosen = {m["name"] for m in cfg["methods"]}
+    cfg["paired"] = [[a, b] for a, b in pairs if a in chosen and b in chosen]  # --methods may leave some out
+    for key in cfg.get("fid") or {}:
+        if key not in ("bootstrap", "infinity"):
+            raise ConfigProblem(f"{path}: fid.{key} is unknown{_suggest(key, ['bootstrap', 'infinity'])}; the keys are bootstrap, infinity")
     if "folds" in (cfg.get("r_precision") or {}):
         raise ConfigProblem(
             f"{path}: r_precision.folds is gone: R-precision's interval is now a bootstrap over prompts; remove it"
@@ -164,11 +190,12 @@ def load_config(path: str, overrides: argparse.Namespace) -> dict:
 
 
 def protocol_of(cfg: dict) -> Protocol:
-    rp = cfg.get("r_precision") or {}
+    rp, fid = cfg.get("r_precision") or {}, cfg.get("fid") or {}
     prompts = int(cfg["prompts_per_set"])
     return Protocol(prompt_sets=list(cfg["prompt_sets"]), prompts=prompts, seeds=max(1, -(-int(cfg["num_samples"]) // prompts)),
                     seed=int(cfg["seed"]), resolution=int(cfg["resolution"]), batch_size=int(cfg["batch_size"]),
-                    distractors=int(rp.get("distractors", 99)))  # fmt: skip
+                    distractors=int(rp.get("distractors", 99)), fid_bootstrap=int(fid.get("bootstrap", 50)),
+                    fid_infinity=bool(fid.get("infinity", False)))  # fmt: skip
 
 
 def import_class(class_path: str, option: str):
@@ -346,6 +373,59 @@ def judge_problems(cfg: dict) -> tuple[list[str], list[str]]:
     return errors, notes
 
 
+def _checkpoints_of(spec: dict) -> list[str]:
+    """The checkpoint files a method names: its ``checkpoint``, and the ``.ckpt`` paths among its
+    model's init_args (a reranked generator, a guided autoencoder)."""
+    paths = [spec["checkpoint"]] if "checkpoint" in spec else []
+    args = (spec.get("model") or {}).get("init_args") or {}
+    return paths + [v for v in args.values() if isinstance(v, str) and v.endswith(".ckpt")]
+
+
+def selected_on(path: str) -> str | None:
+    """What chose this checkpoint file, when a held-out score did: ``None`` for a checkpoint no
+    ``val/shapes_*`` monitor picked (``last.ckpt``, a step's checkpoint), else the held-out part
+    its run scored (``val``, or ``all`` / ``test`` / ``unknown`` where it saw the test prompts or
+    predates the split)."""
+    if os.path.basename(path) == "last.ckpt" or not os.path.isfile(path):
+        return None
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception:  # noqa: BLE001 - an unreadable file is load()'s error, in its own row
+        return None
+    picked = any(
+        "val/shapes" in str(key) and os.path.basename(str(state.get("best_model_path", ""))) == os.path.basename(path)
+        for key, state in (ckpt.get("callbacks") or {}).items()
+        if str(key).startswith("ModelCheckpoint") and isinstance(state, dict)
+    )
+    if not picked:
+        return None
+    try:
+        with open(os.path.join(os.path.dirname(os.path.dirname(path)), "config.yaml")) as f:
+            run = yaml.safe_load(f) or {}
+    except OSError:
+        return "unknown"
+    for cb in (run.get("trainer") or {}).get("callbacks") or []:
+        if isinstance(cb, dict) and str(cb.get("class_path", "")).endswith("ShapesScore"):
+            return (cb.get("init_args") or {}).get("part", "unknown")  # runs before the split scored them all
+    return "unknown"
+
+
+def selection_problems(cfg: dict) -> list[str]:
+    """One selection rule: a checkpoint picked by a held-out score must have been picked on the
+    validation part; one picked on prompts the table reports (or that cannot tell) is refused."""
+    errors = []
+    for spec in cfg["methods"]:
+        for path in _checkpoints_of(spec):
+            part = selected_on(path)
+            if part not in (None, "val"):
+                errors.append(
+                    f"methods[{spec['name']}]: {path} was selected by its run's held-out score on the "
+                    f"{part!r} part of the held-out prompts, which includes the test prompts this table reports; "
+                    "use the run's last.ckpt, or a checkpoint selected on the val part (ShapesScore part: val)"
+                )
+    return errors
+
+
 def judge_note(spec: dict) -> str | None:
     """The config's own note for a method."""
     return spec.get("note") or None
@@ -357,7 +437,8 @@ def _fmt(key: str, value, fmt: str, row: dict | None = None) -> str:
     if key.startswith("kid_") and row and row.get(f"{key}_std") is not None:
         return f"{fmt.format(value)} ± {fmt.format(row[f'{key}_std'])}"
     if row and row.get(f"{key}_low") is not None:  # a 95% interval: shapes cells, R-precision
-        return f"{value:.3f} [{row[f'{key}_low']:.3f}, {row[f'{key}_high']:.3f}]"
+        mark = " †" if row.get(f"{key}_under_floor") else ""  # the interval does not clear the set's floor
+        return f"{value:.3f} [{row[f'{key}_low']:.3f}, {row[f'{key}_high']:.3f}]{mark}"
     try:
         return fmt.format(value)
     except (ValueError, TypeError):
@@ -378,6 +459,36 @@ def markdown_table(rows: list[dict]) -> str:
     for r in rows:
         lines.append("| " + " | ".join(_fmt(k, r.get(k), f, r) for k, _, f in cols) + " |")
     return "\n".join(lines)
+
+
+FLOOR_NOTE = (
+    "Floors: the all-correct rate of a stand-in that renders each prompt but ignores one word, "
+    "drawn at random (for one of two objects; `binding`: the two colours swapped half the time), on "
+    "the same prompts and seeds. † marks a cell whose 95% interval does not clear its set's floor "
+    "(the highest of its words): that cell cannot show that the method reads every word the set checks."
+)
+
+
+def paired_table(differences: dict[str, dict], sets: list[str]) -> str:
+    """``a - b`` per set and overall, with the 95% interval of the difference; ``*`` where the
+    interval excludes 0 (the claim holds on these prompts)."""
+    lines = ["Paired differences (the same prompts and seeds; a bootstrap 95% interval over prompts; * where "
+             "the interval excludes 0):", "", "| a - b | " + " | ".join(sets) + " | overall |",
+             "|" + "---|" * (len(sets) + 2)]  # fmt: skip
+    for pair, d in differences.items():
+        cells = [f"{m:+.3f} [{lo:+.3f}, {hi:+.3f}]{' *' if lo > 0 or hi < 0 else ''}"
+                 for m, lo, hi in (d[s] for s in [*sets, "overall"])]  # fmt: skip
+        lines.append(f"| {pair} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def floors_table(set_floors: dict[str, dict[str, float]]) -> str:
+    words = list(dict.fromkeys(w for rates in set_floors.values() for w in rates if w != "floor"))
+    lines = ["| set | " + " | ".join(f"ignores {w}" for w in words) + " | floor |", "|" + "---|" * (len(words) + 2)]
+    for name, rates in set_floors.items():
+        cells = [f"{rates[w]:.3f}" if w in rates else "" for w in words]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | **{rates['floor']:.3f}** |")
+    return FLOOR_NOTE + "\n\n" + "\n".join(lines)
 
 
 def package_versions() -> dict:
@@ -493,6 +604,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", help="output folder (default: the config's output)")
     p.add_argument("--overwrite", action="store_true", help="replace the results in an output folder that has some")
     p.add_argument("--seed", type=int, help="protocol seed")
+    p.add_argument("--train", action="store_true",
+                   help="first train (or continue, or skip when done) every run of the config's train section")  # fmt: skip
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     command = "python evaluate.py " + shlex.join(sys.argv[1:] if argv is None else argv)
@@ -504,6 +617,10 @@ def main(argv: list[str] | None = None) -> int:
                 "or replace them with --overwrite"
             )
         protocol = protocol_of(cfg)
+        if args.train:
+            if not cfg.get("train"):
+                raise ConfigProblem(f"--train: {args.config} has no train section (see evaluation/retrain.py)")
+            retrain.train_all(cfg, log=lambda line: print(line, flush=True))
         clip = None
         if cfg.get("clip"):
             from lightning_modules.clip import load_clip
@@ -517,12 +634,12 @@ def main(argv: list[str] | None = None) -> int:
             lpips = PerceptualLoss(cfg["lpips"], option="lpips")
         errors, notes = sample_problems(protocol, extractors)
         judge_errors, judge_notes = judge_problems(cfg)
-        errors, notes = errors + judge_errors, notes + judge_notes
+        errors, notes = errors + judge_errors + selection_problems(cfg), notes + judge_notes
         if errors:
             raise ConfigProblem("; ".join(errors))
         for note in notes:
             warnings.warn(note, stacklevel=1)
-    except (ConfigProblem, ValueError, OSError) as err:
+    except (ConfigProblem, ValueError, OSError) as err:  # retrain.TrainProblem is a ValueError
         sys.stderr.write(f"error: {err}\n")
         return 2
     from networks.errors import ConfigError
@@ -538,7 +655,8 @@ def main(argv: list[str] | None = None) -> int:
     reference = {"method": "real renders", "family": "reference",
                  **_scalars(quality(real, prompts, protocol, again, clip, extractors, lpips))}  # fmt: skip
     chance_row = {"method": "chance", "family": "reference", **chance(prompts, protocol, real, clip)}
-    rows, details, images = [], {}, {"real renders": real}
+    set_floors = floors(prompts, protocol)
+    rows, details, images, hits = [], {}, {"real renders": real}, {}
     bar = tqdm(total=len(cfg["methods"]) * (total + 1), unit="img", desc="evaluate", file=sys.stderr)
     for spec in cfg["methods"]:
         name = spec["name"]
@@ -558,6 +676,7 @@ def main(argv: list[str] | None = None) -> int:
                         status=lambda metric, name=name: bar.set_description(f"{name}: {metric}"))  # fmt: skip
             bar.update(1)
             row.update(_scalars(q))
+            hits[name] = q["shapes_hits"]
             row.update(images_per_sec=n / max(seconds, 1e-9), params_m=parameter_count(model) / 1e6,
                        steps=info.get("steps"), samples_seen=info.get("samples_seen"),
                        train_minutes=(info["train_seconds"] / 60) if info.get("train_seconds") else None)  # fmt: skip
@@ -580,12 +699,18 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
     bar.close()
     all_rows = [*rows, reference, chance_row]
+    mark_floors(all_rows, set_floors)
+    differences = {f"{a} - {b}": paired(hits[a], hits[b], protocol.seed) for a, b in cfg["paired"]
+                   if a in hits and b in hits}  # fmt: skip
     plot = os.path.join(out, "quality_vs_speed.png")
     write_plot(rows, plot)
     grids = write_grids(images, prompts, out)
-    write_files(out, cfg, protocol, command, all_rows, details, clip is not None, machine(args.device))
+    write_files(out, cfg, protocol, command, all_rows, details, clip is not None, machine(args.device), set_floors,
+                differences)  # fmt: skip
     mode = log_wandb(cfg, all_rows, plot, grids, out)
-    print(markdown_table(all_rows))
+    print(markdown_table(all_rows) + "\n\n" + floors_table(set_floors))
+    if differences:
+        print("\n" + paired_table(differences, protocol.prompt_sets))
     print(
         f"\nwritten to {out}/ (results.md, results.csv, results.json, quality_vs_speed.png, grid_*.png"
         + (f", W&B {mode} run)" if mode else ")")
@@ -605,15 +730,16 @@ def machine(device: str) -> str:
 
 
 def write_files(out: str, cfg: dict, protocol: Protocol, command: str, rows: list[dict], details: dict,
-                has_clip: bool, where: str) -> None:  # fmt: skip
+                has_clip: bool, where: str, set_floors: dict | None = None,
+                differences: dict | None = None) -> None:  # fmt: skip
     cols = visible_columns(rows)
     with open(os.path.join(out, "results.csv"), "w", newline="") as f:
         w = csv.writer(f)
         w.writerow([k for k, _, _ in cols])
         for r in rows:
             w.writerow([r.get(k, "") for k, _, _ in cols])
-    record = {"command": command, "config": cfg, "protocol": protocol.as_dict(), "image_seed": IMAGE_SEED_RULE, "rows": rows,
-              "methods": details, "packages": package_versions(), "machine": where, "platform": platform.platform(),
+    record = {"command": command, "config": cfg, "protocol": protocol.as_dict(), "image_seed": IMAGE_SEED_RULE, "scorer_version": SCORER_VERSION, "rows": rows,
+              "methods": details, "floors": set_floors, "paired": differences, "packages": package_versions(), "machine": where, "platform": platform.platform(),
               "time": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(record, f, indent=1, default=str)
@@ -626,8 +752,8 @@ def write_files(out: str, cfg: dict, protocol: Protocol, command: str, rows: lis
         f"(`single` has 26), {protocol.seeds} image(s) per prompt, each with its own seed, protocol seed {protocol.seed}, "
         f"compared at {protocol.resolution} px, {protocol.batch_size} prompts per `generate` call.",
         "",
-        "The shapes columns are the analytic scorer's all-correct rate per prompt set (no learned model "
-        "judges them: the primary columns); `overall` is their mean. "
+        f"The shapes columns are the analytic scorer's (version {SCORER_VERSION}) all-correct rate per prompt set "
+        "(no learned model judges them: the primary columns); `overall` is their mean. "
         + (
             "CLIP score, R-precision and fid_clip/kid_clip use the CLIP "
             + f"`{cfg.get('clip')}`; R-precision "
@@ -639,7 +765,11 @@ def write_files(out: str, cfg: dict, protocol: Protocol, command: str, rows: lis
         + "The `real renders` row is the renderer's own images of the same prompts (the ceiling; its FID is "
         "against a second independent draw), `chance` judges those renders against another prompt of their set. "
         f"img/s is measured on this machine ({where}) and varies between runs; every other number is fixed by "
-        "the seed.",
+        "the seed. "
+        + (f"FID comes with its bootstrap 95% interval over images ({protocol.fid_bootstrap} rounds); it does not "
+           "rank methods whose intervals overlap. " if protocol.fid_bootstrap else "")
+        + ("FID∞ is FID extrapolated to infinitely many images (a line in 1/N through N/2..N). "
+           if protocol.fid_infinity else ""),
         "",
         "Prompt sets: " + "; ".join(f"`{s}`: {PROMPT_SETS[s]}" for s in protocol.prompt_sets) + ".",
         "",
@@ -649,6 +779,10 @@ def write_files(out: str, cfg: dict, protocol: Protocol, command: str, rows: lis
         "",
         markdown_table(rows),
         "",
+        *([floors_table(set_floors), ""] if set_floors else []),
+        *([paired_table(differences, protocol.prompt_sets), ""] if differences else []),
+        *(["Trained by `--train` (each run's budget as stated; the table's steps, samples seen and minutes are "
+           "read from the checkpoints):", "", *retrain.budget_lines(cfg), ""] if cfg.get("train") else []),
         "Reproduce: the resolved config, the seeds, the package versions and each checkpoint's sha256 are in "
         "results.json.",
     ]

@@ -22,7 +22,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from datamodules.shapes import (
+    COLOURS,
+    COUNT_WORDS,
+    POSITIONS,
     PROMPT_SETS,
+    RELATIONS,
+    SHAPES,
+    SIZES,
     caption,
     objects_for,
     prompt_set,
@@ -32,7 +38,7 @@ from datamodules.shapes import (
     score_batch,
     single_attrs,
 )
-from evaluation.intervals import bootstrap_interval, bootstrap_mean_of_sets
+from evaluation.intervals import bootstrap_interval, bootstrap_mean_of_sets, paired_difference
 from evaluation.metrics import clip_score, diversity, fid_kid, image_features, r_precision_hits
 from networks.noise import stream_seed
 
@@ -50,6 +56,8 @@ class Protocol:
     resolution: int = 32
     batch_size: int = 32
     distractors: int = 99
+    fid_bootstrap: int = 50  # rounds of FID's bootstrap interval over images (0: none)
+    fid_infinity: bool = False  # also FID extrapolated to infinitely many images
 
     def __post_init__(self):
         unknown = [s for s in self.prompt_sets if s not in PROMPT_SETS]
@@ -240,12 +248,14 @@ def quality(
     _, row["shapes_overall_low"], row["shapes_overall_high"] = bootstrap_mean_of_sets(list(hits.values()),
                                                                                      seed=protocol.seed)  # fmt: skip
     row["shapes_detail"] = detail
+    row["shapes_hits"] = hits  # (prompts, seeds) per set: for paired comparisons
     flat = _flat(images)
     for ext_name, extractor in (extractors or {}).items():
         status(f"fid_{ext_name}, kid_{ext_name}")
         if real is None:
             raise ValueError("FID and KID need the real images")
-        row.update(fid_kid(None, flat, extractor, ext_name, real_features=real.get(ext_name, extractor)))
+        row.update(fid_kid(None, flat, extractor, ext_name, real_features=real.get(ext_name, extractor),
+                           bootstrap=protocol.fid_bootstrap, infinity=protocol.fid_infinity))  # fmt: skip
     if clip is not None:
         status("clip score, r-precision")
         row["clip_score"] = clip_score(clip, flat, _captions(prompts, protocol.seeds))
@@ -279,6 +289,93 @@ def chance(prompts: dict[str, list[tuple[str, dict]]], protocol: Protocol, real:
         pools = [distractor_pool(n, protocol.seed) for n in prompts]
         row["r_precision"] = float(np.mean([1 / (min(protocol.distractors, len(p) - 1) + 1) for p in pools]))
     return row
+
+
+# The words a prompt set's scorer checks, each of which a generator could ignore: a stand-in that
+# renders the prompt but draws one of these words at random scores the set's conditional floor.
+IGNORABLE = {
+    "single": ("colour", "shape", "size", "position"),
+    "two_objects": ("shape",),
+    "counting": ("colour", "shape", "count"),
+    "colour_binding": ("colour", "binding"),
+    "position": ("colour", "shape", "relation"),
+}
+_VOCABULARY = {"colour": list(COLOURS), "shape": list(SHAPES), "size": list(SIZES), "position": list(POSITIONS)}
+
+
+def ignore_word(attrs: dict, word: str, rng: np.random.Generator) -> dict:
+    """The scene a generator draws for ``attrs`` when it ignores one ``word`` of the prompt: that
+    word's value drawn uniformly (the true one included), for one object chosen at random when the
+    prompt names two; ``binding`` swaps the two objects' colours with probability 1/2 (it reads
+    every word but not which colour goes with which shape; a one-object scene stays as it is)."""
+    out = {**attrs, "objects": [dict(o) for o in attrs["objects"]]}
+    if word in _VOCABULARY:
+        values = _VOCABULARY[word]
+        out["objects"][int(rng.integers(len(out["objects"])))][word] = values[int(rng.integers(len(values)))]
+    elif word == "count":
+        out["count"] = list(COUNT_WORDS)[int(rng.integers(len(COUNT_WORDS)))]
+    elif word == "relation":
+        out["relation"] = list(RELATIONS)[int(rng.integers(len(RELATIONS)))]
+    elif word == "binding":  # nothing to swap in a one-object scene
+        if len(out["objects"]) == 2 and rng.random() < 0.5:
+            a, b = out["objects"]
+            a["colour"], b["colour"] = b["colour"], a["colour"]
+    else:
+        raise ValueError(f"unknown word {word!r}; the words are {', '.join([*_VOCABULARY, 'count', 'relation', 'binding'])}")
+    return out
+
+
+def render_ignoring(
+    prompts: dict[str, list[tuple[str, dict]]], protocol: Protocol, word: str, sets: Sequence[str] | None = None
+) -> dict[str, Tensor]:
+    """The renders of a stand-in generator that ignores ``word`` (see ``ignore_word``), with the
+    protocol's image seeds; for the sets in ``sets`` (default: every set that checks the word)."""
+    names = [n for n in prompts if (n in sets if sets is not None else word in IGNORABLE[n])]
+    out = {}
+    for name in names:
+        si = list(prompts).index(name)
+        items = prompts[name]
+        images = torch.zeros(len(items), protocol.seeds, 3, protocol.resolution, protocol.resolution)
+        for p, (_, attrs) in enumerate(items):
+            for s in range(protocol.seeds):
+                rng = np.random.default_rng([image_seed(protocol, si, p, s), 2])
+                scene = ignore_word(attrs, word, rng)
+                img = np.asarray(render(objects_for(scene, rng), protocol.resolution), dtype=np.float32)
+                images[p, s] = torch.from_numpy(img).permute(2, 0, 1) / 127.5 - 1
+        out[name] = images
+    return out
+
+
+def floors(prompts: dict[str, list[tuple[str, dict]]], protocol: Protocol) -> dict[str, dict[str, float]]:
+    """Each set's conditional floors, from renders: ``{set: {word: all-correct rate of a stand-in
+    that ignores the word, ..., "floor": the highest}}``. A cell that does not clear its set's
+    floor cannot show that the method reads every word the set checks."""
+    out: dict[str, dict[str, float]] = {name: {} for name in prompts}
+    for word in dict.fromkeys(w for n in prompts for w in IGNORABLE[n]):
+        for name, images in render_ignoring(prompts, protocol, word).items():
+            out[name][word] = shapes_rates(images, prompts[name])["all"]
+    for rates in out.values():
+        rates["floor"] = max(rates.values())
+    return out
+
+
+def mark_floors(rows: list[dict], set_floors: dict[str, dict[str, float]]) -> None:
+    """Set ``shapes_<set>_under_floor`` on every row: whether the cell's 95% interval fails to
+    clear its set's floor (its low end at or under the floor; the value itself without one)."""
+    for row in rows:
+        for name, rates in set_floors.items():
+            low = row.get(f"shapes_{name}_low", row.get(f"shapes_{name}"))
+            if low is not None:
+                row[f"shapes_{name}_under_floor"] = bool(low <= rates["floor"])
+
+
+def paired(a: dict[str, np.ndarray], b: dict[str, np.ndarray], seed: int = 0) -> dict[str, tuple[float, float, float]]:
+    """Two methods' all-correct verdicts on the same prompts and seeds (``{set: (prompts, seeds)}``)
+    -> ``{set: (a - b, low, high)}`` with the bootstrap 95% interval of the difference over prompts,
+    and ``overall``: the mean of the sets' differences, each set's prompts resampled on its own."""
+    out = {name: paired_difference(a[name], b[name], seed=seed) for name in a}
+    out["overall"] = bootstrap_mean_of_sets([a[n] - b[n] for n in a], seed=seed)
+    return out
 
 
 def parameter_count(module: nn.Module) -> int:

@@ -72,13 +72,54 @@ class InceptionFeatures(nn.Module):
         return self.net((images.clamp(0, 1) * 255).round().to(torch.uint8))
 
 
+def frechet_distance(real: Tensor, fake: Tensor) -> float:
+    """FID between two feature sets ``(n, d)``: ``|mu_r - mu_f|^2 + tr(C_r + C_f - 2 (C_r C_f)^1/2)``,
+    the trace of the root from the eigenvalues of ``C_r C_f`` (as torchmetrics computes it)."""
+    real, fake = real.double(), fake.double()
+    mu_r, mu_f = real.mean(0), fake.mean(0)
+    c_r, c_f = torch.cov(real.T), torch.cov(fake.T)
+    root = torch.linalg.eigvals(c_r @ c_f).sqrt().real.sum()
+    return float((mu_r - mu_f).square().sum() + c_r.trace() + c_f.trace() - 2 * root)
+
+
+def fid_interval(real: Tensor, fake: Tensor, rounds: int = 50, seed: int = 0) -> tuple[float, float]:
+    """A bootstrap 95% interval of FID over images: both feature sets resampled with replacement
+    ``rounds`` times. Resampling repeats images, which raises FID (fewer distinct images), so the
+    bootstrap values are shifted back by their mean excess over the point value before their
+    2.5 and 97.5 percentiles are read."""
+    g = torch.Generator().manual_seed(seed)
+    values = [
+        frechet_distance(real[torch.randint(len(real), (len(real),), generator=g)],
+                         fake[torch.randint(len(fake), (len(fake),), generator=g)])
+        for _ in range(rounds)
+    ]  # fmt: skip
+    bias = float(np.mean(values)) - frechet_distance(real, fake)
+    low, high = np.percentile(values, [2.5, 97.5]) - bias
+    return float(low), float(high)
+
+
+def fid_infinity(real: Tensor, fake: Tensor, points: int = 5, repeats: int = 3, seed: int = 0) -> float:
+    """FID extrapolated to infinitely many generated images (Chong and Forsyth, "Effectively
+    Unbiased FID and Inception Score and where to find them"): FID is linear in 1/N, so FID at
+    ``points`` sizes from N/2 to N (each the mean of ``repeats`` random subsets) is fitted by a
+    line in 1/N and read at 1/N = 0."""
+    g = torch.Generator().manual_seed(seed)
+    sizes = np.linspace(len(fake) // 2, len(fake), points).astype(int)
+    values = [np.mean([frechet_distance(real, fake[torch.randperm(len(fake), generator=g)[:n]]) for _ in range(repeats)])
+              for n in sizes]  # fmt: skip
+    slope, intercept = np.polyfit(1.0 / sizes, values, 1)
+    return float(intercept)
+
+
 def fid_kid(real: Tensor | None, fake: Tensor, extractor: nn.Module | None, name: str,
             inception_weights: str | None = None, kid_subset: int = 50, real_features: Tensor | None = None,
-            ) -> dict[str, float]:  # fmt: skip
+            bootstrap: int = 0, infinity: bool = False) -> dict[str, float]:  # fmt: skip
     """``{"fid_<name>", "kid_<name>", "kid_<name>_std", "fid_<name>_n"}`` (the std of KID over its
     random subsets, and N, the images per set) of two image sets under one feature extractor
     (an ``nn.Module`` taking images in [0, 1], or None for Inception from ``inception_weights``);
     ``real_features`` (``image_features`` of the real set) replaces ``real`` when they are cached.
+    ``bootstrap`` rounds add FID's 95% interval over images (``fid_<name>_low``, ``_high``);
+    ``infinity`` adds ``fid_inf_<name>`` (``fid_infinity``).
     Below the feature dimension FID's covariance is singular: a warning says so (and the number is
     still given, marked by the warning), instead of a NaN."""
     from torchmetrics.image.fid import FrechetInceptionDistance
@@ -106,8 +147,13 @@ def fid_kid(real: Tensor | None, fake: Tensor, extractor: nn.Module | None, name
     with torch.random.fork_rng(devices=[]):  # KID draws random subsets: the same for the same images
         torch.manual_seed(0)
         kid_mean, kid_std = kid.compute()
-    return {f"fid_{name}": float(fid.compute()), f"kid_{name}": float(kid_mean), f"kid_{name}_std": float(kid_std),
-            f"fid_{name}_n": n}  # fmt: skip
+    out = {f"fid_{name}": float(fid.compute()), f"kid_{name}": float(kid_mean), f"kid_{name}_std": float(kid_std),
+           f"fid_{name}_n": n}  # fmt: skip
+    if bootstrap:
+        out[f"fid_{name}_low"], out[f"fid_{name}_high"] = fid_interval(features["real"], features["fake"], bootstrap)
+    if infinity:
+        out[f"fid_inf_{name}"] = fid_infinity(features["real"], features["fake"])
+    return out
 
 
 class _Features(nn.Module):

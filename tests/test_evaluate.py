@@ -21,6 +21,8 @@ import evaluate
 from datamodules.shapes import PROMPT_SETS, objects_for, prompt_set, render, score
 from evaluation.metrics import r_precision, r_precision_hits
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 @pytest.fixture(autouse=True)
 def no_wandb_left_behind():
@@ -167,6 +169,7 @@ def test_evaluate_writes_the_table_files_plot_grids_and_wandb_run_offline(tiny_m
     cfg = yaml.safe_load(open(config))
     cfg["methods"].insert(1, {"name": "cvae-by-config", "checkpoint": str(tmp_path / "bare.ckpt"),
                               "config": str(tmp_path / "cvae.yaml")})  # fmt: skip
+    cfg["paired"] = [["gan", "cvae"]]
     open(config, "w").write(yaml.safe_dump(cfg))
     out = tmp_path / "out"
     assert evaluate.main(["--config", config, "--output", str(out)]) == 1  # two methods fail, in their rows
@@ -217,6 +220,16 @@ def test_evaluate_writes_the_table_files_plot_grids_and_wandb_run_offline(tiny_m
     assert f"FID (CLIP), N={n}" in md and f"KID (CLIP), N={n}" in md and rows["gan"]["fid_clip_n"] == n
     gan_line = next(line for line in md.splitlines() if line.startswith("| gan |"))
     assert f"{rows['gan']['kid_clip']:.4f} ± {rows['gan']['kid_clip_std']:.4f}" in gan_line
+    assert set(record["floors"]) == {"single", "counting"} and 0 < record["floors"]["counting"]["floor"] < 1
+    assert "ignores count" in md and "| counting |" in md  # the floors under the table
+    diff = record["paired"]["gan - cvae"]  # a claim, paired: the same prompts and seeds
+    for key in ("single", "counting", "overall"):
+        assert diff[key][0] == pytest.approx(rows["gan"][f"shapes_{key}"] - rows["cvae"][f"shapes_{key}"])
+        assert diff[key][1] <= diff[key][0] <= diff[key][2]
+    assert "| gan - cvae |" in md
+    assert not rows["real renders"]["shapes_counting_under_floor"]
+    real_line = next(line for line in md.splitlines() if line.startswith("| real renders |"))
+    assert "†" not in real_line
     header = (out / "results.csv").read_text().splitlines()[0].split(",")
     assert header[:4] == ["method", "family", "shapes_single", "shapes_counting"]
     assert (out / "quality_vs_speed.png").stat().st_size > 1000
@@ -355,3 +368,123 @@ def test_a_judge_that_shares_ancestry_with_a_methods_clip_is_refused_by_name(tin
     assert evaluate.judge_problems({**cfg, "methods": rerank(tmp_path / "independent.ckpt")}) == ([], [])
     errors, notes = evaluate.judge_problems({**cfg, "methods": rerank(tmp_path / "old.ckpt")})
     assert not errors and "before lineage was recorded" in notes[0]
+
+
+def test_floors_come_from_renders_and_a_generator_that_ignores_colour_does_not_clear_the_binding_floor():
+    from evaluation.harness import (
+        Protocol,
+        floors,
+        mark_floors,
+        prompts_for,
+        quality,
+        render_ignoring,
+        render_real,
+    )
+
+    protocol = Protocol(prompt_sets=["single", "colour_binding"], prompts=16, seeds=4)
+    prompts = prompts_for(protocol)
+    set_floors = floors(prompts, protocol)
+    single, binding = set_floors["single"], set_floors["colour_binding"]
+    # a word drawn at random is right about 1/6 (colour), 1/2 (size) of the time; binding: half
+    assert 0.05 < single["colour"] < 0.3 and 0.3 < single["size"] < 0.7 and 0.3 < binding["binding"] < 0.7
+    assert single["floor"] == max(single[w] for w in ("colour", "shape", "size", "position"))
+    rows = {}
+    for name, images in {"renders": render_real(prompts, protocol),
+                         "ignores colour": render_ignoring(prompts, protocol, "colour", sets=list(prompts)),
+                         "ignores binding": render_ignoring(prompts, protocol, "binding", sets=list(prompts))}.items():
+        rows[name] = quality(images, prompts, protocol)
+    mark_floors(list(rows.values()), set_floors)
+    assert not rows["renders"]["shapes_colour_binding_under_floor"] and not rows["renders"]["shapes_single_under_floor"]
+    assert rows["ignores colour"]["shapes_colour_binding_under_floor"]  # ~0.2 against a floor of ~0.5
+    assert rows["ignores binding"]["shapes_colour_binding_under_floor"]
+    assert rows["ignores colour"]["shapes_single_under_floor"]
+    cell = evaluate._fmt("shapes_colour_binding", rows["ignores colour"]["shapes_colour_binding"], "{:.3f}",
+                         rows["ignores colour"])  # fmt: skip
+    assert cell.endswith(" †") and "†" not in evaluate._fmt("shapes_colour_binding", 1.0, "{:.3f}", rows["renders"])
+
+
+def _train_config(tmp_path, cvae_steps: int, output: str) -> str:
+    data = {"data.init_args.num_train": 48, "data.init_args.num_val": 8, "data.init_args.shard_size": 24,
+            "data.init_args.batch_size": 8, "data.init_args.num_workers": 0,
+            "trainer.enable_progress_bar": False, "trainer.val_check_interval": None}  # fmt: skip
+    runs = tmp_path / "runs"
+    cfg = {
+        "output": str(tmp_path / output), "prompt_sets": ["single"], "prompts_per_set": 2, "num_samples": 4,
+        "resolution": 16, "wandb": {"enabled": False}, "cache": None, "train_root": str(runs),
+        "train": {
+            "cvae": {"config": os.path.join(REPO, "configs", "vae", "cvae_shapes.yaml"), "max_steps": cvae_steps,
+                     "args": {**data, "data.init_args.root": str(tmp_path / "shapes32")}},
+            "gan": {"config": os.path.join(REPO, "configs", "gan", "stackgan1_shapes.yaml"), "max_steps": 2,
+                    "args": {**data, "data.init_args.root": str(tmp_path / "shapes16")}},
+        },
+        "methods": [{"name": "cvae", "checkpoint": str(runs / "cvae" / "checkpoints" / "last.ckpt")},
+                    {"name": "gan", "checkpoint": str(runs / "gan" / "checkpoints" / "last.ckpt")}],
+    }  # fmt: skip
+    path = tmp_path / f"{output}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+@pytest.mark.slow  # four train.py runs and two evaluations (about a minute)
+def test_train_makes_every_row_then_evaluates_and_a_second_call_continues_only_what_is_short(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert evaluate.main(["--config", _train_config(tmp_path, 3, "first"), "--train"]) == 0
+    record = json.loads((tmp_path / "first" / "results.json").read_text())
+    rows = {r["method"]: r for r in record["rows"]}
+    assert rows["cvae"]["steps"] == 3 and rows["gan"]["steps"] == 2 and "error" not in rows["gan"]
+    assert "`cvae`: `" in (tmp_path / "first" / "results.md").read_text()  # each run's budget, as stated
+    gan_ckpt = tmp_path / "runs" / "gan" / "checkpoints" / "last.ckpt"
+    before = gan_ckpt.stat().st_mtime_ns
+    # a longer budget for one run: the same command continues it from last.ckpt and leaves the other
+    assert evaluate.main(["--config", _train_config(tmp_path, 5, "second"), "--train"]) == 0
+    rows = {r["method"]: r for r in json.loads((tmp_path / "second" / "results.json").read_text())["rows"]}
+    assert rows["cvae"]["steps"] == 5 and gan_ckpt.stat().st_mtime_ns == before
+
+
+def test_a_train_section_without_a_budget_fails_before_any_work(tmp_path, capsys):
+    path = _train_config(tmp_path, 3, "out")
+    cfg = yaml.safe_load(open(path))
+    del cfg["train"]["gan"]["max_steps"]
+    cfg["train"]["cvae"]["max_step"] = cfg["train"]["cvae"].pop("max_steps")
+    for broken, message in ((cfg["train"]["gan"], "train.gan states no budget"), (None, "did you mean 'max_steps'")):
+        one = {**cfg, "train": {"cvae": cfg["train"]["cvae"]} if broken is None else {"gan": broken}}
+        (tmp_path / "bad.yaml").write_text(yaml.safe_dump(one))
+        assert evaluate.main(["--config", str(tmp_path / "bad.yaml"), "--train"]) == 2
+        assert message in capsys.readouterr().err
+    # a train.py option typo in the second run: found before the first run trains
+    cfg = yaml.safe_load(open(path))
+    cfg["train"]["gan"]["args"]["model.init_args.generator.init_args.chanels"] = 8
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(cfg))
+    assert evaluate.main(["--config", str(tmp_path / "bad.yaml"), "--train"]) == 2
+    err = capsys.readouterr().err
+    assert "train.gan" in err and "chanels" in err and "nothing was trained" in err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "out").exists()
+
+
+def test_a_checkpoint_selected_on_held_out_prompts_the_table_reports_is_refused_by_name(tmp_path, capsys):
+    def run(part):
+        ckpts = tmp_path / f"run_{part}" / "checkpoints"
+        ckpts.mkdir(parents=True)
+        best = ckpts / "best-step=3.ckpt"
+        monitor = "ModelCheckpoint{'monitor': 'val/shapes_all_correct', 'mode': 'max'}"
+        torch.save({"callbacks": {monitor: {"best_model_path": str(best)}}}, best)
+        torch.save({"callbacks": {monitor: {"best_model_path": str(best)}}}, ckpts / "last.ckpt")
+        score = {"class_path": "callbacks.ShapesScore", "init_args": {"seeds": 4, **({"part": part} if part else {})}}
+        (ckpts.parent / "config.yaml").write_text(yaml.safe_dump({"trainer": {"callbacks": [score]}}))
+        return str(best)
+
+    val, test, before_split = run("val"), run("test"), run(None)
+    assert evaluate.selected_on(val) == "val" and evaluate.selected_on(test) == "test"
+    assert evaluate.selected_on(before_split) == "unknown"
+    assert evaluate.selected_on(str(tmp_path / "run_test" / "checkpoints" / "last.ckpt")) is None
+    cfg = {"output": str(tmp_path / "out"), "prompt_sets": ["single"], "prompts_per_set": 2, "num_samples": 2,
+           "wandb": {"enabled": False}, "cache": None,
+           "methods": [{"name": "picked on val", "checkpoint": val}, {"name": "picked on test", "checkpoint": test},
+                       {"name": "rerank", "model": {"class_path": "lightning_modules.clip_guided.CLIPRerank",
+                                                    "init_args": {"generator": before_split, "clip": "x.ckpt"}}}]}  # fmt: skip
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    assert evaluate.main(["--config", str(tmp_path / "c.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "methods[picked on test]" in err and "'test' part" in err and "last.ckpt" in err
+    assert "methods[rerank]" in err and "'unknown' part" in err and "methods[picked on val]" not in err
+    assert not (tmp_path / "out").exists()

@@ -114,3 +114,26 @@ def test_clip_score_clamps_the_mean_as_torchmetrics_does_not_each_pair():
             return torch.tensor([[0.5, 0.75**0.5], [-0.3, 0.91**0.5]])
 
     assert clip_score(Fixed(), torch.zeros(2, 3, 2, 2), ["a", "b"]) == pytest.approx(100 * (0.5 - 0.3) / 2)
+
+
+def test_our_frechet_distance_is_torchmetrics_fid_and_its_bootstrap_interval_separates_a_real_gap():
+    from evaluation.metrics import fid_interval, frechet_distance
+
+    real, same, shifted = _images(300), _images(300, seed=1), _images(300, shift=0.15, seed=2)
+    out = fid_kid(real, shifted, Pooled(), "pooled", bootstrap=40)  # torchmetrics computes fid_pooled
+    features = [Pooled()((x + 1) / 2).double() for x in (real, same, shifted)]
+    assert frechet_distance(features[0], features[2]) == pytest.approx(out["fid_pooled"], rel=1e-6)
+    assert frechet_distance(features[0], features[2]) == pytest.approx(_frechet(*(f.numpy() for f in features[::2])), rel=1e-6)
+    assert out["fid_pooled_low"] <= out["fid_pooled"] <= out["fid_pooled_high"]
+    same_low, same_high = fid_interval(features[0], features[1], rounds=40)
+    assert same_high < out["fid_pooled_low"]  # a real gap: the intervals do not overlap
+
+
+def test_fid_infinity_removes_most_of_the_small_sample_bias():
+    from evaluation.metrics import fid_infinity, frechet_distance
+
+    g = torch.Generator().manual_seed(0)
+    real = torch.randn(4000, 16, generator=g, dtype=torch.float64)
+    fake = torch.randn(400, 16, generator=g, dtype=torch.float64)  # the same distribution: the true FID is 0
+    biased = frechet_distance(real, fake)
+    assert biased > 0.2 and abs(fid_infinity(real, fake, repeats=5)) < biased / 3
