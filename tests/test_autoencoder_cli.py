@@ -21,8 +21,10 @@ def _common(tmp_path):
             "--data.init_args.batch_size", "2", "--data.init_args.num_workers", "0"]  # fmt: skip
 
 
-@pytest.mark.parametrize("config", ["autoencoder/vqgan_shapes.yaml", "autoencoder/vqvae_shapes.yaml",
-                                    "autoencoder/kl_shapes.yaml", "vae/cvae_shapes.yaml"])  # fmt: skip
+@pytest.mark.parametrize("config", ["autoencoder/vqgan_shapes.yaml",
+                                    pytest.param("autoencoder/vqvae_shapes.yaml", marks=pytest.mark.slow),
+                                    "autoencoder/kl_shapes.yaml",
+                                    pytest.param("vae/cvae_shapes.yaml", marks=pytest.mark.slow)])  # fmt: skip
 def test_shapes_config_runs_fast_dev_run(config, tmp_path):
     args = ["fit", "--config", os.path.join(ROOT, "configs", config), "--trainer.fast_dev_run", "2",
             *_common(tmp_path), *_shapes_args(tmp_path)]  # fmt: skip
@@ -37,6 +39,7 @@ def test_shapes_config_runs_fast_dev_run(config, tmp_path):
         assert Image.open(grids[0]).size == (2 * 64, 2 * 64 + 2)
 
 
+@pytest.mark.slow
 def test_gpu_vqgan_config_runs_on_a_cpu_with_a_local_perceptual_trunk(shapes16, tmp_path):
     torch.save({f"features.{k}": v for k, v in torchvision.models.vgg16().features.state_dict().items()},
                tmp_path / "vgg16-397923af.pth")  # fmt: skip
@@ -56,6 +59,7 @@ def test_gpu_vqgan_config_runs_on_a_cpu_with_a_local_perceptual_trunk(shapes16, 
     assert "max_steps=2` reached" in proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 def test_vqgan_under_two_process_ddp_keeps_one_codebook(shapes16, tmp_path):
     """Two CPU processes (gloo), the GPU trainer's DDP strategy; the discriminator from the second
     step on and restarts forced by a high threshold: both ranks end with the same codebook,
@@ -85,8 +89,9 @@ def test_vqgan_under_two_process_ddp_keeps_one_codebook(shapes16, tmp_path):
 
 @pytest.mark.parametrize(("option", "value", "says"), [
     ("--model.init_args.quantizer.init_args.codebook_dim", "128", "codebook_dim 128 is larger than the latent dimension 64"),
-    ("--model.init_args.image_size", "30", "image_size 30 is not a multiple of the downsampling factor 4"),
-    ("--model.init_args.perceptual_weight", "1.0", "model.init_args.perceptual_path"),
+    pytest.param("--model.init_args.image_size", "30", "image_size 30 is not a multiple of the downsampling factor 4",
+                 marks=pytest.mark.slow),
+    pytest.param("--model.init_args.perceptual_weight", "1.0", "model.init_args.perceptual_path", marks=pytest.mark.slow),
 ])  # fmt: skip
 def test_settings_that_cannot_work_fail_in_one_line_before_any_work(option, value, says, tmp_path):
     args = ["fit", "--config", os.path.join(ROOT, "configs", "autoencoder", "vqgan_shapes.yaml"), option, value,
@@ -109,6 +114,7 @@ def test_data_and_model_image_sizes_must_agree(tmp_path):
     assert not os.path.exists(tmp_path / "runs")
 
 
+@pytest.mark.slow
 def test_a_model_option_dropped_by_ckpt_path_is_named(tmp_path):
     """LightningCLI takes the model options from the checkpoint given with --ckpt_path: a resume
     of the same experiment warns about nothing, a changed option is named."""

@@ -102,22 +102,38 @@ def test_bad_config_fails_before_any_work(tmp_path):
     assert not os.path.exists(tmp_path / "runs") and not os.path.exists(tmp_path / "data")
 
 
-@pytest.mark.parametrize(
-    "config",
-    sorted(c for c in glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True)
-           if os.sep + "compare" + os.sep not in c),  # compare configs are evaluate.py's (test_evaluate)
-    ids=os.path.basename,
-)  # fmt: skip
-def test_every_config_parses(config, tmp_path):
+CONFIGS = sorted(c for c in glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True)
+                 if os.sep + "compare" + os.sep not in c)  # compare configs are evaluate.py's (test_evaluate)  # fmt: skip
+
+
+def _print_config_args(config: str) -> list[str]:
     rel = os.path.relpath(config, os.path.join(ROOT, "configs"))
     if rel.startswith("data" + os.sep):
-        args = ["--config", TINY, "--data", config]
-    elif rel.startswith("trainer" + os.sep):
-        args = ["--config", TINY, "--trainer", config]
-    else:
-        args = ["--config", config]
-    proc = run_cli(["fit", *args, "--print_config"], tmp_path, timeout=120)
-    assert "class_path" in proc.stdout
+        return ["fit", "--config", TINY, "--data", config, "--print_config"]
+    if rel.startswith("trainer" + os.sep):
+        return ["fit", "--config", TINY, "--trainer", config, "--print_config"]
+    return ["fit", "--config", config, "--print_config"]
+
+
+@pytest.fixture(scope="module")
+def printed_configs(tmp_path_factory):
+    """``train.py fit --config <c> --print_config`` for every config, all in one process."""
+    import json
+
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}, "WANDB_MODE": "offline",
+           "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests")])}  # fmt: skip
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "print_configs_script.py")],
+                          input=json.dumps([_print_config_args(c) for c in CONFIGS]), capture_output=True,
+                          text=True, timeout=600, cwd=tmp_path_factory.mktemp("print_config"), env=env)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    return {c: r for c, r in zip(CONFIGS, results)}
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=os.path.basename)
+def test_every_config_parses(config, printed_configs):
+    result = printed_configs[config]
+    assert result["code"] == 0 and "class_path" in result["stdout"], result["stderr"][-3000:]
 
 
 def _tiny_bert(path, hidden=16):
@@ -132,10 +148,16 @@ def _tiny_bert(path, hidden=16):
                          intermediate_size=32)).save_pretrained(path)  # fmt: skip
 
 
-@pytest.mark.parametrize("config", ["diffusion/shapes.yaml", "diffusion/shapes32.yaml", "diffusion/shapes_sr.yaml", "diffusion/shards_gpu.yaml",
-                                    "diffusion/shards_gpu_sr256.yaml", "gan/stackgan1_shapes.yaml",
-                                    "gan/stackgan1_shapes32.yaml", "gan/stackganpp_shapes.yaml",
-                                    "gan/stackganpp_shards_gpu.yaml"])  # fmt: skip
+SLOW = pytest.mark.slow  # the main job's and the 16 px StackGAN configs run by default; the others as slow tests
+
+
+@pytest.mark.parametrize("config", ["diffusion/shapes.yaml", pytest.param("diffusion/shapes32.yaml", marks=SLOW),
+                                    pytest.param("diffusion/shapes_sr.yaml", marks=SLOW),
+                                    pytest.param("diffusion/shards_gpu.yaml", marks=SLOW),
+                                    pytest.param("diffusion/shards_gpu_sr256.yaml", marks=SLOW), "gan/stackgan1_shapes.yaml",
+                                    pytest.param("gan/stackgan1_shapes32.yaml", marks=SLOW),
+                                    pytest.param("gan/stackganpp_shapes.yaml", marks=SLOW),
+                                    pytest.param("gan/stackganpp_shards_gpu.yaml", marks=SLOW)])  # fmt: skip
 def test_method_config_runs_fast_dev_run(config, shapes16, tmp_path):
     args = ["fit", "--config", os.path.join(ROOT, "configs", config), "--trainer.fast_dev_run", "1",
             "--trainer.default_root_dir", str(tmp_path / "runs"), "--trainer.enable_progress_bar", "false",
@@ -176,6 +198,7 @@ def _ckpt(path):
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
+@pytest.mark.slow
 def test_gan_stage_one_under_ddp_then_stage_two_on_its_checkpoint(shapes16, tmp_path):
     """Stage I: two CPU processes (gloo) with the GAN's DDP strategy, one epoch of 3 batches,
     which is 6 optimizer steps; then stage II trains on top of that checkpoint."""

@@ -206,6 +206,7 @@ def test_a_prompt_longer_than_the_context_is_truncated_with_a_warning(tower):
         encoder([long])  # once per encoder: a training run does not repeat it every batch
 
 
+@pytest.mark.slow
 def test_gpu_shards_config_trains_under_two_process_ddp_on_open_clip_towers(shapes16, tmp_path):
     """The GPU config's DDP strategy on two CPU processes (gloo), open_clip's ViT-B-32 shrunk to
     16 px: both ranks step together to max_steps and the validation's recall over all ranks'

@@ -170,6 +170,7 @@ def test_missing_shards_fail_with_a_clear_error(tmp_path):
         dm.setup("fit")
 
 
+@pytest.mark.slow  # two gloo processes; test_ranks_read_disjoint_shards_and_equal_validation is the same rule in one
 def test_ddp_two_ranks_read_disjoint_shards_with_equal_batches(shapes16, tmp_path):
     out = tmp_path / "ddp.json"
     proc = run_processes(

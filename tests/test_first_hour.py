@@ -70,7 +70,7 @@ def test_main_job_config_gives_a_grid_a_score_and_checkpoints_and_its_summary_co
     assert _ckpt_step(os.path.join(run, "checkpoints", "last.ckpt")) == 6
 
 
-@pytest.mark.parametrize(("sig", "name"), [(signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "Ctrl-C")])
+@pytest.mark.parametrize(("sig", "name"), [(signal.SIGTERM, "SIGTERM"), pytest.param(signal.SIGINT, "Ctrl-C", marks=pytest.mark.slow)])
 def test_sigterm_or_ctrl_c_saves_a_checkpoint_that_fit_last_continues(sig, name, shapes16, tmp_path):
     runs = str(tmp_path / "runs")
     args = ["fit", "--trainer", SHAPES_TRAINER, "--data", os.path.join(ROOT, "configs", "data", "shapes16.yaml"),
@@ -130,6 +130,7 @@ def test_a_wrong_shard_path_fails_in_one_line_before_any_run_folder_or_wandb_run
     assert not os.path.exists(tmp_path / "runs")
 
 
+@pytest.mark.slow
 def test_config_typos_get_a_suggestion_and_abbreviations_are_refused(tmp_path):
     error = _fails_in_one_line(
         ["fit", "--config", TINY, "--trainer.max_step", "5", "--print_config"], tmp_path

@@ -216,7 +216,7 @@ def test_schedulers_step_with_their_optimizer():
     assert d_opt.param_groups[0]["lr"] == pytest.approx(2e-4 * 0.1**4)
 
 
-@pytest.mark.parametrize("modulated", [False, True])
+@pytest.mark.parametrize("modulated", [pytest.param(False, marks=pytest.mark.slow), True])  # the 32 px config (the table): modulated
 def test_overfit_each_caption_generates_its_own_image(modulated):
     """Four caption -> image pairs; after training, each caption's sample is nearest its own image."""
     L.seed_everything(0)

@@ -103,7 +103,7 @@ def test_loss_is_on_scaled_latents_and_generate_decodes_to_images(tiny_autoencod
             model.generate(["a"], **option)
 
 
-@pytest.mark.parametrize("kind", ["kl", "vq"])
+@pytest.mark.parametrize("kind", ["kl", pytest.param("vq", marks=pytest.mark.slow)])  # the default (kl) in the default suite
 def test_each_of_four_captions_generates_its_own_image(tiny_autoencoders, kind):
     """With no clamp anywhere: the KL latents at the configured default parameterisation (eps on the
     scaled-linear schedule, min-SNR weights); the VQ latents (8 pre-quantisation channels) with

@@ -75,6 +75,7 @@ def test_prior_predicts_from_its_checkpoint_and_the_autoencoder_path(autoencoder
     assert len([p for p in pngs if "seed" in p]) == 2
 
 
+@pytest.mark.slow
 def test_an_autoencoder_that_cannot_work_fails_in_one_line(autoencoders32, tmp_path):
     for ae, says in ((str(tmp_path / "missing.ckpt"), "model.init_args.autoencoder: autoencoder checkpoint"),
                      (autoencoders32["kl"], "is a KLAutoencoder, but a token prior needs discrete codes")):  # fmt: skip

@@ -7,6 +7,8 @@ import sys
 import pytest
 from conftest import run_processes
 
+pytestmark = pytest.mark.slow  # two DDP runs (about 45 s); run with pytest -m slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

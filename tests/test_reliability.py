@@ -339,6 +339,7 @@ def _shard_with_bad_samples(path, good, bad, bad_members):
                 tar.addfile(info, io.BytesIO(data))
 
 
+@pytest.mark.slow
 def test_skip_counts_in_a_checkpoint_are_the_sum_over_ddp_ranks_and_survive_a_resume(tmp_path):
     """Rank 0 reads a shard with empty captions, rank 1 one with missing captions: the checkpoint
     holds both ranks' counts (summed and per rank), and after a 2-process resume the saved sum is

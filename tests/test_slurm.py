@@ -209,6 +209,7 @@ def reference(cluster, shapes16, tmp_path_factory):
 
 
 @needs_slurm
+@pytest.mark.slow  # the requeue test below trains on the same two-node cluster
 def test_two_nodes_train_together_on_disjoint_shards_with_equal_batch_counts(reference):
     rows = _probe(reference["run"])
     by_rank = {r: [row for row in rows if row[2] == r] for r in ("0", "1")}
