@@ -382,8 +382,8 @@ def _checkpoints_of(spec: dict) -> list[str]:
 
 
 def selected_on(path: str) -> str | None:
-    """What chose this checkpoint file, when a held-out score did: ``None`` for a checkpoint no
-    ``val/shapes_*`` monitor picked (``last.ckpt``, a step's checkpoint), else the held-out part
+    """What may have chosen this checkpoint file: ``None`` for a run's ``last.ckpt`` or a run with
+    no ``val/shapes_*`` monitor, else the held-out part
     its run scored (``val``, or ``all`` / ``test`` / ``unknown`` where it saw the test prompts or
     predates the split)."""
     if os.path.basename(path) == "last.ckpt" or not os.path.isfile(path):
@@ -392,11 +392,9 @@ def selected_on(path: str) -> str | None:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception:  # noqa: BLE001 - an unreadable file is load()'s error, in its own row
         return None
-    picked = any(
-        "val/shapes" in str(key) and os.path.basename(str(state.get("best_model_path", ""))) == os.path.basename(path)
-        for key, state in (ckpt.get("callbacks") or {}).items()
-        if str(key).startswith("ModelCheckpoint") and isinstance(state, dict)
-    )
+    # decided by the run, not the file name: any checkpoint other than the run's last.ckpt, from a
+    # run that kept checkpoints by a held-out score, may be one it picked (the best, a top-k, a copy)
+    picked = any(str(key).startswith("ModelCheckpoint") and "val/shapes" in str(key) for key in ckpt.get("callbacks") or {})
     if not picked:
         return None
     try:
@@ -766,9 +764,11 @@ def write_files(out: str, cfg: dict, protocol: Protocol, command: str, rows: lis
         "against a second independent draw), `chance` judges those renders against another prompt of their set. "
         f"img/s is measured on this machine ({where}) and varies between runs; every other number is fixed by "
         "the seed. "
-        + (f"FID comes with its bootstrap 95% interval over images ({protocol.fid_bootstrap} rounds); it does not "
-           "rank methods whose intervals overlap. " if protocol.fid_bootstrap else "")
-        + ("FID∞ is FID extrapolated to infinitely many images (a line in 1/N through N/2..N). "
+        + (f"FID comes with its bootstrap 95% interval over images ({protocol.fid_bootstrap} rounds): the spread "
+           "of FID at this N, not an interval for FID at infinite N; it does not rank methods whose intervals "
+           "overlap. " if protocol.fid_bootstrap else "")
+        + ("FID∞ is FID extrapolated to infinitely many generated images (a line in 1/N through N/2..N of "
+           "them; the real set stays at N, so the part of FID's bias that comes from it remains). "
            if protocol.fid_infinity else ""),
         "",
         "Prompt sets: " + "; ".join(f"`{s}`: {PROMPT_SETS[s]}" for s in protocol.prompt_sets) + ".",

@@ -352,6 +352,7 @@ class Blob:
     extent: float  # the fitted shape's box side, fraction of the image side
     shape: str  # the renderer's shape that explains the blob best
     softness: float = 0.0  # the fitted blur, pixels (0: as sharp as a render)
+    misfit: float = 0.0  # the best template's squared error over the blob's area
 
 
 _PALETTE = np.asarray([BACKGROUND, *COLOURS.values()], dtype=np.float32)
@@ -359,6 +360,10 @@ _NAMES = ["background", *COLOURS]
 SCORER_VERSION = 2  # 1: fill ratio of the soft box; 2: shape templates fitted with a blur
 _SOFTNESS = (0.0, 0.5, 1.0, 1.5, 2.0)  # the blurs (Gaussian sigma, pixels) a fitted template may have
 _SUB = 4  # template supersampling, as the renderer's
+# The worst misfit a region may have and still be a shape: softened renders stay under 0.05 at
+# 32 px (under 0.14 at 16 px), a ring, a 2:1 bar or an upside-down triangle are 0.18 and more.
+# Regions under 30 pixels of area are pixelated and get more room (a 16 px render: up to 0.31).
+_MAX_MISFIT, _MAX_MISFIT_SMALL = 0.15, 0.35
 _MIX_TOLERANCE = 40.0  # RGB distance from the background-to-colour line that still counts as a mix
 
 
@@ -429,10 +434,11 @@ def _softened(sharp: np.ndarray, even: bool) -> list[tuple[float, np.ndarray]]:
     return out
 
 
-def _fit_shape(alpha: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> tuple[str, float, float]:
+def _fit_shape(alpha: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> tuple[str, float, float, float]:
     """The shape (circle, square, triangle), box side (pixels) and blur that best explain a blob's
     soft coverage ``alpha`` on a patch: each shape is sized to the blob's area (which a blur
-    keeps), placed at its centroid, blurred by each of ``_softened`` and compared pixel by pixel."""
+    keeps), placed at its centroid, blurred by each of ``_softened`` and compared pixel by pixel;
+    the last is the misfit: the squared error over the blob's area."""
     total = alpha.sum()
     my = (alpha.sum(1) @ (ys + 0.5)) / total
     mx = (alpha.sum(0) @ (xs + 0.5)) / total
@@ -445,7 +451,7 @@ def _fit_shape(alpha: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> tuple[str, 
             err = float(((t - alpha) ** 2).sum())
             if err < best[0]:
                 best = (err, shape, side, sigma)
-    return best[1], best[2], best[3]
+    return best[1], best[2], best[3], best[0] / max(float(total), 1e-6)
 
 
 def _split_touching(mask: np.ndarray, alpha: np.ndarray, core: float = 0.75) -> tuple[np.ndarray, int]:
@@ -493,33 +499,39 @@ def find_blobs(image, max_distance: float = 90.0, min_area: float = 0.006, reach
     directions = _PALETTE[1:] - _PALETTE[0]  # (k - 1, 3): background to each colour
     alphas = np.clip(offset @ directions.T / (directions**2).sum(1), 0.0, 1.0)  # (h, w, k - 1) coverage
     residual = np.linalg.norm(offset[..., None, :] - alphas[..., None] * directions, axis=-1)
-    residual[alphas <= 0.5] = np.inf
-    mix = residual.argmin(-1) + 1
-    soft_edge = (label == 0) & (residual.min(-1) < _MIX_TOLERANCE)
-    label[soft_edge] = mix[soft_edge]
+    mixes = residual < _MIX_TOLERANCE  # (h, w, k - 1): a mix of the background and each colour
+    half = np.where(alphas > 0.5, residual, np.inf)  # more than half covered
+    soft_edge = (label == 0) & (half.min(-1) < _MIX_TOLERANCE)
+    label[soft_edge] = half.argmin(-1)[soft_edge] + 1
     blobs = []
     for idx in range(1, len(_NAMES)):
         alpha = alphas[..., idx - 1]
         components, n = _split_touching(label == idx, alpha)
         if n == 0:
             continue
-        # a mix of this colour and the background at any coverage (an edge pixel may be nearest another colour)
-        mixed = np.linalg.norm(offset - alpha[..., None] * directions[idx - 1], axis=-1) < _MIX_TOLERANCE
-        owner = components[tuple(ndimage.distance_transform_edt(components == 0, return_indices=True)[1])]
+        mixed = mixes[..., idx - 1]  # at any coverage: an edge pixel may be nearest another colour
+        if n > 1:  # each pixel belongs to the nearest region of this colour
+            owner = components[tuple(ndimage.distance_transform_edt(components == 0, return_indices=True)[1])]
+        else:
+            owner = np.ones_like(components)
         for comp in range(1, n + 1):
             mask = components == comp
             ys, xs = np.nonzero(mask)
             if len(xs) / (h * w) < min_area or len(xs) < 3:
                 continue
-            near = ndimage.binary_dilation(mask, structure=np.ones((3, 3), bool), iterations=reach)  # a square
+            near = ndimage.binary_dilation(
+                mask, structure=np.ones((3, 3), bool), iterations=reach
+            )  # a square
             region = near & (owner == comp) & ((label == 0) | mask | mixed)
             y0, y1 = max(ys.min() - reach, 0) // 2 * 2, min(ys.max() + reach + 2, h)  # even starts
             x0, x1 = max(xs.min() - reach, 0) // 2 * 2, min(xs.max() + reach + 2, w)
             y1, x1 = y1 - (y1 - y0) % 2, x1 - (x1 - x0) % 2
             soft = (alpha * region)[y0:y1, x0:x1]
-            shape, side, sigma = _fit_shape(
+            shape, side, sigma, misfit = _fit_shape(
                 soft, np.arange(y0, y1, dtype=np.float64), np.arange(x0, x1, dtype=np.float64)
             )
+            if misfit > (_MAX_MISFIT if soft.sum() >= 30 else _MAX_MISFIT_SMALL):
+                shape = "unknown"  # no shape explains it (a ring, a bar, a speckle): it matches no prompt
             blobs.append(
                 Blob(
                     colour=_NAMES[idx],
@@ -529,6 +541,7 @@ def find_blobs(image, max_distance: float = 90.0, min_area: float = 0.006, reach
                     extent=side / max(h, w),
                     shape=shape,
                     softness=sigma,
+                    misfit=misfit,
                 )
             )
     return sorted(blobs, key=lambda b: -b.area)
@@ -604,7 +617,9 @@ def score_batch(images, attrs: Sequence[dict]) -> dict[str, float]:
 
 SPLITS = {"train": 0, "val": 1}
 # every file a build writes (relative to the root): an interrupted old build made of these is cleared
-BUILD_PATTERNS = {f"{split}/shapes-*.tar{end}" for split in SPLITS for end in ("", ".partial")} | {"heldout.jsonl"}
+BUILD_PATTERNS = {f"{split}/shapes-*.tar{end}" for split in SPLITS for end in ("", ".partial")} | {
+    "heldout.jsonl"
+}
 
 
 def write_shapes_shards(

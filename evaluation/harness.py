@@ -152,17 +152,25 @@ def generate_images(
 
 
 def render_real(
-    prompts: dict[str, list[tuple[str, dict]]], protocol: Protocol, draw: int = 0
+    prompts: dict[str, list[tuple[str, dict]]],
+    protocol: Protocol,
+    draw: int = 0,
+    sets: Sequence[str] | None = None,
+    scene: Callable[[dict, np.random.Generator], dict] | None = None,
 ) -> dict[str, Tensor]:
     """The renderer's own images of the same prompts and seeds (``draw`` 1 gives an independent
-    second set, for the real-against-real FID)."""
+    second set, for the real-against-real FID), for ``sets`` (default: all); ``scene`` changes
+    each prompt's scene before it is drawn (a stand-in generator, ``render_ignoring``)."""
     out = {}
     for si, (name, items) in enumerate(prompts.items()):
+        if sets is not None and name not in sets:
+            continue  # the set index stays the one of the whole protocol: the same image seeds
         images = torch.zeros(len(items), protocol.seeds, 3, protocol.resolution, protocol.resolution)
         for p, (_, attrs) in enumerate(items):
             for s in range(protocol.seeds):
                 rng = np.random.default_rng([image_seed(protocol, si, p, s), draw])
-                img = np.asarray(render(objects_for(attrs, rng), protocol.resolution), dtype=np.float32)
+                drawn = scene(attrs, rng) if scene else attrs
+                img = np.asarray(render(objects_for(drawn, rng), protocol.resolution), dtype=np.float32)
                 images[p, s] = torch.from_numpy(img).permute(2, 0, 1) / 127.5 - 1
         out[name] = images
     return out
@@ -330,20 +338,8 @@ def render_ignoring(
 ) -> dict[str, Tensor]:
     """The renders of a stand-in generator that ignores ``word`` (see ``ignore_word``), with the
     protocol's image seeds; for the sets in ``sets`` (default: every set that checks the word)."""
-    names = [n for n in prompts if (n in sets if sets is not None else word in IGNORABLE[n])]
-    out = {}
-    for name in names:
-        si = list(prompts).index(name)
-        items = prompts[name]
-        images = torch.zeros(len(items), protocol.seeds, 3, protocol.resolution, protocol.resolution)
-        for p, (_, attrs) in enumerate(items):
-            for s in range(protocol.seeds):
-                rng = np.random.default_rng([image_seed(protocol, si, p, s), 2])
-                scene = ignore_word(attrs, word, rng)
-                img = np.asarray(render(objects_for(scene, rng), protocol.resolution), dtype=np.float32)
-                images[p, s] = torch.from_numpy(img).permute(2, 0, 1) / 127.5 - 1
-        out[name] = images
-    return out
+    names = list(sets) if sets is not None else [n for n in prompts if word in IGNORABLE[n]]
+    return render_real(prompts, protocol, draw=2, sets=names, scene=lambda attrs, rng: ignore_word(attrs, word, rng))
 
 
 def floors(prompts: dict[str, list[tuple[str, dict]]], protocol: Protocol) -> dict[str, dict[str, float]]:

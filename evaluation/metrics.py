@@ -1,4 +1,5 @@
-"""FID and KID with a pluggable feature extractor (torchmetrics), CLIP score and AttnGAN's
+"""FID (the Frechet distance, checked against torchmetrics') and KID (torchmetrics) with a
+pluggable feature extractor, CLIP score and AttnGAN's
 R-precision with an injected CLIP, and diversity across seeds.
 
 Images are ``(n, 3, h, w)`` in [-1, 1], as ``generate`` returns them.
@@ -19,7 +20,7 @@ from networks.errors import MissingFileError
 
 
 class CLIPImageFeatures(nn.Module):
-    """The image tower of a CLIP as a feature extractor for torchmetrics' FID and KID: images in
+    """The image tower of a CLIP as a feature extractor for FID and KID: images in
     [0, 1] (``normalize=True``) -> the l2-normalised CLIP embedding."""
 
     def __init__(self, clip: nn.Module):
@@ -82,18 +83,19 @@ def frechet_distance(real: Tensor, fake: Tensor) -> float:
     return float((mu_r - mu_f).square().sum() + c_r.trace() + c_f.trace() - 2 * root)
 
 
-def fid_interval(real: Tensor, fake: Tensor, rounds: int = 50, seed: int = 0) -> tuple[float, float]:
+def fid_interval(real: Tensor, fake: Tensor, rounds: int = 50, seed: int = 0, point: float | None = None
+                 ) -> tuple[float, float]:  # fmt: skip
     """A bootstrap 95% interval of FID over images: both feature sets resampled with replacement
     ``rounds`` times. Resampling repeats images, which raises FID (fewer distinct images), so the
     bootstrap values are shifted back by their mean excess over the point value before their
-    2.5 and 97.5 percentiles are read."""
+    2.5 and 97.5 percentiles are read. ``point``: the FID of the two sets, when it is known."""
     g = torch.Generator().manual_seed(seed)
     values = [
         frechet_distance(real[torch.randint(len(real), (len(real),), generator=g)],
                          fake[torch.randint(len(fake), (len(fake),), generator=g)])
         for _ in range(rounds)
     ]  # fmt: skip
-    bias = float(np.mean(values)) - frechet_distance(real, fake)
+    bias = float(np.mean(values)) - (frechet_distance(real, fake) if point is None else point)
     low, high = np.percentile(values, [2.5, 97.5]) - bias
     return float(low), float(high)
 
@@ -102,7 +104,8 @@ def fid_infinity(real: Tensor, fake: Tensor, points: int = 5, repeats: int = 3, 
     """FID extrapolated to infinitely many generated images (Chong and Forsyth, "Effectively
     Unbiased FID and Inception Score and where to find them"): FID is linear in 1/N, so FID at
     ``points`` sizes from N/2 to N (each the mean of ``repeats`` random subsets) is fitted by a
-    line in 1/N and read at 1/N = 0."""
+    line in 1/N and read at 1/N = 0. Only the generated set is subsampled: the bias that a real
+    set of N images adds stays (give more real images to shrink it)."""
     g = torch.Generator().manual_seed(seed)
     sizes = np.linspace(len(fake) // 2, len(fake), points).astype(int)
     values = [np.mean([frechet_distance(real, fake[torch.randperm(len(fake), generator=g)[:n]]) for _ in range(repeats)])
@@ -122,7 +125,6 @@ def fid_kid(real: Tensor | None, fake: Tensor, extractor: nn.Module | None, name
     ``infinity`` adds ``fid_inf_<name>`` (``fid_infinity``).
     Below the feature dimension FID's covariance is singular: a warning says so (and the number is
     still given, marked by the warning), instead of a NaN."""
-    from torchmetrics.image.fid import FrechetInceptionDistance
     from torchmetrics.image.kid import KernelInceptionDistance
 
     n = min(len(real_features if real_features is not None else real), len(fake))
@@ -135,29 +137,29 @@ def fid_kid(real: Tensor | None, fake: Tensor, extractor: nn.Module | None, name
             "is singular and FID unreliable; use more samples, or compare KID",
             stacklevel=2,
         )
-    # the extractor runs once per image; FID and KID both read the features through an identity
+    # the extractor runs once per image; KID reads the features through an identity
     features = {"real": real_features if real_features is not None else image_features(extractor, real),
                 "fake": image_features(extractor, fake)}  # fmt: skip
     passthrough = _Features(features["real"].shape[-1])
-    fid = FrechetInceptionDistance(feature=passthrough, normalize=True)
     kid = KernelInceptionDistance(feature=passthrough, normalize=True, subset_size=min(kid_subset, n))
-    for metric in (fid, kid):
-        metric.update(features["real"].double(), real=True)
-        metric.update(features["fake"], real=False)
+    kid.update(features["real"].double(), real=True)
+    kid.update(features["fake"], real=False)
     with torch.random.fork_rng(devices=[]):  # KID draws random subsets: the same for the same images
         torch.manual_seed(0)
         kid_mean, kid_std = kid.compute()
-    out = {f"fid_{name}": float(fid.compute()), f"kid_{name}": float(kid_mean), f"kid_{name}_std": float(kid_std),
-           f"fid_{name}_n": n}  # fmt: skip
+    fid = frechet_distance(features["real"], features["fake"])  # torchmetrics' FID formula (tested against it)
+    out = {f"fid_{name}": fid, f"kid_{name}": float(kid_mean), f"kid_{name}_std": float(kid_std), f"fid_{name}_n": n}
     if bootstrap:
-        out[f"fid_{name}_low"], out[f"fid_{name}_high"] = fid_interval(features["real"], features["fake"], bootstrap)
+        out[f"fid_{name}_low"], out[f"fid_{name}_high"] = fid_interval(
+            features["real"], features["fake"], bootstrap, point=fid
+        )
     if infinity:
         out[f"fid_inf_{name}"] = fid_infinity(features["real"], features["fake"])
     return out
 
 
 class _Features(nn.Module):
-    """An identity for torchmetrics' FID and KID fed with features computed beforehand."""
+    """An identity for torchmetrics' KID fed with features computed beforehand."""
 
     def __init__(self, num_features: int):
         super().__init__()

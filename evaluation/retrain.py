@@ -98,11 +98,14 @@ def progress(path: str) -> tuple[int, float]:
     return int(ckpt.get("global_step", 0)), float((timer.get("time_elapsed") or {}).get("train", 0.0))
 
 
-def budget_reached(path: str, entry: dict) -> bool:
-    step, spent = progress(path)
+def _reached(entry: dict, step: int, spent: float) -> bool:
     return ("max_steps" in entry and step >= int(entry["max_steps"])) or (
         "max_time" in entry and spent >= seconds(entry["max_time"])
     )
+
+
+def budget_reached(path: str, entry: dict) -> bool:
+    return _reached(entry, *progress(path))
 
 
 def _value(v) -> str:
@@ -128,12 +131,15 @@ def train_all(cfg: dict, log: Callable[[str], None] = print, env: dict | None = 
     The options of every run still to train are checked first (``train.py --print_config``), so a
     typo in the last run fails before the first one starts. A run that fails or stops short of its
     budget stops the command (the others stay as they are; the same command continues)."""
-    status = {}
-    todo = {n: e for n, e in entries(cfg).items()
-            if not (os.path.isfile(last_checkpoint(cfg, n)) and budget_reached(last_checkpoint(cfg, n), e))}  # fmt: skip
+    status, runs = {}, entries(cfg)
+    before = {
+        n: progress(last_checkpoint(cfg, n)) if os.path.isfile(last_checkpoint(cfg, n)) else None
+        for n in runs
+    }
+    todo = [n for n in runs if before[n] is None or not _reached(runs[n], *before[n])]
     problems = []  # every run's options are checked before the first one trains
-    for name, entry in todo.items():
-        check = subprocess.run([*command(cfg, name, entry, resume=False), "--print_config"], env=env,
+    for name in todo:
+        check = subprocess.run([*command(cfg, name, runs[name], resume=False), "--print_config"], env=env,
                                capture_output=True, text=True)  # fmt: skip
         if check.returncode != 0:
             lines = [line.strip() for line in check.stderr.splitlines() if line.strip()] or [
@@ -145,11 +151,11 @@ def train_all(cfg: dict, log: Callable[[str], None] = print, env: dict | None = 
             problems.append(f"train.{name}: {said.removeprefix('error:').strip()}")
     if problems:
         raise TrainProblem("; ".join(problems) + " (nothing was trained)")
-    for name, entry in entries(cfg).items():
+    for name, entry in runs.items():
         last = last_checkpoint(cfg, name)
-        resume = os.path.isfile(last)
-        if resume and budget_reached(last, entry):
-            step, spent = progress(last)
+        resume = before[name] is not None
+        if name not in todo:
+            step, spent = before[name]
             log(f"train {name}: done ({step:,} steps, {spent / 60:.1f} min), {last}")
             status[name] = "done"
             continue

@@ -116,13 +116,25 @@ def test_clip_score_clamps_the_mean_as_torchmetrics_does_not_each_pair():
     assert clip_score(Fixed(), torch.zeros(2, 3, 2, 2), ["a", "b"]) == pytest.approx(100 * (0.5 - 0.3) / 2)
 
 
+class _Identity(nn.Module):
+    num_features = 48
+
+    def forward(self, x):
+        return x
+
+
 def test_our_frechet_distance_is_torchmetrics_fid_and_its_bootstrap_interval_separates_a_real_gap():
     from evaluation.metrics import fid_interval, frechet_distance
 
     real, same, shifted = _images(300), _images(300, seed=1), _images(300, shift=0.15, seed=2)
-    out = fid_kid(real, shifted, Pooled(), "pooled", bootstrap=40)  # torchmetrics computes fid_pooled
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    out = fid_kid(real, shifted, Pooled(), "pooled", bootstrap=40)
     features = [Pooled()((x + 1) / 2).double() for x in (real, same, shifted)]
-    assert frechet_distance(features[0], features[2]) == pytest.approx(out["fid_pooled"], rel=1e-6)
+    reference = FrechetInceptionDistance(feature=_Identity(), normalize=True)  # the reference implementation
+    reference.update(features[0], real=True)
+    reference.update(features[2], real=False)
+    assert out["fid_pooled"] == pytest.approx(float(reference.compute()), rel=1e-6)
     assert frechet_distance(features[0], features[2]) == pytest.approx(_frechet(*(f.numpy() for f in features[::2])), rel=1e-6)
     assert out["fid_pooled_low"] <= out["fid_pooled"] <= out["fid_pooled_high"]
     same_low, same_high = fid_interval(features[0], features[1], rounds=40)

@@ -102,3 +102,22 @@ def test_soft_renders_read_as_sharp_ones_in_every_set_and_wrong_ones_still_fail(
             x = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1)[None] / 127.5 - 1
             out.append(S.score(soften(x)[0], attrs)["all"])
     assert np.mean(wrong_shape) <= 0.05 and np.mean(wrong_colour) == 0.0
+
+
+def test_a_region_no_shape_explains_is_no_shape():
+    """A ring or a 2:1 bar in the prompt's colour and place is not read as a circle or a square."""
+    from PIL import Image, ImageDraw
+
+    def drawn(paint):
+        img = Image.new("RGB", (128, 128), S.BACKGROUND)
+        paint(ImageDraw.Draw(img), 128, S.COLOURS["red"])
+        return img.resize((32, 32), Image.BOX)
+
+    def ring(d, w, c):
+        d.ellipse([w * 0.27] * 2 + [w * 0.73] * 2, fill=c)
+        d.ellipse([w * 0.38] * 2 + [w * 0.62] * 2, fill=S.BACKGROUND)
+
+    bar = drawn(lambda d, w, c: d.rectangle([w * 0.27, w * 0.4, w * 0.73, w * 0.6], fill=c))
+    assert [b.shape for b in S.find_blobs(drawn(ring))] == ["unknown"] == [b.shape for b in S.find_blobs(bar)]
+    assert not S.score(drawn(ring), S.single_attrs("red", "circle", "large", "center"))["all"]
+    assert not S.score(bar, S.single_attrs("red", "square", "large", "center"))["all"]
