@@ -35,7 +35,8 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from datamodules.shapes import PROMPT_SETS, SCORER_VERSION
+from datamodules.shapes import DATA_VERSION, HELDOUT_PARTS, PROMPT_SETS, SCORER_VERSION
+from datamodules.shapes_datamodule import checkpoint_data_version
 from evaluation import retrain
 from evaluation.harness import (
     IMAGE_SEED_RULE,
@@ -59,8 +60,11 @@ TOP_KEYS = {
     "seed": "protocol seed: prompts and every image's seed",
     "resolution": "images are compared at this side (a method's own size is resized to it)",
     "prompt_sets": f"any of {', '.join(PROMPT_SETS)}",
-    "prompts_per_set": "prompts of each set (the held-out single-object set has 26)",
-    "num_samples": "images per prompt set; seeds per prompt = ceil(num_samples / prompts)",
+    "data_version": f"the shapes data version whose held-out prompts are measured ({DATA_VERSION}); a checkpoint of another version is refused",
+    "part": f"the held-out part measured: test (the table), val (tuning and selection) or all; one of {', '.join(HELDOUT_PARTS)}",
+    "prompts_per_set": "at most this many prompts of each set (null: every held-out prompt of the part)",
+    "seeds": "images per prompt, each with its own seed (4)",
+    "num_samples": "instead of seeds: images per prompt set; seeds = ceil(num_samples / prompts of the largest set)",
     "batch_size": "prompts per generate call",
     "clip": "CLIP checkpoint for CLIP score, R-precision and fid_clip (null: no CLIP columns)",
     "extractors": "FID/KID feature extractors: clip, inception, {name, open_clip, weights} or {name, class_path, init_args}",
@@ -120,15 +124,18 @@ def load_config(path: str, overrides: argparse.Namespace) -> dict:
                 f"{path}: unknown key {key!r}{_suggest(key, TOP_KEYS)}; the keys are {', '.join(TOP_KEYS)}"
             )
     cfg.setdefault("prompt_sets", list(PROMPT_SETS))
-    cfg.setdefault("prompts_per_set", 26)
-    cfg.setdefault("num_samples", 104)
+    cfg.setdefault("prompts_per_set", None)
+    cfg.setdefault("seeds", 4)
+    cfg.setdefault("num_samples", None)
+    cfg.setdefault("data_version", DATA_VERSION)
+    cfg.setdefault("part", "test")
     cfg.setdefault("seed", 0)
     cfg.setdefault("resolution", 32)
     cfg.setdefault("batch_size", 32)
     cfg.setdefault("cache", os.path.join("runs", "compare", "cache"))
     cfg.setdefault("extractors", ["clip"] if cfg.get("clip") else [])
     cfg.setdefault("output", os.path.join("runs", "compare", os.path.splitext(os.path.basename(path))[0]))
-    for key in ("output", "seed", "num_samples"):
+    for key in ("output", "seed", "num_samples", "seeds", "part"):
         value = getattr(overrides, key, None)
         if value is not None:
             cfg[key] = value
@@ -191,11 +198,16 @@ def load_config(path: str, overrides: argparse.Namespace) -> dict:
 
 def protocol_of(cfg: dict) -> Protocol:
     rp, fid = cfg.get("r_precision") or {}, cfg.get("fid") or {}
-    prompts = int(cfg["prompts_per_set"])
-    return Protocol(prompt_sets=list(cfg["prompt_sets"]), prompts=prompts, seeds=max(1, -(-int(cfg["num_samples"]) // prompts)),
-                    seed=int(cfg["seed"]), resolution=int(cfg["resolution"]), batch_size=int(cfg["batch_size"]),
-                    distractors=int(rp.get("distractors", 99)), fid_bootstrap=int(fid.get("bootstrap", 50)),
-                    fid_infinity=bool(fid.get("infinity", False)))  # fmt: skip
+    prompts = None if cfg["prompts_per_set"] is None else int(cfg["prompts_per_set"])
+    protocol = Protocol(prompt_sets=list(cfg["prompt_sets"]), prompts=prompts, seeds=int(cfg["seeds"]),
+                        data_version=int(cfg["data_version"]), part=str(cfg["part"]),
+                        seed=int(cfg["seed"]), resolution=int(cfg["resolution"]), batch_size=int(cfg["batch_size"]),
+                        distractors=int(rp.get("distractors", 99)), fid_bootstrap=int(fid.get("bootstrap", 50)),
+                        fid_infinity=bool(fid.get("infinity", False)))  # fmt: skip
+    if cfg.get("num_samples") is not None:
+        largest = max(len(v) for v in prompts_for(protocol).values())
+        protocol.seeds = max(1, -(-int(cfg["num_samples"]) // largest))
+    return protocol
 
 
 def import_class(class_path: str, option: str):
@@ -424,6 +436,22 @@ def selection_problems(cfg: dict) -> list[str]:
     return errors
 
 
+def data_version_problems(cfg: dict) -> list[str]:
+    """Every checkpoint (a method's, those it names, the judge) trained on the shapes data must be
+    of the protocol's version: another version's held-out prompts are not this one's."""
+    wanted, errors = int(cfg["data_version"]), []
+    named = [(f"methods[{spec['name']}]", path) for spec in cfg["methods"] for path in _checkpoints_of(spec)]
+    for who, path in [*named, *([("clip (the judge)", cfg["clip"])] if cfg.get("clip") else [])]:
+        found = checkpoint_data_version(path) if os.path.isfile(path) else None
+        if found is not None and found != wanted:
+            errors.append(
+                f"{who}: {path} was trained on shapes data version {found}, and this protocol measures version "
+                f"{wanted} (whose held-out prompts may be in version {found}'s training data): retrain it on "
+                f"version {wanted} (python evaluate.py --config ... --train), or set data_version: {found}"
+            )
+    return errors
+
+
 def judge_note(spec: dict) -> str | None:
     """The config's own note for a method."""
     return spec.get("note") or None
@@ -598,7 +626,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help="a compare config (configs/compare/*.yaml)")
     p.add_argument("--methods", help="comma-separated names from the config's methods (default: all)")
-    p.add_argument("--num-samples", dest="num_samples", type=int, help="images per prompt set")
+    p.add_argument("--num-samples", dest="num_samples", type=int, help="images per prompt set (instead of --seeds)")
+    p.add_argument("--seeds", type=int, help="images per prompt")
+    p.add_argument("--part", choices=HELDOUT_PARTS, help="held-out part: test (the table) or val (tuning)")
     p.add_argument("--output", help="output folder (default: the config's output)")
     p.add_argument("--overwrite", action="store_true", help="replace the results in an output folder that has some")
     p.add_argument("--seed", type=int, help="protocol seed")
@@ -632,7 +662,8 @@ def main(argv: list[str] | None = None) -> int:
             lpips = PerceptualLoss(cfg["lpips"], option="lpips")
         errors, notes = sample_problems(protocol, extractors)
         judge_errors, judge_notes = judge_problems(cfg)
-        errors, notes = errors + judge_errors + selection_problems(cfg), notes + judge_notes
+        errors = errors + judge_errors + selection_problems(cfg) + data_version_problems(cfg)
+        notes = notes + judge_notes
         if errors:
             raise ConfigProblem("; ".join(errors))
         for note in notes:
@@ -746,8 +777,10 @@ def write_files(out: str, cfg: dict, protocol: Protocol, command: str, rows: lis
         "",
         f"Command: `{command}`",
         "",
-        f"Protocol: prompt sets {', '.join(protocol.prompt_sets)}; {protocol.prompts} prompts per set "
-        f"(`single` has 26), {protocol.seeds} image(s) per prompt, each with its own seed, protocol seed {protocol.seed}, "
+        f"Protocol: the `{protocol.part}` part of the held-out prompts of shapes data version {protocol.data_version} "
+        f"(no training scene contains them); prompts per set: "
+        + ", ".join(f"{n} {len(v)}" for n, v in prompts_for(protocol).items())
+        + f"; {protocol.seeds} image(s) per prompt, each with its own seed, protocol seed {protocol.seed}, "
         f"compared at {protocol.resolution} px, {protocol.batch_size} prompts per `generate` call.",
         "",
         f"The shapes columns are the analytic scorer's (version {SCORER_VERSION}) all-correct rate per prompt set "

@@ -3,7 +3,7 @@ data: the analytic shapes scorer on the originals and on their reconstructions (
 reconstruction keep what the scorer reads: colour, shape, size, position, count, relations),
 PSNR, and for VQ the fraction of codes used and the perplexity over these images.
 
-    python benchmarks/autoencoder_quality.py runs/<run>/checkpoints/last.ckpt --data data/shapes32
+    python benchmarks/autoencoder_quality.py runs/<run>/checkpoints/last.ckpt --data data/shapes32-v2
 """
 
 import argparse
@@ -21,7 +21,7 @@ from networks.quantizer import perplexity, usage
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("checkpoint")
-    p.add_argument("--data", default="data/shapes32", help="the shapes root the autoencoder was trained on")
+    p.add_argument("--data", default="data/shapes32-v2", help="the shapes root the autoencoder was trained on")
     p.add_argument("--samples", type=int, default=256, help="validation images to reconstruct")
     a = p.parse_args()
     model = load_autoencoder(a.checkpoint)

@@ -14,7 +14,8 @@ import time
 import torch
 from shapes_quality import rendered  # benchmarks/shapes_quality.py
 
-from datamodules.shapes import heldout_prompts, score_batch
+from datamodules.shapes import DATA_VERSION, heldout_prompts, score_batch
+from datamodules.shapes_datamodule import checkpoint_data_version
 from lightning_modules.clip_guided import VQGANCLIP
 
 
@@ -38,7 +39,7 @@ def main() -> None:
     p.add_argument("--grid", default=None, help="save the images here (PNG)")
     a = p.parse_args()
     model = VQGANCLIP(a.autoencoder, a.clip, steps=a.steps, **json.loads(a.options))
-    prompts = heldout_prompts()
+    prompts = heldout_prompts(version=checkpoint_data_version(a.clip) or DATA_VERSION)  # the prompts held out of its data
     texts = [c for c, _ in prompts]
     images, curves, start = [], [], time.perf_counter()
     for seed in range(a.seeds):

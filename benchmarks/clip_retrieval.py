@@ -11,7 +11,8 @@ import argparse
 import torch
 from shapes_quality import rendered  # benchmarks/shapes_quality.py
 
-from datamodules.shapes import heldout_prompts
+from datamodules.shapes import DATA_VERSION, heldout_prompts
+from datamodules.shapes_datamodule import checkpoint_data_version
 from lightning_modules.clip import load_clip, retrieval_recall
 
 
@@ -21,7 +22,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=8)
     a = p.parse_args()
     clip = load_clip(a.checkpoint)
-    prompts = heldout_prompts()
+    prompts = heldout_prompts(version=checkpoint_data_version(a.checkpoint) or DATA_VERSION)  # the prompts held out of its data
     texts = clip.encode_text([c for c, _ in prompts])
     totals: dict[str, float] = {}
     with torch.no_grad():

@@ -16,7 +16,8 @@ import time
 
 import torch
 
-from datamodules.shapes import heldout_prompts, score_batch
+from datamodules.shapes import DATA_VERSION, heldout_prompts, score_batch
+from datamodules.shapes_datamodule import checkpoint_data_version
 from lightning_modules.clip_guided import CLIPRerank
 
 
@@ -30,7 +31,7 @@ def main() -> None:
     p.add_argument("--sampling", default="{}", help="generate options of the method, as JSON")
     a = p.parse_args()
     model = CLIPRerank(a.generator, a.clip, candidates=a.candidates, batch_size=a.batch, sampling=json.loads(a.sampling))
-    prompts = heldout_prompts()
+    prompts = heldout_prompts(version=checkpoint_data_version(a.generator) or DATA_VERSION)  # the prompts held out of its data
     n = a.candidates
     print(f"{type(model.method).__name__}: {len(prompts)} held-out prompts x {a.seeds} seed(s), {n} candidates each")
     picks: dict[str, list] = {"random": [], "best-of-N": []}

@@ -35,16 +35,20 @@ SOFTENINGS = {
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--resolution", type=int, default=32)
-    p.add_argument("--prompts", type=int, default=26)
+    p.add_argument("--prompts", type=int, default=None, help="at most this many prompts per set (default: all)")
+    p.add_argument("--part", default="test", help="held-out part: test, val or all")
+    p.add_argument("--data-version", type=int, default=2)
     p.add_argument("--seeds", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     torch.manual_seed(args.seed)
-    protocol = Protocol(prompts=args.prompts, seeds=args.seeds, seed=args.seed, resolution=args.resolution)
+    protocol = Protocol(prompts=args.prompts, seeds=args.seeds, seed=args.seed, resolution=args.resolution,
+                        part=args.part, data_version=args.data_version)  # fmt: skip
     prompts = prompts_for(protocol)
     real = render_real(prompts, protocol)
     print(
-        f"scorer version {SCORER_VERSION}, {args.resolution} px, {args.prompts} prompts x {args.seeds} seeds per set"
+        f"scorer version {SCORER_VERSION}, {args.resolution} px, shapes data v{args.data_version} {args.part} part, "
+        + ", ".join(f"{n} {len(v)}" for n, v in prompts.items()) + f" prompts x {args.seeds} seeds"
     )
     print(f"{'set':16}" + "".join(f"{n:>13}" for n in SOFTENINGS) + "   failing checks (blur; down-up)")
     start = time.perf_counter()

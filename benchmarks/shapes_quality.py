@@ -30,7 +30,8 @@ import numpy as np
 import torch
 from common import from_run_config, load  # benchmarks/common.py
 
-from datamodules.shapes import HELDOUT_PARTS, heldout_prompts, objects_for, render, score, score_batch
+from datamodules.shapes import DATA_VERSION, HELDOUT_PARTS, heldout_prompts, objects_for, render, score, score_batch
+from datamodules.shapes_datamodule import checkpoint_data_version
 from evaluation.intervals import bootstrap_interval, format_interval, paired_difference
 
 
@@ -62,12 +63,14 @@ def main() -> None:
         "--diversity", type=int, default=0, help="seeds per prompt for the diversity column (0: none)"
     )
     p.add_argument("--part", choices=HELDOUT_PARTS, default="all", help="which held-out prompts (tune on val)")
+    p.add_argument("--data-version", type=int, help="shapes data version of the prompts (default: the checkpoint's)")
     a = p.parse_args()
+    version = a.data_version or checkpoint_data_version(a.checkpoint) or DATA_VERSION
     model = from_run_config(a.config, a.checkpoint) if a.config else load(a.checkpoint)
     if torch.cuda.is_available():
         model = model.cuda()
-    prompts = heldout_prompts(a.part)
-    print(f"{len(prompts)} held-out single-object prompts ({a.part}) x {a.seeds} seed(s), "
+    prompts = heldout_prompts(a.part, version)
+    print(f"{len(prompts)} held-out single-object prompts (shapes data v{version}, {a.part}) x {a.seeds} seed(s), "
           f"resolution {model.image_size}, {torch.get_num_threads()} thread(s)")  # fmt: skip
     extra = json.loads(a.sampling)
     if "sampler" in model.sampling_options():  # diffusion: one row per sampler

@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 
-from datamodules.shapes import heldout_prompts, score
+from datamodules.shapes import DATA_VERSION, heldout_prompts, score
 
 SEED_STRIDE = 100_003  # image seed = seed index * SEED_STRIDE + prompt index
 
@@ -31,15 +31,24 @@ class ShapesScore(Callback):
         part: ``val`` (the default: selection happens on it), ``test`` or ``all``.
         batch_size: prompts per ``generate`` call.
         sampling: keyword arguments passed to ``generate`` (sampler, steps, guidance scale, ...).
+        version: the shapes data version whose held-out prompts to use; None takes the
+            datamodule's (``ShapesDataModule.version``), else the current one.
     """
 
-    def __init__(self, seeds: int = 1, batch_size: int = 32, sampling: dict | None = None, part: str = "val"):
+    def __init__(
+        self, seeds: int = 1, batch_size: int = 32, sampling: dict | None = None, part: str = "val",
+        version: int | None = None,
+    ):  # fmt: skip
         self.seeds, self.batch_size, self.sampling = seeds, batch_size, sampling or {}
-        self.prompts = heldout_prompts(part)
+        self.part, self.version = part, version
+        self.prompts = heldout_prompts(part, version or DATA_VERSION)
         self.enabled = True
         self.last: dict[str, float] = {}
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        data_version = getattr(trainer.datamodule, "version", None)
+        if self.version is None and data_version is not None:  # the prompts held out of this data
+            self.prompts = heldout_prompts(self.part, data_version)
         if hasattr(pl_module, "check_sampling"):  # a wrong option fails before any training
             pl_module.check_sampling(self.sampling)
 

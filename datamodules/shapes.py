@@ -24,6 +24,7 @@ measures its size and box centre, then checks each attribute of the prompt. Soft
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import itertools
 import json
@@ -42,6 +43,8 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "yellow": (235, 215, 40),
     "purple": (165, 60, 215),
     "white": (240, 240, 240),
+    "orange": (245, 140, 30),  # version 2 on
+    "cyan": (40, 200, 210),  # version 2 on
 }
 BACKGROUND = (40, 40, 40)
 SHAPES = ("circle", "square", "triangle")
@@ -52,6 +55,10 @@ POSITIONS = {
     "top": (0.5, 0.27),
     "bottom": (0.5, 0.73),
     "center": (0.5, 0.5),
+    "top left": (0.27, 0.27),  # the corners: version 2 on
+    "top right": (0.73, 0.27),
+    "bottom left": (0.27, 0.73),
+    "bottom right": (0.73, 0.73),
 }
 POSITION_PHRASES = {
     "left": "on the left",
@@ -59,16 +66,47 @@ POSITION_PHRASES = {
     "top": "at the top",
     "bottom": "at the bottom",
     "center": "in the center",
+    "top left": "at the top left",
+    "top right": "at the top right",
+    "bottom left": "at the bottom left",
+    "bottom right": "at the bottom right",
 }
 RELATIONS = {"left of": "to the left of", "right of": "to the right of", "above": "above", "below": "below"}
-COUNT_WORDS = {2: "two", 3: "three", 4: "four"}
+COUNT_WORDS = {2: "two", 3: "three", 4: "four", 5: "five"}
 RELATION_EXTENT = 0.3
 COUNT_EXTENT = 0.2
 SUPERSAMPLE = 4
 
 
-def _single_combos() -> list[tuple[str, str, str, str]]:
-    return list(itertools.product(COLOURS, SHAPES, SIZES, POSITIONS))
+DATA_VERSION = 2  # the shapes data written by default; version 1 stays readable
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """The words one version of the data draws from (the renderer and scorer know all of them)."""
+
+    colours: tuple[str, ...]
+    positions: tuple[str, ...]
+    counts: tuple[int, ...]
+    shapes: tuple[str, ...] = SHAPES
+    sizes: tuple[str, ...] = tuple(SIZES)
+
+
+VOCABULARIES = {
+    1: Vocabulary(tuple(COLOURS)[:6], tuple(POSITIONS)[:5], (2, 3, 4)),
+    2: Vocabulary(tuple(COLOURS), tuple(POSITIONS), (2, 3, 4, 5)),
+}
+
+
+def vocabulary(version: int = DATA_VERSION) -> Vocabulary:
+    if version not in VOCABULARIES:
+        raise ValueError(f"unknown shapes data version {version!r}; the versions are {', '.join(map(str, VOCABULARIES))}")
+    return VOCABULARIES[version]
+
+
+def _single_combos(version: int = DATA_VERSION) -> list[tuple[str, str, str, str]]:
+    v = vocabulary(version)
+    return list(itertools.product(v.colours, v.shapes, v.sizes, v.positions))
 
 
 def _is_heldout(colour: str, shape: str, size: str, position: str) -> bool:
@@ -77,8 +115,9 @@ def _is_heldout(colour: str, shape: str, size: str, position: str) -> bool:
     return (c + 2 * s + 3 * z + p) % 7 == 0
 
 
-# Single-object combinations that never appear in the training shards (about one in seven).
-HELDOUT: frozenset[tuple[str, str, str, str]] = frozenset(c for c in _single_combos() if _is_heldout(*c))
+# Version 1: single-object combinations that never appear in the training shards (about one in
+# seven); the other categories hold nothing out.
+HELDOUT: frozenset[tuple[str, str, str, str]] = frozenset(c for c in _single_combos(1) if _is_heldout(*c))
 
 
 @dataclass(frozen=True)
@@ -121,10 +160,14 @@ def _caption_single(a: dict, rng: np.random.Generator) -> list[str]:
     ]
 
 
+def _a(o: dict) -> str:
+    """'a red circle', 'an orange square'."""
+    return f"{'an' if o['colour'][0] in 'aeiou' else 'a'} {o['colour']} {o['shape']}"
+
+
 def _caption_relation(a: dict, rng: np.random.Generator) -> list[str]:
     o1, o2 = a["objects"]
-    rel = RELATIONS[a["relation"]]
-    return [f"a {o1['colour']} {o1['shape']} {rel} a {o2['colour']} {o2['shape']}"]
+    return [f"{_a(o1)} {RELATIONS[a['relation']]} {_a(o2)}"]
 
 
 def _caption_count(a: dict, rng: np.random.Generator) -> list[str]:
@@ -134,7 +177,7 @@ def _caption_count(a: dict, rng: np.random.Generator) -> list[str]:
 
 def _caption_pair(a: dict, rng: np.random.Generator) -> list[str]:
     o1, o2 = a["objects"]
-    return [f"a {o1['colour']} {o1['shape']} and a {o2['colour']} {o2['shape']}"]
+    return [f"{_a(o1)} and {_a(o2)}"]
 
 
 _CAPTIONS = {"single": _caption_single, "relation": _caption_relation, "count": _caption_count,
@@ -211,45 +254,52 @@ def sample_attrs(
     rng: np.random.Generator,
     kinds: dict[str, float] | None = None,
     heldout: str = "exclude",
+    version: int = DATA_VERSION,
 ) -> dict:
-    """Draw a random scene's attributes.
+    """Draw a random scene's attributes from the vocabulary of data ``version``.
 
-    ``heldout``: ``exclude`` never draws a HELDOUT single-object combination (training data),
-    ``only`` draws only those (held-out prompts), ``any`` ignores the split.
+    ``heldout``: ``exclude`` never draws a held-out combination of any category (training data),
+    ``only`` draws only held-out single-object combinations, ``any`` ignores the split.
     """
+    v = vocabulary(version)
     kinds = kinds or {"single": 0.6, "relation": 0.25, "count": 0.15}
     names = list(kinds)
     probs = np.asarray([kinds[k] for k in names], dtype=float)
     kind = names[rng.choice(len(names), p=probs / probs.sum())]
     if kind == "single":
-        combos = _single_combos()
+        combos = _single_combos(version)
+        held = _held_out("single", version)
         if heldout == "exclude":
-            combos = [c for c in combos if c not in HELDOUT]
+            combos = [c for c in combos if c not in held]
         elif heldout == "only":
-            combos = sorted(HELDOUT)
+            combos = sorted(held)
         return single_attrs(*combos[rng.integers(len(combos))])
-    colours = list(COLOURS)
+    colours = list(v.colours)
     if kind == "relation":
-        c1, c2 = rng.choice(len(colours), size=2, replace=False)
-        s1, s2 = rng.integers(len(SHAPES), size=2)
-        rel = list(RELATIONS)[rng.integers(len(RELATIONS))]
-        return {
-            "kind": "relation",
-            "objects": [
-                {"colour": colours[c1], "shape": SHAPES[s1]},
-                {"colour": colours[c2], "shape": SHAPES[s2]},
-            ],
-            "relation": rel,
-            "count": 2,
-        }
-    n = int(rng.integers(2, 5))
-    return {
-        "kind": "count",
-        "objects": [
-            {"colour": colours[rng.integers(len(colours))], "shape": SHAPES[rng.integers(len(SHAPES))]}
-        ],
-        "count": n,
-    }
+        while True:  # version 2 holds out some two-object scenes: draw again until one is allowed
+            c1, c2 = rng.choice(len(colours), size=2, replace=False)
+            s1, s2 = rng.integers(len(SHAPES), size=2)
+            rel = list(RELATIONS)[rng.integers(len(RELATIONS))]
+            attrs = {
+                "kind": "relation",
+                "objects": [
+                    {"colour": colours[c1], "shape": SHAPES[s1]},
+                    {"colour": colours[c2], "shape": SHAPES[s2]},
+                ],
+                "relation": rel,
+                "count": 2,
+            }
+            if heldout != "exclude" or not held_out_scene(attrs, version):
+                return attrs
+    if version == 1:  # version 1's draw, kept so that its shards stay byte for byte the same
+        n = int(rng.integers(2, 5))
+        colour, shape = colours[rng.integers(len(colours))], SHAPES[rng.integers(len(SHAPES))]
+    else:
+        combos = list(itertools.product(v.counts, v.shapes, v.colours))
+        if heldout == "exclude":
+            combos = [c for c in combos if c not in _held_out("counting", version)]
+        n, shape, colour = combos[rng.integers(len(combos))]
+    return {"kind": "count", "objects": [{"colour": colour, "shape": shape}], "count": int(n)}
 
 
 def make_sample(rng: np.random.Generator, resolution: int, **kw) -> tuple[Image.Image, list[str], dict]:
@@ -257,67 +307,175 @@ def make_sample(rng: np.random.Generator, resolution: int, **kw) -> tuple[Image.
     return render(objects_for(attrs, rng), resolution), caption(attrs, rng), attrs
 
 
+# ----------------------------------------------------------------------------- held-out combinations
+
 HELDOUT_PARTS = ("all", "val", "test")
-
-
-def heldout_prompts(part: str = "all") -> list[tuple[str, dict]]:
-    """Every held-out single-object combination as ``(caption, attrs)``, in a fixed order; ``val``
-    and ``test`` are its two disjoint halves (every other combination): compare and select on
-    ``val``, report on ``test``."""
-    if part not in HELDOUT_PARTS:
-        raise ValueError(f"unknown held-out part {part!r}; choose one of {', '.join(HELDOUT_PARTS)}")
-    out = []
-    for i, combo in enumerate(sorted(HELDOUT)):
-        a = single_attrs(*combo)
-        if part == "all" or (i % 2 == 0) == (part == "val"):
-            out.append((caption(a)[0], a))
-    return out
-
-
-# Evaluation prompt sets in the style of GenEval's categories. ``single`` holds attribute
-# combinations that no training shard contains. ``counting`` and ``position`` use the training
-# captions' templates on fresh scenes (the dataset holds no combination of them out).
-# ``two_objects`` and ``colour_binding`` ask with "and", a template no training caption uses.
+# Evaluation prompt sets in the style of GenEval's categories, each with its own scorer check.
+# Version 2 holds combinations of every category out of training, in two disjoint parts:
+# ``val`` (checkpoint selection, the in-training score) and ``test`` (reported tables only).
+# Version 1 held out single objects only; its other sets are fresh scenes of training templates.
 PROMPT_SETS = {
     "single": "held-out single objects: colour, shape, size and position, never seen in training",
     "two_objects": "'a red circle and a blue square': both shapes there, and nothing else (colours not judged)",
-    "counting": "'three green triangles': two to four objects of one colour and shape",
+    "counting": "'three green triangles': two to five objects of one colour and shape",
     "colour_binding": "'a red circle and a blue square': each shape in its own colour, two objects",
     "position": "'a red circle to the left of a blue square' / 'above': the relation, shapes and colours",
 }
+# What version 2 holds out of training, per set, and how much of it: (test, val) as shares of the
+# set's combinations (colour_binding: numbers of colour-shape pairings).
+HELDOUT_UNITS = {
+    "single": "(colour, shape, size, position) of a single object",
+    "counting": "(count, shape, colour)",
+    "colour_binding": "a colour-shape pairing ('red triangle') inside any two-object scene",
+    "two_objects": "an unordered pair of objects ('red circle' + 'blue square') in one scene",
+    "position": "(object, relation, object), in either spelling ('A left of B' = 'B right of A')",
+}
+_HOLDOUT_SHARE = {"single": (1 / 4, 1 / 8), "counting": (1 / 3, 1 / 6), "colour_binding": (4, 2),
+                  "two_objects": (1 / 4, 1 / 8), "position": (1 / 4, 1 / 8)}  # fmt: skip
+_CANONICAL = {"left of": ("left of", False), "right of": ("left of", True), "above": ("above", False), "below": ("above", True)}
 
 
-def _pair(rng: np.random.Generator, kind: str) -> dict:
-    colours = list(COLOURS)
+def _split(units: list, name: str) -> dict[str, frozenset]:
+    """A fixed random ``test`` and ``val`` share of ``units`` (sorted), the same on every machine."""
+    order = np.random.default_rng([2, list(PROMPT_SETS).index(name)]).permutation(len(units))
+    n_test, n_val = (round(x * len(units)) if isinstance(x, float) else x for x in _HOLDOUT_SHARE[name])
+    return {"test": frozenset(units[i] for i in order[:n_test]),
+            "val": frozenset(units[i] for i in order[n_test : n_test + n_val])}  # fmt: skip
+
+
+def _pair(o1: tuple, o2: tuple) -> tuple:
+    return tuple(sorted((o1, o2)))
+
+
+def relation_unit(attrs: dict) -> tuple:
+    """``((colour, shape), relation, (colour, shape))`` spelt with ``left of`` or ``above``."""
+    (a, b), (rel, swap) = attrs["objects"], _CANONICAL[attrs["relation"]]
+    o1, o2 = (b, a) if swap else (a, b)
+    return (o1["colour"], o1["shape"]), rel, (o2["colour"], o2["shape"])
+
+
+@functools.cache
+def heldout_units(version: int = DATA_VERSION) -> dict[str, dict[str, frozenset]]:
+    """``{set: {"val": combinations, "test": combinations}}`` held out of the training data (see
+    ``HELDOUT_UNITS``). Two-object sets nest: a two_objects pair contains no held-out pairing, and
+    a position scene neither; its object pair is not a held-out one either."""
+    if version == 1:
+        ordered = sorted(HELDOUT)
+        return {"single": {"val": frozenset(ordered[0::2]), "test": frozenset(ordered[1::2])}}
+    v = vocabulary(version)
+    objects = [(c, s) for c in v.colours for s in v.shapes]
+    out = {"single": _split(sorted(_single_combos(version)), "single"),
+           "counting": _split(sorted(itertools.product(v.counts, v.shapes, v.colours)), "counting"),
+           "colour_binding": _split(objects, "colour_binding")}  # fmt: skip
+    bound = out["colour_binding"]["val"] | out["colour_binding"]["test"]
+    free = [o for o in objects if o not in bound]
+    pairs = sorted({_pair(a, b) for a in free for b in free if a[0] != b[0]})  # two colours, any shapes
+    out["two_objects"] = _split(pairs, "two_objects")
+    taken = out["two_objects"]["val"] | out["two_objects"]["test"]
+    scenes = [(a, rel, b) for a in free for b in free for rel in ("left of", "above")
+              if a[0] != b[0] and _pair(a, b) not in taken]  # fmt: skip
+    out["position"] = _split(sorted(scenes), "position")
+    return out
+
+
+def _held_out(name: str, version: int) -> frozenset:
+    parts = heldout_units(version).get(name, {})
+    return frozenset().union(*parts.values())
+
+
+def held_out_scene(attrs: dict, version: int = DATA_VERSION) -> bool:
+    """Whether a training scene would contain a held-out combination (of either part)."""
+    kind, objects = attrs["kind"], [(o["colour"], o["shape"]) for o in attrs["objects"]]
+    if kind == "single":
+        o = attrs["objects"][0]
+        return (o["colour"], o["shape"], o["size"], o["position"]) in _held_out("single", version)
+    if kind == "count":
+        return (attrs["count"], objects[0][1], objects[0][0]) in _held_out("counting", version)
+    return (
+        any(o in _held_out("colour_binding", version) for o in objects)
+        or _pair(*objects) in _held_out("two_objects", version)
+        or (kind == "relation" and relation_unit(attrs) in _held_out("position", version))
+    )
+
+
+def _two(kind: str, a: tuple, b: tuple, **extra) -> dict:
+    objects = [{"colour": a[0], "shape": a[1]}, {"colour": b[0], "shape": b[1]}]
+    return {"kind": kind, "objects": objects, "count": 2, **extra}
+
+
+def _heldout_attrs(name: str, part: str, version: int) -> list[dict]:
+    """Every held-out prompt of set ``name`` in ``part`` (``val``, ``test`` or ``all``), in a fixed order."""
+    if part not in HELDOUT_PARTS:
+        raise ValueError(f"unknown held-out part {part!r}; choose one of {', '.join(HELDOUT_PARTS)}")
+    units = heldout_units(version)
+    if name not in units:
+        raise ValueError(f"shapes data version {version} holds no {name!r} prompts out; version 2 does")
+    chosen = sorted(units[name]["val"] | units[name]["test"]) if part == "all" else sorted(units[name][part])
+    order = np.random.default_rng([3, list(PROMPT_SETS).index(name)])  # which object is named first
+    if name == "single":
+        return [single_attrs(*u) for u in chosen]
+    if name == "counting":
+        return [{"kind": "count", "objects": [{"colour": c, "shape": s}], "count": n} for n, s, c in chosen]
+    if name == "position":
+        return [_two("relation", a, b, relation=rel) for a, rel, b in chosen]
+    if name == "two_objects":
+        return [_two(name, *(u if order.random() < 0.5 else u[::-1])) for u in chosen]
+    # colour_binding: two objects of different colours and shapes, one or both of them a held-out
+    # pairing of this part and neither a pairing of the other part
+    v, other = vocabulary(version), {"val": units[name]["test"], "test": units[name]["val"]}.get(part, frozenset())
+    objects = [(c, s) for c in v.colours for s in v.shapes if (c, s) not in other]
+    pairs = sorted({_pair(a, b) for a in objects for b in objects
+                    if a[0] != b[0] and a[1] != b[1] and (a in chosen or b in chosen)})  # fmt: skip
+    return [_two(name, *(p if order.random() < 0.5 else p[::-1])) for p in pairs]
+
+
+def heldout_prompts(part: str = "all", version: int = DATA_VERSION) -> list[tuple[str, dict]]:
+    """The held-out single-object prompts of ``part`` as ``(caption, attrs)``, in a fixed order:
+    ``val`` and ``test`` are disjoint; compare and select on ``val``, report on ``test``."""
+    return [(caption(a)[0], a) for a in _heldout_attrs("single", part, version)]
+
+
+def _pair_scene(rng: np.random.Generator, kind: str, version: int) -> dict:
+    colours = list(vocabulary(version).colours)
     c1, c2 = rng.choice(len(colours), size=2, replace=False)
     s1, s2 = rng.choice(len(SHAPES), size=2, replace=False)  # two different shapes
-    objects = [{"colour": colours[c1], "shape": SHAPES[s1]}, {"colour": colours[c2], "shape": SHAPES[s2]}]
-    return {"kind": kind, "objects": objects, "count": 2}
+    return _two(kind, (colours[c1], SHAPES[s1]), (colours[c2], SHAPES[s2]))
 
 
-def prompt_set(name: str, n: int, seed: int = 0) -> list[tuple[str, dict]]:
-    """``n`` distinct prompts of the set ``name`` (see ``PROMPT_SETS``) as ``(caption, attrs)``,
-    the same for the same seed; ``single`` is the held-out list (all of it when ``n`` is larger)."""
-    if name not in PROMPT_SETS:
-        raise ValueError(f"unknown prompt set {name!r}; the sets are {', '.join(PROMPT_SETS)}")
-    if name == "single":
-        prompts = heldout_prompts()
-        order = np.random.default_rng([seed, 0]).permutation(len(prompts))
-        return [prompts[i] for i in order[:n]]
+def _fresh(name: str, n: int, seed: int, version: int) -> list[tuple[str, dict]]:
+    """``n`` distinct prompts of set ``name`` drawn from the whole vocabulary (held out or not)."""
     rng = np.random.default_rng([seed, list(PROMPT_SETS).index(name)])
     out: dict[str, dict] = {}
     for _ in range(100 * n):
         if len(out) == n:
             break
-        if name == "counting":
-            a = sample_attrs(rng, kinds={"count": 1.0})
+        if name == "single":
+            a = sample_attrs(rng, kinds={"single": 1.0}, heldout="any", version=version)
+        elif name == "counting":
+            a = sample_attrs(rng, kinds={"count": 1.0}, heldout="any", version=version)
         elif name == "position":
-            a = sample_attrs(rng, kinds={"relation": 1.0})
+            a = sample_attrs(rng, kinds={"relation": 1.0}, heldout="any", version=version)
             a["relation"] = ("left of", "above")[int(rng.integers(2))]
         else:
-            a = _pair(rng, name)
+            a = _pair_scene(rng, name, version)
         out.setdefault(caption(a)[0], a)
     return list(out.items())
+
+
+def prompt_set(
+    name: str, n: int | None = None, seed: int = 0, part: str = "test", version: int = DATA_VERSION
+) -> list[tuple[str, dict]]:
+    """Up to ``n`` distinct prompts of the set ``name`` (see ``PROMPT_SETS``) as ``(caption, attrs)``:
+    the held-out prompts of ``part`` (all of them when ``n`` is None or larger), in an order fixed
+    by ``seed``. ``part="any"`` draws ``n`` fresh prompts from the whole vocabulary (R-precision's
+    candidates). Version 1 holds only single objects out: its other sets are always fresh."""
+    if name not in PROMPT_SETS:
+        raise ValueError(f"unknown prompt set {name!r}; the sets are {', '.join(PROMPT_SETS)}")
+    if part == "any" or name not in heldout_units(version):
+        return _fresh(name, n or 200, seed, version)
+    attrs = _heldout_attrs(name, part, version)
+    order = np.random.default_rng([seed, 0]).permutation(len(attrs))[:n]
+    return [(caption(attrs[i])[0], attrs[i]) for i in order]
 
 
 _MIRROR = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
@@ -357,7 +515,7 @@ class Blob:
 
 _PALETTE = np.asarray([BACKGROUND, *COLOURS.values()], dtype=np.float32)
 _NAMES = ["background", *COLOURS]
-SCORER_VERSION = 2  # 1: fill ratio of the soft box; 2: shape templates fitted with a blur
+SCORER_VERSION = 3  # 1: fill ratio of the soft box; 2: shape templates fitted with a blur; 3: 2 with 8 colours, a soft edge by its nearest mix
 _SOFTNESS = (0.0, 0.5, 1.0, 1.5, 2.0)  # the blurs (Gaussian sigma, pixels) a fitted template may have
 _SUB = 4  # template supersampling, as the renderer's
 # The worst misfit a region may have and still be a shape: softened renders stay under 0.05 at
@@ -480,9 +638,9 @@ def _split_touching(mask: np.ndarray, alpha: np.ndarray, core: float = 0.75) -> 
 def find_blobs(image, max_distance: float = 90.0, min_area: float = 0.006, reach: int = 3) -> list[Blob]:
     """Connected regions of each palette colour, largest first.
 
-    A pixel is the palette colour it is nearest to (within ``max_distance``), or else the colour
-    whose mix with the background it is (more than half covered, within ``_MIX_TOLERANCE`` of
-    the mix): a soft edge stays its object's colour. Each region's soft coverage (each pixel's
+    A pixel is the colour whose mix with the background it is nearest (within ``_MIX_TOLERANCE``)
+    when it is more than half that colour, or else the palette colour it is nearest to (within
+    ``max_distance``): a soft edge stays its object's colour. Each region's soft coverage (each pixel's
     position between the background and the region's colour, on the pixels within ``reach`` of
     it that are nearer to it than to another region of its colour) is explained by the
     renderer's shapes: the one whose template, sized to the coverage's area, placed at its
@@ -500,9 +658,13 @@ def find_blobs(image, max_distance: float = 90.0, min_area: float = 0.006, reach
     alphas = np.clip(offset @ directions.T / (directions**2).sum(1), 0.0, 1.0)  # (h, w, k - 1) coverage
     residual = np.linalg.norm(offset[..., None, :] - alphas[..., None] * directions, axis=-1)
     mixes = residual < _MIX_TOLERANCE  # (h, w, k - 1): a mix of the background and each colour
-    half = np.where(alphas > 0.5, residual, np.inf)  # more than half covered
-    soft_edge = (label == 0) & (half.min(-1) < _MIX_TOLERANCE)
-    label[soft_edge] = half.argmin(-1)[soft_edge] + 1
+    # a mix of the background and a colour is that colour when more than half covered, even where
+    # another colour is nearer (a soft yellow edge is nearer orange than yellow); the mix is the
+    # nearest line from the background to a colour (an edge at 0.48 yellow is 0.52 orange, farther)
+    line = residual.argmin(-1)
+    coverage = np.take_along_axis(alphas, line[..., None], -1)[..., 0]
+    soft_edge = (residual.min(-1) < _MIX_TOLERANCE) & (coverage > 0.5)
+    label[soft_edge] = line[soft_edge] + 1
     blobs = []
     for idx in range(1, len(_NAMES)):
         alpha = alphas[..., idx - 1]
@@ -631,21 +793,25 @@ def write_shapes_shards(
     shard_size: int = 1000,
     progress: bool = False,
     wait_timeout: float = 3600.0,
+    version: int = DATA_VERSION,
 ) -> dict:
     """Render the dataset into ``root/train`` and ``root/val`` tar shards (PNG + txt + json).
 
-    Deterministic in ``seed``. Writes ``root/heldout.jsonl`` (held-out prompts) and, last,
-    ``root/manifest.json`` with the parameters; a root whose manifest matches is left alone.
+    Deterministic in ``seed`` and ``version`` (see ``VOCABULARIES`` and ``heldout_units``; no
+    training or validation scene contains a held-out combination). Writes ``root/heldout.jsonl``
+    (every held-out prompt with its set and part) and, last, ``root/manifest.json`` with the
+    parameters; a root whose manifest matches is left alone.
     Safe when several processes or nodes call it at once on the same folder: one renders, the
     others wait up to ``wait_timeout`` seconds for its manifest (``datamodules.prepare.prepare_once``).
     """
+    vocabulary(version)  # an unknown version stops here
     params = {
         "resolution": resolution,
         "num_train": num_train,
         "num_val": num_val,
         "seed": seed,
         "shard_size": shard_size,
-        "version": 1,
+        "version": version,
     }
 
     def build(folder: str) -> None:
@@ -660,15 +826,17 @@ def write_shapes_shards(
                     indices = tqdm(indices, desc=f"shapes {split}", unit="img")
                 for i in indices:
                     rng = np.random.default_rng([seed, SPLITS[split], i])
-                    img, caps, attrs = make_sample(rng, resolution)
+                    img, caps, attrs = make_sample(rng, resolution, version=version)
                     buf = io.BytesIO()
                     img.save(buf, format="PNG")
                     writer.write(
                         f"{split}{i:08d}", {"png": buf.getvalue(), "txt": "\n".join(caps), "json": attrs}
                     )
         with open(os.path.join(folder, "heldout.jsonl"), "w") as f:
-            for cap, attrs in heldout_prompts():
-                f.write(json.dumps({"caption": cap, "attrs": attrs}) + "\n")
+            for name in heldout_units(version):
+                for part in ("val", "test"):
+                    for cap, attrs in prompt_set(name, part=part, version=version):
+                        f.write(json.dumps({"set": name, "part": part, "caption": cap, "attrs": attrs}) + "\n")
 
     from .prepare import prepare_once
 
@@ -683,9 +851,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--num-val", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shard-size", type=int, default=1000)
+    p.add_argument("--version", type=int, default=DATA_VERSION, choices=sorted(VOCABULARIES))
     a = p.parse_args(argv)
     params = write_shapes_shards(
-        a.root, a.resolution, a.num_train, a.num_val, a.seed, a.shard_size, progress=True
+        a.root, a.resolution, a.num_train, a.num_val, a.seed, a.shard_size, progress=True, version=a.version
     )
     print(f"shapes dataset ready in {a.root}: {params}")
 

@@ -7,7 +7,7 @@ import os
 from lightning.pytorch.utilities import rank_zero_info
 
 from .prepare import read_manifest
-from .shapes import heldout_prompts, write_shapes_shards
+from .shapes import DATA_VERSION, heldout_prompts, vocabulary, write_shapes_shards
 from .text_image import TextImageDataModule
 
 
@@ -25,12 +25,16 @@ class ShapesDataModule(TextImageDataModule):
         val_samples: validation samples; None means ``num_val``.
         prepare_timeout: seconds a process waits for another one's rendering before it stops with
             an error that names the claim file.
+        version: the data's version: 2 (the default) holds combinations of every prompt set out
+            of training, with validation and test parts; 1 (single objects only) stays readable.
+            It is saved in every checkpoint, and ``evaluate.py`` refuses a checkpoint of another
+            version than its protocol's.
         **kwargs: the TextImageDataModule arguments (batch size, workers, epoch length, ...).
     """
 
     def __init__(
         self,
-        root: str = "data/shapes32",
+        root: str = "data/shapes32-v2",
         resolution: int = 32,
         num_train: int = 20000,
         num_val: int = 256,
@@ -39,8 +43,10 @@ class ShapesDataModule(TextImageDataModule):
         image_size: int | None = None,
         val_samples: int | None = None,
         prepare_timeout: float = 3600.0,
+        version: int = DATA_VERSION,
         **kwargs,
     ):
+        vocabulary(version)  # an unknown version fails before any work
         super().__init__(
             train_shards=os.path.join(root, "train"),
             val_shards=os.path.join(root, "val"),
@@ -48,7 +54,7 @@ class ShapesDataModule(TextImageDataModule):
             val_samples=val_samples or num_val,
             **kwargs,
         )
-        self.root, self.resolution, self.prepare_timeout = root, resolution, prepare_timeout
+        self.root, self.resolution, self.prepare_timeout, self.version = root, resolution, prepare_timeout, version
         self.num_train, self.num_val, self.data_seed, self.shard_size = (
             num_train,
             num_val,
@@ -70,7 +76,7 @@ class ShapesDataModule(TextImageDataModule):
     def _render(self) -> dict:
         return write_shapes_shards(
             self.root, self.resolution, self.num_train, self.num_val, self.data_seed, self.shard_size,
-            wait_timeout=self.prepare_timeout,
+            wait_timeout=self.prepare_timeout, version=self.version,
         )  # fmt: skip
 
     def setup(self, stage: str | None = None) -> None:
@@ -83,7 +89,36 @@ class ShapesDataModule(TextImageDataModule):
     def check_sources(self, stage: str = "fit") -> None:
         """Nothing to check: the shards are rendered by ``prepare_data`` when they are missing."""
 
-    @staticmethod
-    def heldout() -> list[tuple[str, dict]]:
-        """Held-out prompts (attribute combinations absent from training) with their attributes."""
-        return heldout_prompts()
+    def heldout(self) -> list[tuple[str, dict]]:
+        """Held-out single-object prompts (combinations absent from training) with their attributes."""
+        return heldout_prompts(version=self.version)
+
+    def state_dict(self) -> dict:
+        """The skip counts, and the data's version (what ``evaluate.py`` checks a checkpoint by)."""
+        return {**super().state_dict(), "shapes_version": self.version}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume on the data the run began with: a checkpoint of another version is refused
+        (checkpoints that predate the version field were trained on version 1)."""
+        saved = state.get("shapes_version", 1)
+        if saved != self.version:
+            raise ValueError(
+                f"this checkpoint was trained on shapes data version {saved}, and the run is configured "
+                f"for version {self.version}: resume with --data.init_args.version {saved}, or start a new "
+                "run (a resumed run must keep its data)"
+            )
+        super().load_state_dict(state)
+
+
+def checkpoint_data_version(path: str) -> int | None:
+    """The shapes data version a checkpoint was trained on (1 for one saved before the field), or
+    None when it was not trained on ``ShapesDataModule`` or cannot be read."""
+    import torch
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception:  # noqa: BLE001 - not a readable checkpoint: nothing to tell
+        return None
+    state = ckpt.get("ShapesDataModule") if isinstance(ckpt, dict) else None
+    return None if state is None else int(state.get("shapes_version", 1))
+

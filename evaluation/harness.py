@@ -22,13 +22,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from datamodules.shapes import (
-    COLOURS,
-    COUNT_WORDS,
-    POSITIONS,
+    DATA_VERSION,
+    HELDOUT_PARTS,
     PROMPT_SETS,
     RELATIONS,
-    SHAPES,
-    SIZES,
     caption,
     objects_for,
     prompt_set,
@@ -37,6 +34,7 @@ from datamodules.shapes import (
     score,
     score_batch,
     single_attrs,
+    vocabulary,
 )
 from evaluation.intervals import bootstrap_interval, bootstrap_mean_of_sets, paired_difference
 from evaluation.metrics import clip_score, diversity, fid_kid, image_features, r_precision_hits
@@ -47,11 +45,14 @@ IMAGE_SEED_RULE = "stream_seed(protocol seed, 'image', prompt set index, prompt 
 
 @dataclass
 class Protocol:
-    """What every method is measured on. ``seeds`` images per prompt, ``prompts`` per set."""
+    """What every method is measured on: the held-out prompts of ``part`` of shapes data
+    ``data_version`` (at most ``prompts`` per set; None: all of them), ``seeds`` images each."""
 
     prompt_sets: list[str] = field(default_factory=lambda: list(PROMPT_SETS))
-    prompts: int = 26
+    prompts: int | None = None
     seeds: int = 4
+    data_version: int = DATA_VERSION
+    part: str = "test"
     seed: int = 0
     resolution: int = 32
     batch_size: int = 32
@@ -63,8 +64,11 @@ class Protocol:
         unknown = [s for s in self.prompt_sets if s not in PROMPT_SETS]
         if unknown:
             raise ValueError(f"prompt_sets: unknown {unknown}; the sets are {', '.join(PROMPT_SETS)}")
-        if self.prompts < 2 or self.seeds < 1:
-            raise ValueError("prompts must be at least 2 and seeds at least 1")
+        if (self.prompts is not None and self.prompts < 2) or self.seeds < 1:
+            raise ValueError("prompts must be at least 2 (or None: all) and seeds at least 1")
+        if self.part not in HELDOUT_PARTS:
+            raise ValueError(f"part {self.part!r}: choose one of {', '.join(HELDOUT_PARTS)} (report on test, tune on val)")
+        vocabulary(self.data_version)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -78,19 +82,20 @@ def image_seed(protocol: Protocol, set_index: int, prompt: int, seed_index: int)
 
 
 def prompts_for(protocol: Protocol) -> dict[str, list[tuple[str, dict]]]:
-    """``{set name: [(caption, attrs), ...]}``: ``protocol.prompts`` prompts of each set (the
-    held-out single-object set has 26 prompts in all)."""
-    return {name: prompt_set(name, protocol.prompts, protocol.seed) for name in protocol.prompt_sets}
+    """``{set name: [(caption, attrs), ...]}``: the held-out prompts of each set in the
+    protocol's part (at most ``protocol.prompts``), in an order fixed by the protocol's seed."""
+    p = protocol
+    return {name: prompt_set(name, p.prompts, p.seed, part=p.part, version=p.data_version) for name in p.prompt_sets}
 
 
-def distractor_pool(name: str, seed: int) -> list[tuple[str, dict]]:
+def distractor_pool(name: str, seed: int, version: int = DATA_VERSION) -> list[tuple[str, dict]]:
     """Prompts of the same kind for R-precision's mismatched candidates, as ``(caption, attrs)``:
-    every single-object prompt for ``single``, every counting prompt, else 200 prompts of the set."""
+    every single-object prompt of the vocabulary for ``single``, else 200 fresh prompts of the set."""
     if name == "single":
         from datamodules.shapes import _single_combos
 
-        return [(caption(a)[0], a) for a in (single_attrs(*c) for c in _single_combos())]
-    return prompt_set(name, 200, seed + 1)
+        return [(caption(a)[0], a) for a in (single_attrs(*c) for c in _single_combos(version))]
+    return prompt_set(name, 200, seed + 1, part="any", version=version)
 
 
 def same_scene(items: Sequence[tuple[str, dict]], pool: Sequence[tuple[str, dict]]) -> Callable[[str, str], bool]:
@@ -212,7 +217,8 @@ class RealFeatures:
             return None
         p = self.protocol
         dataset = {"renderer": "shapes", "sets": p.prompt_sets, "prompts": p.prompts, "seeds": p.seeds,
-                   "seed": p.seed, "resolution": p.resolution, "draw": self.draw}  # fmt: skip
+                   "seed": p.seed, "resolution": p.resolution, "draw": self.draw,
+                   "data_version": p.data_version, "part": p.part}  # fmt: skip
         key = json.dumps([dataset, name, self.identities.get(name, "")], sort_keys=True)
         return os.path.join(self.directory, f"real_{name}_{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt")
 
@@ -294,7 +300,7 @@ def chance(prompts: dict[str, list[tuple[str, dict]]], protocol: Protocol, real:
     row["shapes_overall"] = float(np.mean([row[f"shapes_{n}"] for n in prompts]))
     if clip is not None:
         row["clip_score"] = clip_score(clip, _flat(real), _captions(shifted, protocol.seeds))
-        pools = [distractor_pool(n, protocol.seed) for n in prompts]
+        pools = [distractor_pool(n, protocol.seed, protocol.data_version) for n in prompts]
         row["r_precision"] = float(np.mean([1 / (min(protocol.distractors, len(p) - 1) + 1) for p in pools]))
     return row
 
@@ -308,20 +314,20 @@ IGNORABLE = {
     "colour_binding": ("colour", "binding"),
     "position": ("colour", "shape", "relation"),
 }
-_VOCABULARY = {"colour": list(COLOURS), "shape": list(SHAPES), "size": list(SIZES), "position": list(POSITIONS)}
+_WORDS = {"colour": "colours", "shape": "shapes", "size": "sizes", "position": "positions"}
 
 
-def ignore_word(attrs: dict, word: str, rng: np.random.Generator) -> dict:
+def ignore_word(attrs: dict, word: str, rng: np.random.Generator, version: int = DATA_VERSION) -> dict:
     """The scene a generator draws for ``attrs`` when it ignores one ``word`` of the prompt: that
     word's value drawn uniformly (the true one included), for one object chosen at random when the
     prompt names two; ``binding`` swaps the two objects' colours with probability 1/2 (it reads
     every word but not which colour goes with which shape; a one-object scene stays as it is)."""
-    out = {**attrs, "objects": [dict(o) for o in attrs["objects"]]}
-    if word in _VOCABULARY:
-        values = _VOCABULARY[word]
+    out, v = {**attrs, "objects": [dict(o) for o in attrs["objects"]]}, vocabulary(version)
+    if word in _WORDS:
+        values = getattr(v, _WORDS[word])
         out["objects"][int(rng.integers(len(out["objects"])))][word] = values[int(rng.integers(len(values)))]
     elif word == "count":
-        out["count"] = list(COUNT_WORDS)[int(rng.integers(len(COUNT_WORDS)))]
+        out["count"] = v.counts[int(rng.integers(len(v.counts)))]
     elif word == "relation":
         out["relation"] = list(RELATIONS)[int(rng.integers(len(RELATIONS)))]
     elif word == "binding":  # nothing to swap in a one-object scene
@@ -329,7 +335,7 @@ def ignore_word(attrs: dict, word: str, rng: np.random.Generator) -> dict:
             a, b = out["objects"]
             a["colour"], b["colour"] = b["colour"], a["colour"]
     else:
-        raise ValueError(f"unknown word {word!r}; the words are {', '.join([*_VOCABULARY, 'count', 'relation', 'binding'])}")
+        raise ValueError(f"unknown word {word!r}; the words are {', '.join([*_WORDS, 'count', 'relation', 'binding'])}")
     return out
 
 
@@ -339,7 +345,8 @@ def render_ignoring(
     """The renders of a stand-in generator that ignores ``word`` (see ``ignore_word``), with the
     protocol's image seeds; for the sets in ``sets`` (default: every set that checks the word)."""
     names = list(sets) if sets is not None else [n for n in prompts if word in IGNORABLE[n]]
-    return render_real(prompts, protocol, draw=2, sets=names, scene=lambda attrs, rng: ignore_word(attrs, word, rng))
+    return render_real(prompts, protocol, draw=2, sets=names,
+                       scene=lambda attrs, rng: ignore_word(attrs, word, rng, protocol.data_version))  # fmt: skip
 
 
 def floors(prompts: dict[str, list[tuple[str, dict]]], protocol: Protocol) -> dict[str, dict[str, float]]:
@@ -402,18 +409,15 @@ def training_budget(checkpoint: dict, run_config: dict | None = None) -> dict:
 def sample_problems(protocol: Protocol, extractors: dict[str, nn.Module]) -> tuple[list[str], list[str]]:
     """What the protocol's sample count cannot measure: ``(errors, warnings)`` in plain words,
     each naming the option to change."""
-    n = protocol.seeds * sum(
-        len(prompt_set(s, protocol.prompts, protocol.seed)) for s in protocol.prompt_sets
-    )
+    n = protocol.seeds * sum(len(items) for items in prompts_for(protocol).values())
     errors, notes = [], []
     if extractors and n < 2:
-        errors.append(f"FID and KID need at least 2 images and num_samples gives {n}: raise num_samples")
+        errors.append(f"FID and KID need at least 2 images and the protocol gives {n}: raise seeds")
     if protocol.seeds < 2:
-        notes.append("diversity needs at least 2 images per prompt: num_samples gives 1, so it is left out; "
-                     "raise num_samples above prompts_per_set")  # fmt: skip
+        notes.append("diversity needs at least 2 images per prompt: seeds is 1, so it is left out; raise seeds")
     for name, extractor in extractors.items():
         dim = int(getattr(extractor, "num_features", 0) or 0)
         if dim and n <= dim:
             notes.append(f"fid_{name}: {n} images are not more than its {dim} features, so FID is unreliable "
-                         f"(KID is not); raise num_samples")  # fmt: skip
+                         f"(KID is not); raise seeds")  # fmt: skip
     return errors, notes

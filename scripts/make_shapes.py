@@ -1,4 +1,4 @@
-"""Render the synthetic shapes dataset: ``python scripts/make_shapes.py data/shapes32 --resolution 32``."""
+"""Render the synthetic shapes dataset: ``python scripts/make_shapes.py data/shapes32-v2 --resolution 32``."""
 
 from datamodules.shapes import main
 

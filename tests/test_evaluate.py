@@ -206,7 +206,7 @@ def test_evaluate_writes_the_table_files_plot_grids_and_wandb_run_offline(tiny_m
         assert provenance["sha256"] == hashlib.sha256(open(tiny_methods[name], "rb").read()).hexdigest()
     assert rows["real renders"]["shapes_overall"] == 1.0  # the scorer on the renderer's own images
     assert rows["real renders"]["fid_colour"] < rows["gan"]["fid_colour"]
-    assert rows["chance"]["r_precision"] == pytest.approx(np.mean([1 / 100, 1 / 54]))  # pools of 270 and 54
+    assert rows["chance"]["r_precision"] == pytest.approx(np.mean([1 / 100, 1 / 96]))  # pools of 432 and 96
     assert rows["chance"]["shapes_overall"] < 0.2  # the renders judged against another prompt of their set
     assert record["protocol"]["seeds"] == 2 and record["packages"]["torch"] == metadata.version("torch")
     assert record["config"]["methods"][0]["checkpoint"] == tiny_methods["cvae"]
@@ -292,9 +292,9 @@ def test_bad_input_is_a_clear_error_before_any_work(tiny_methods, tmp_path, caps
 def test_too_few_samples_for_a_metric_warn_and_name_the_option(tiny_methods, tmp_path):
     config = _config(tmp_path, tiny_methods, methods=[{"name": "cvae", "checkpoint": tiny_methods["cvae"]}],
                      num_samples=4, wandb={"enabled": False})  # fmt: skip
-    with pytest.warns(UserWarning, match="diversity needs at least 2 images per prompt.*num_samples"):
+    with pytest.warns(UserWarning, match="diversity needs at least 2 images per prompt.*raise seeds"):
         with pytest.warns(
-            UserWarning, match="fid_clip: 8 images are not more than its 16 features.*num_samples"
+            UserWarning, match="fid_clip: 8 images are not more than its 16 features.*raise seeds"
         ):
             assert evaluate.main(["--config", config, "--output", str(tmp_path / "o")]) == 0
     row = json.loads((tmp_path / "o" / "results.json").read_text())["rows"][0]
@@ -488,3 +488,38 @@ def test_a_checkpoint_selected_on_held_out_prompts_the_table_reports_is_refused_
     assert "methods[picked on test]" in err and "'test' part" in err and "last.ckpt" in err
     assert "methods[rerank]" in err and "'unknown' part" in err and "methods[picked on val]" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_checkpoint_of_another_shapes_version_is_refused_by_name(tiny_methods, tmp_path, capsys):
+    """Version 2's held-out prompts are in version 1's training data: a v1 checkpoint is refused."""
+    checkpoint = torch.load(tiny_methods["cvae"], weights_only=False)
+    checkpoint["ShapesDataModule"] = {"skipped_train": {}}  # saved before the version field: version 1
+    torch.save(checkpoint, tmp_path / "v1.ckpt")
+    checkpoint["ShapesDataModule"] = {"skipped_train": {}, "shapes_version": 2}
+    torch.save(checkpoint, tmp_path / "v2.ckpt")
+    out = tmp_path / "never"
+    config = _config(tmp_path, tiny_methods, methods=[{"name": "old cvae", "checkpoint": str(tmp_path / "v1.ckpt")}])
+    assert evaluate.main(["--config", config, "--output", str(out)]) == 2 and not out.exists()
+    err = capsys.readouterr().err
+    assert f"methods[old cvae]: {tmp_path / 'v1.ckpt'} was trained on shapes data version 1" in err
+    assert "retrain it on version 2" in err and "data_version: 1" in err
+    cfg = {"data_version": 2, "methods": [{"name": "cvae", "checkpoint": str(tmp_path / "v2.ckpt")}]}
+    assert evaluate.data_version_problems(cfg) == []
+    assert evaluate.data_version_problems({**cfg, "data_version": 1})  # and the reverse
+    assert evaluate.data_version_problems({"data_version": 1, "methods": [{"name": "a", "checkpoint": str(tmp_path / "v1.ckpt")}]}) == []
+    plain = {"data_version": 2, "methods": [{"name": "cvae", "checkpoint": tiny_methods["cvae"]}]}
+    assert evaluate.data_version_problems(plain) == []  # not trained on the shapes datamodule: nothing to check
+
+
+def test_the_protocol_reports_the_test_part_and_tunes_on_the_val_part():
+    from evaluation.harness import Protocol, prompts_for
+
+    test, val = (prompts_for(Protocol(part=part)) for part in ("test", "val"))
+    assert Protocol().part == "test" and Protocol().data_version == 2
+    for name in PROMPT_SETS:
+        assert test[name] and val[name] and not {c for c, _ in test[name]} & {c for c, _ in val[name]}
+    assert len(test["single"]) >= 100
+    with pytest.raises(ValueError, match="part 'train'"):
+        Protocol(part="train")
+    v1 = prompts_for(Protocol(data_version=1, part="all", prompts=26))
+    assert len(v1["single"]) == 26 and all("orange" not in c and "cyan" not in c for c, _ in v1["counting"])

@@ -78,3 +78,34 @@ def test_shares_of_several_ranks_combine_to_the_one_process_score():
     for world in (2, 3, 5):
         shares = [callback.score_share(EveryThirdWrong(), rank, world) for rank in range(world)]
         assert callback.rates(torch.stack(shares)) == one, world
+
+
+def test_shapes_score_takes_the_held_out_prompts_of_its_datamodules_version(tmp_path):
+    from types import SimpleNamespace
+
+    from datamodules import ShapesDataModule
+
+    callback = ShapesScore()
+    assert [c for c, _ in callback.prompts] == [c for c, _ in heldout_prompts("val", version=2)]
+    dm = ShapesDataModule(root=str(tmp_path / "v1"), version=1)
+    callback.setup(SimpleNamespace(datamodule=dm), torch.nn.Module(), "fit")
+    assert [c for c, _ in callback.prompts] == [c for c, _ in heldout_prompts("val", version=1)]
+    pinned = ShapesScore(version=2)
+    pinned.setup(SimpleNamespace(datamodule=dm), torch.nn.Module(), "fit")
+    assert [c for c, _ in pinned.prompts] == [c for c, _ in heldout_prompts("val", version=2)]
+
+
+def test_a_run_resumes_only_on_the_data_version_it_began_with(tmp_path):
+    import pytest
+
+    from datamodules import ShapesDataModule
+
+    saved = ShapesDataModule(root=str(tmp_path / "a"), version=1).state_dict()
+    assert saved["shapes_version"] == 1
+    ShapesDataModule(root=str(tmp_path / "a"), version=1).load_state_dict(saved)
+    with pytest.raises(ValueError, match="trained on shapes data version 1.*--data.init_args.version 1"):
+        ShapesDataModule(root=str(tmp_path / "b"), version=2).load_state_dict(saved)
+    with pytest.raises(ValueError, match="trained on shapes data version 1"):  # saved before the field
+        ShapesDataModule(root=str(tmp_path / "b")).load_state_dict({"skipped_train": {}})
+    with pytest.raises(ValueError, match="unknown shapes data version 7"):
+        ShapesDataModule(root=str(tmp_path / "c"), version=7)
