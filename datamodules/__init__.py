@@ -6,7 +6,8 @@ used by ``evaluation``) imports no Lightning.
 
 from importlib import import_module
 
-_LAZY = {"ShapesDataModule": ".shapes_datamodule", "TextImageDataModule": ".text_image"}
+_LAZY = {"ShapesDataModule": ".shapes_datamodule", "TextImageDataModule": ".text_image",
+         "OpenMojiDataModule": ".openmoji_datamodule"}
 
 __all__ = list(_LAZY)
 

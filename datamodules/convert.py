@@ -4,6 +4,7 @@ COCO-captions JSON into img2dataset-format tar shards.
     python scripts/make_shards.py folder  photos/            out/ --shard-size 1000
     python scripts/make_shards.py table   captions.csv       out/ --image-root photos/
     python scripts/make_shards.py coco    captions_val.json  out/ --image-root val2017/
+    python scripts/make_shards.py openmoji out/ --resolution 64   # from installed packages (datamodules/openmoji.py)
 
 Images are checked (decoded once) and re-encoded only when their format is not one of the
 shard formats; unusable inputs are skipped and summarised by reason at the end.
@@ -145,9 +146,16 @@ FIXES = {
 }
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
+def main(argv: Sequence[str] | None = None) -> dict | None:
+    import sys
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["openmoji"]:  # a dataset built from installed packages: no source to read
+        from .openmoji import main as openmoji_main
+
+        return openmoji_main(args[1:])
     p = argparse.ArgumentParser(description="Convert images and captions into img2dataset-format tar shards.")
-    p.add_argument("kind", choices=["folder", "table", "coco"], help="input kind")
+    p.add_argument("kind", choices=["folder", "table", "coco"], help="input kind (or openmoji OUT: see datamodules/openmoji.py)")
     p.add_argument("source", help="folder of images + .txt, CSV/JSONL file, or COCO captions JSON")
     p.add_argument("out_dir", help="folder for the shards")
     p.add_argument(
@@ -157,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--caption-column", default="caption")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     p.add_argument("--prefix", default="shard")
-    a = p.parse_args(argv)
+    a = p.parse_args(args)
     if a.kind == "folder":
         items = from_folder(a.source)
     elif a.kind == "table":

@@ -1,0 +1,59 @@
+"""OpenMoji as a datamodule: rendered into shards on first use from the installed packages."""
+
+from __future__ import annotations
+
+import os
+
+from lightning.pytorch.utilities import rank_zero_info
+
+from .prepare import read_manifest
+from .text_image import TextImageDataModule
+
+
+class OpenMojiDataModule(TextImageDataModule):
+    """TextImageDataModule over the OpenMoji designs in ``root`` (``datamodules/openmoji.py``),
+    rendered there if absent: training on ``train/``, validation on ``val/`` (the validation
+    part of the held-out designs), ``test/`` left for reported tables.
+
+    Args:
+        root: folder of the rendered shards.
+        resolution: rendered image side.
+        split_seed: which combinations are held out.
+        shard_size: designs per shard.
+        image_size: training image side; None means ``resolution``.
+        prepare_timeout: seconds a process waits for another one's rendering.
+        **kwargs: the TextImageDataModule arguments (batch size, workers, epoch length, ...).
+    """
+
+    def __init__(self, root: str = "data/openmoji64", resolution: int = 64, split_seed: int = 0,
+                 shard_size: int = 1000, image_size: int | None = None, prepare_timeout: float = 3600.0,
+                 **kwargs):  # fmt: skip
+        kwargs.setdefault("val_samples", 181)
+        super().__init__(
+            train_shards=os.path.join(root, "train"),
+            val_shards=os.path.join(root, "val"),
+            image_size=image_size or resolution,
+            **kwargs,
+        )
+        self.root, self.resolution, self.split_seed = root, resolution, split_seed
+        self.shard_size, self.prepare_timeout = shard_size, prepare_timeout
+
+    def _render(self) -> dict:
+        from .openmoji import write_openmoji_shards
+
+        return write_openmoji_shards(self.root, self.resolution, self.split_seed, self.shard_size,
+                                     wait_timeout=self.prepare_timeout)  # fmt: skip
+
+    def prepare_data(self) -> None:
+        """Render the designs on first use (once, whatever the number of processes and nodes)."""
+        if read_manifest(self.root) is None:
+            rank_zero_info(f"rendering OpenMoji into {self.root} at {self.resolution} px")
+        self._render()
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit", "validate", "test"):
+            self._render()
+        super().setup(stage)
+
+    def check_sources(self, stage: str = "fit") -> None:
+        """Nothing to check: the shards are rendered by ``prepare_data`` when they are missing."""

