@@ -23,7 +23,7 @@ def _common(tmp_path):
 
 @pytest.mark.parametrize("config", ["autoencoder/vqgan_shapes.yaml",
                                     pytest.param("autoencoder/vqvae_shapes.yaml", marks=pytest.mark.slow),
-                                    "autoencoder/kl_shapes.yaml",
+                                    pytest.param("autoencoder/kl_shapes.yaml", marks=pytest.mark.slow),
                                     pytest.param("vae/cvae_shapes.yaml", marks=pytest.mark.slow)])  # fmt: skip
 def test_shapes_config_runs_fast_dev_run(config, tmp_path):
     args = ["fit", "--config", os.path.join(ROOT, "configs", config), "--trainer.fast_dev_run", "2",

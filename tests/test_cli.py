@@ -148,10 +148,11 @@ def _tiny_bert(path, hidden=16):
                          intermediate_size=32)).save_pretrained(path)  # fmt: skip
 
 
-SLOW = pytest.mark.slow  # the main job's and the 16 px StackGAN configs run by default; the others as slow tests
+SLOW = pytest.mark.slow  # the 16 px StackGAN config runs by default (the main job's in test_first_hour); the others as slow tests
 
 
-@pytest.mark.parametrize("config", ["diffusion/shapes.yaml", pytest.param("diffusion/shapes32.yaml", marks=SLOW),
+@pytest.mark.parametrize("config", [pytest.param("diffusion/shapes.yaml", marks=SLOW),  # the main job runs in test_first_hour
+                                    pytest.param("diffusion/shapes32.yaml", marks=SLOW),
                                     pytest.param("diffusion/shapes_sr.yaml", marks=SLOW),
                                     pytest.param("diffusion/shards_gpu.yaml", marks=SLOW),
                                     pytest.param("diffusion/shards_gpu_sr256.yaml", marks=SLOW), "gan/stackgan1_shapes.yaml",

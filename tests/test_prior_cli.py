@@ -45,8 +45,9 @@ def _args(config, tmp_path, autoencoder):
             "--data.init_args.num_val", "8", "--data.init_args.shard_size", "20"]  # fmt: skip
 
 
-@pytest.mark.parametrize("config", ["prior/ar_shapes.yaml", "prior/ar_stream_shapes.yaml", "prior/maskgit_shapes.yaml",
-                                    "diffusion/latent_shapes.yaml"])  # fmt: skip
+@pytest.mark.parametrize("config", ["prior/ar_shapes.yaml", pytest.param("prior/ar_stream_shapes.yaml", marks=pytest.mark.slow),
+                                    "prior/maskgit_shapes.yaml",
+                                    pytest.param("diffusion/latent_shapes.yaml", marks=pytest.mark.slow)])  # fmt: skip
 def test_config_runs_fast_dev_run(config, autoencoders32, tmp_path):
     ae = autoencoders32["kl" if "latent" in config else "vq"]
     proc = run_cli([*_args(config, tmp_path, ae), "--trainer.fast_dev_run", "2"], tmp_path)
