@@ -197,6 +197,73 @@ def render(design: Design, resolution: int, font: ImageFont.FreeTypeFont) -> Ima
     return image
 
 
+SOFTENINGS = ("sharp", "blur 0.5 px", "blur 1 px", "2x down-up")  # how a reference may be softened
+
+
+def _soften(image: Image.Image, kind: str) -> Image.Image:
+    from PIL import ImageFilter
+
+    if kind.startswith("blur"):
+        return image.filter(ImageFilter.GaussianBlur(float(kind.split()[1])))
+    if kind == "2x down-up":
+        side = image.size[0]
+        return image.resize((side // 2, side // 2), Image.BILINEAR).resize((side, side), Image.BILINEAR)
+    return image
+
+
+class VariantReader:
+    """Reads, with no learned model, which variant of a design an image shows: its skin tone (for
+    a design of the tone split) or its colour (a heart, circle, square or book). OpenMoji draws
+    the variants of a design alike but for those colours, so the image is compared with each
+    variant's render, sharp and softened (``SOFTENINGS``), and the nearest (mean squared error)
+    names the variant: a soft image reads as a sharp one, and noise reads as chance (1 in the
+    number of variants).
+
+    Args:
+        resolution: the side the images are compared at (renders are made at it).
+        designs: the catalogue (default: ``catalogue()``).
+    """
+
+    def __init__(self, resolution: int, designs: Sequence[Design] | None = None):
+        self.resolution = resolution
+        self.designs = list(designs) if designs is not None else catalogue()
+        self.font = ImageFont.truetype(font_path(), int(resolution * SUPERSAMPLE * (1 - 2 * PADDING) * 0.85))
+        self.references: dict[str, np.ndarray] = {}
+
+    def attribute(self, design: Design) -> str | None:
+        """``tone`` or ``colour``: what can be read of this design; None when nothing can."""
+        return "tone" if design.tone else ("colour" if design.colour else None)
+
+    def variants(self, design: Design) -> dict[str, Design]:
+        """``{tone or colour: design}``: the variants the reading chooses among."""
+        if design.tone:
+            return {d.tone: d for d in self.designs if d.base == design.base and d.tone}
+        if design.colour:
+            return {d.colour: d for d in self.designs if d.object == design.object and d.colour}
+        raise ValueError(f"{design.en!r} has no skin tone or colour variants to read")
+
+    def _reference(self, design: Design) -> np.ndarray:
+        if design.key not in self.references:
+            image = render(design, self.resolution, self.font)
+            self.references[design.key] = np.stack([np.asarray(_soften(image, k), dtype=np.float32) for k in SOFTENINGS])
+        return self.references[design.key]
+
+    def read(self, image, design: Design) -> str:
+        """The variant (a tone or a colour) of ``design`` that ``image`` shows."""
+        from .shapes import to_uint8
+
+        x = to_uint8(image).astype(np.float32)
+        if x.shape[:2] != (self.resolution, self.resolution):
+            raise ValueError(f"the image is {x.shape[1]}x{x.shape[0]}; the reader compares at {self.resolution} px")
+        errors = {label: float(((self._reference(d) - x) ** 2).mean(axis=(1, 2, 3)).min())
+                  for label, d in self.variants(design).items()}  # fmt: skip
+        return min(errors, key=errors.get)
+
+    def check(self, image, design: Design) -> bool:
+        """Whether the image shows the design's own tone or colour."""
+        return self.read(image, design) == (design.tone or design.colour)
+
+
 def write_openmoji_shards(root: str, resolution: int = 64, seed: int = 0, shard_size: int = 1000,
                           limit: int | None = None, wait_timeout: float = 3600.0) -> dict:  # fmt: skip
     """Render every design into ``root/{train,val,test}`` shards (PNG + txt + json) once, with

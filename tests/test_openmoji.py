@@ -106,3 +106,34 @@ def test_make_shards_builds_openmoji_from_the_command_line(tmp_path, monkeypatch
     out = capsys.readouterr().out
     assert "OpenMoji ready" in out and "--data.init_args.train_shards" in out
     assert (tmp_path / "om" / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("resolution", [32, 64])
+def test_the_variant_reader_reads_tones_and_colours_sharp_or_soft_and_noise_as_chance(designs, resolution):
+    from PIL import Image, ImageFilter
+
+    reader = O.VariantReader(resolution, designs)
+    toned = [d for d in designs if d.tone][::25]
+    coloured = [d for d in designs if d.colour]
+    rng = np.random.default_rng(0)
+    softenings = {
+        "sharp": lambda im: im,
+        "blur 1 px": lambda im: im.filter(ImageFilter.GaussianBlur(1)),
+        "2x down-up": lambda im: im.resize((resolution // 2,) * 2, Image.BILINEAR).resize((resolution,) * 2, Image.BILINEAR),
+    }
+    for name, soften in softenings.items():
+        for group in (toned, coloured):
+            rate = np.mean([reader.check(soften(O.render(d, resolution, reader.font)), d) for d in group])
+            assert rate >= 0.95, (name, rate, group[0].en)
+    noise = [reader.check(rng.integers(0, 256, (resolution, resolution, 3), dtype=np.uint8), d) for d in toned]
+    assert np.mean(noise) <= 0.35  # chance is 1 in 5 tones
+    # another tone's image is read as that tone, so the check fails
+    d = toned[0]
+    other = next(v for t, v in reader.variants(d).items() if t != d.tone)
+    image = O.render(other, resolution, reader.font)
+    assert reader.read(image, d) == other.tone and not reader.check(image, d)
+    assert reader.attribute(d) == "tone" and reader.attribute(coloured[0]) == "colour"
+    apple = next(x for x in designs if x.en == "red apple")
+    assert reader.attribute(apple) is None
+    with pytest.raises(ValueError, match="no skin tone or colour variants"):
+        reader.read(image, apple)
