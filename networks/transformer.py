@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .checkpointing import checkpointed
+
 from .noise import Generators, rand
 
 
@@ -156,6 +158,8 @@ class TokenTransformer(nn.Module):
             (``stream`` only).
         context_dim: width of the text encoder's token embeddings (``cross`` only).
         positions: ``2d`` (row + column) or ``1d`` learned image positions.
+        checkpointing: recompute each block's activations in the backward pass instead of
+            keeping them (activation checkpointing; sampling is unaffected).
     """
 
     def __init__(
@@ -170,8 +174,10 @@ class TokenTransformer(nn.Module):
         text_length: int = 24,
         context_dim: int = 256,
         positions: Literal["1d", "2d"] = "2d",
+        checkpointing: bool = False,
     ):
         super().__init__()
+        self.checkpointing = checkpointing
         if conditioning not in ("stream", "cross"):
             raise ValueError(f"conditioning must be 'stream' or 'cross', got {conditioning!r}")
         self.vocab_size, self.side, self.num_tokens = vocab_size, side, side * side
@@ -225,7 +231,8 @@ class TokenTransformer(nn.Module):
     def run(self, h: Tensor, context=None, caches: list[KVCache] | None = None) -> Tensor:
         for i, blk in enumerate(self.blocks):
             ctx = context[i] if isinstance(context, list) else context
-            h = blk(h, causal=True, context=ctx, cache=None if caches is None else caches[i])
+            cache = None if caches is None else caches[i]
+            h = checkpointed(self.checkpointing and cache is None, self, blk, h, causal=True, context=ctx, cache=cache)
         return self.norm(h)
 
     def forward(
@@ -261,8 +268,10 @@ class MaskedTokenTransformer(nn.Module):
         heads: int = 8,
         context_dim: int = 256,
         positions: Literal["1d", "2d"] = "2d",
+        checkpointing: bool = False,
     ):
         super().__init__()
+        self.checkpointing = checkpointing
         self.vocab_size, self.side, self.num_tokens, self.width = vocab_size, side, side * side, width
         self.mask_id = vocab_size
         self.embed = nn.Embedding(vocab_size + 1, width)
@@ -276,7 +285,7 @@ class MaskedTokenTransformer(nn.Module):
         """``tokens`` (b, n) with ``mask_id`` where masked -> logits (b, n, vocab_size)."""
         h = self.embed(tokens) + self.pos()
         for blk in self.blocks:
-            h = blk(h, causal=False, context=(text.tokens, text.mask, None))
+            h = checkpointed(self.checkpointing, self, blk, h, causal=False, context=(text.tokens, text.mask, None))
         return self.head(self.norm(h))
 
 
