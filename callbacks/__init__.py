@@ -1,6 +1,7 @@
 """Callbacks shared by every method: sample grids, reconstruction grids, held-out scores, prediction files, data health,
 progress and run summaries, stopping without loss, CPU threads, W&B."""
 
+from .compile import CompileNetworks
 from .data_health import SkippedSamplesLogger
 from .prediction_writer import PromptImageWriter
 from .progress import ProgressLog, RunSummary
@@ -15,6 +16,7 @@ SaveOnInterrupt = SaveLastCheckpoint  # its former name: the config.yaml of earl
 
 __all__ = [
     "AutoOfflineWandbLogger",
+    "CompileNetworks",
     "ProgressLog",
     "PromptImageWriter",
     "ReconstructionGrid",
