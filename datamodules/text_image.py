@@ -181,12 +181,14 @@ class ShardStream(IterableDataset):
                 )
 
     def _train_stream(self, slot: int, slots: int, skips: SkipCounter, rng: random.Random) -> Iterator[dict]:
-        urls = self.urls[slot::slots] if len(self.urls) >= slots else list(self.urls)
+        shards, stride, offset = shard_assignment(len(self.urls), slot, slots)
+        urls = [self.urls[i] for i in shards]
+        keep = None if stride == 1 else (lambda i: i % stride == offset)
         buffer: list[dict] = []
         while True:
             rng.shuffle(urls)
             produced = 0
-            for sample in self._samples(urls, skips, rng):
+            for sample in self._samples(urls, skips, rng, keep):
                 produced += 1
                 if len(buffer) < self.shuffle_buffer:
                     buffer.append(sample)
@@ -202,6 +204,20 @@ class ShardStream(IterableDataset):
             rng.shuffle(buffer)
             while len(buffer) > self.shuffle_buffer // 2:
                 yield buffer.pop()
+
+
+def shard_assignment(num_shards: int, slot: int, slots: int) -> tuple[list[int], int, int]:
+    """What training slot ``slot`` of ``slots`` (rank x worker) reads in each pass over the data:
+    ``(shard indices, stride, offset)``, keeping the samples whose running index ``i`` in its
+    shards has ``i % stride == offset``. Every sample is read by exactly one slot per pass. With
+    at least as many shards as slots, each slot reads whole shards (every ``slots``-th one); with
+    fewer, the slots that share a shard read it in turn, one sample in ``stride`` each (each reads
+    the whole file and decodes its share)."""
+    if num_shards >= slots:
+        return list(range(slot, num_shards, slots)), 1, 0
+    shard = slot % num_shards
+    sharing = len(range(shard, slots, num_shards))  # the slots whose share is in this shard
+    return [shard], sharing, slot // num_shards
 
 
 TOKENS_MEMBER = "tokens.npy"  # pre-computed image tokens (scripts/tokenize_shards.py)
@@ -378,8 +394,9 @@ class TextImageDataModule(LightningDataModule):
             if len(urls) < slots:
                 rank_zero_warn(
                     f"{len(urls)} training shard(s) for {world} rank(s) x {max(self.num_workers, 1)} worker(s): "
-                    "every worker resamples from all shards (samples repeat across workers within an epoch). "
-                    "Write more, smaller shards for disjoint reading."
+                    "the workers that share a shard each read all of it and decode every k-th sample "
+                    "(every sample still once per pass, at k times the reading). Write more, smaller shards "
+                    "(at least one per rank and worker) to read each file once."
                 )
             self.train_stream = ShardStream(
                 urls, build_transform(self.image_size, self.crop, self.hflip), "train", rank, world,

@@ -295,3 +295,25 @@ def test_training_skip_counts_continue_across_a_resume(tmp_path, shapes16):
     fit(6, resumed, str(tmp_path / "a.ckpt"))
     after = resumed.skipped("train")
     assert all(after[k] > v for k, v in before.items())  # the resumed run adds to the saved counts
+
+
+@pytest.mark.parametrize("num_shards", [1000, 100, 4096, 5000])
+def test_shard_assignment_at_64_nodes_x_8_gpus_x_8_workers_reads_every_sample_once_per_pass(num_shards):
+    """A simulation of the training stream's split over 4,096 slots: each sample is kept by
+    exactly one slot, and the slots' shares differ by at most one shard's worth."""
+    from datamodules.text_image import shard_assignment
+
+    slots, per_shard = 64 * 8 * 8, 40
+    reads = np.zeros((num_shards, per_shard), dtype=np.int64)
+    shares = []
+    for slot in range(slots):
+        shards, stride, offset = shard_assignment(num_shards, slot, slots)
+        assert shards, slot  # no slot without data
+        kept = 0
+        for index in range(len(shards) * per_shard):  # the running index over its shards
+            if index % stride == offset:
+                reads[shards[index // per_shard], index % per_shard] += 1
+                kept += 1
+        shares.append(kept)
+    assert (reads == 1).all()
+    assert max(shares) - min(shares) <= per_shard
