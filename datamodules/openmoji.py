@@ -109,7 +109,7 @@ def catalogue() -> list[Design]:
         if "-".join(codes) not in drawn and "-".join(c for c in codes if c != "FE0F") not in drawn:
             continue
         en, ru = _plain(data["en"]), _plain(data["ru"])
-        if en.count("skin tone") > 1:  # couples of two tones: left out of the tone split's units
+        if en.count("skin tone") > 1:  # couples drawn in two tones are left out (a tone unit has one)
             continue
         match = _TONE.search(en)  # "man artist medium skin tone", "man dark skin tone blond hair"
         base = " ".join(_TONE.sub(" ", en).split()) if match else en
