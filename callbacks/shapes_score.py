@@ -46,7 +46,7 @@ class ShapesScore(Callback):
         self.last: dict[str, float] = {}
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        data_version = getattr(trainer.datamodule, "version", None)
+        data_version = getattr(getattr(trainer, "datamodule", None), "version", None)
         if self.version is None and data_version is not None:  # the prompts held out of this data
             self.prompts = heldout_prompts(self.part, data_version)
         if hasattr(pl_module, "check_sampling"):  # a wrong option fails before any training
