@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import csv
 import difflib
+import functools
 import hashlib
 import importlib
 import json
@@ -285,6 +286,18 @@ def config_class(spec: dict, name: str) -> str | None:
     return model["class_path"]
 
 
+@functools.lru_cache(maxsize=64)
+def _read(path: str, mtime_ns: int, size: int) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def read_checkpoint(path: str) -> dict:
+    """A checkpoint file's contents, read once per run of this script (keyed on its real path,
+    modification time and size, so a file rewritten meanwhile is read again). Callers only read it."""
+    st = os.stat(path)
+    return _read(os.path.realpath(path), st.st_mtime_ns, st.st_size)
+
+
 def load(spec: dict):
     """``(module, provenance)`` of one method: from its checkpoint, or built from class_path."""
     from callbacks.dashboard import run_tags
@@ -294,7 +307,7 @@ def load(spec: dict):
     if "checkpoint" in spec:
         path = spec["checkpoint"]
         model = load_method(path, option=f"methods[{name}].checkpoint", class_path=config_class(spec, name))
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = read_checkpoint(path)
         info = {"checkpoint": os.path.abspath(path), "sha256": sha256(path),
                 **training_budget(ckpt, _run_config(path))}  # fmt: skip
         class_path = f"{type(model).__module__}.{type(model).__name__}"
@@ -318,7 +331,7 @@ def load(spec: dict):
 
 def _hparams(path: str) -> dict:
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        checkpoint = read_checkpoint(path)
     except Exception:  # noqa: BLE001 - not a checkpoint: nothing to follow
         return {}
     hparams = dict(checkpoint.get("hyper_parameters") or {}) if isinstance(checkpoint, dict) else {}
@@ -401,7 +414,7 @@ def selected_on(path: str) -> str | None:
     if os.path.basename(path) == "last.ckpt" or not os.path.isfile(path):
         return None
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = read_checkpoint(path)
     except Exception:  # noqa: BLE001 - an unreadable file is load()'s error, in its own row
         return None
     # decided by the run, not the file name: any checkpoint other than the run's last.ckpt, from a
@@ -442,7 +455,10 @@ def data_version_problems(cfg: dict) -> list[str]:
     wanted, errors = int(cfg["data_version"]), []
     named = [(f"methods[{spec['name']}]", path) for spec in cfg["methods"] for path in _checkpoints_of(spec)]
     for who, path in [*named, *([("clip (the judge)", cfg["clip"])] if cfg.get("clip") else [])]:
-        found = checkpoint_data_version(path) if os.path.isfile(path) else None
+        try:
+            found = checkpoint_data_version(read_checkpoint(path)) if os.path.isfile(path) else None
+        except Exception:  # noqa: BLE001 - an unreadable file is load()'s error, in its own row
+            found = None
         if found is not None and found != wanted:
             errors.append(
                 f"{who}: {path} was trained on shapes data version {found}, and this protocol measures version "

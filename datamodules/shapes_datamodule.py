@@ -110,13 +110,14 @@ class ShapesDataModule(TextImageDataModule):
         super().load_state_dict(state)
 
 
-def checkpoint_data_version(path: str) -> int | None:
-    """The shapes data version a checkpoint was trained on (1 for one saved before the field), or
-    None when it was not trained on ``ShapesDataModule`` or cannot be read."""
+def checkpoint_data_version(path: str | dict) -> int | None:
+    """The shapes data version a checkpoint (its path, or the loaded dict) was trained on (1 for
+    one saved before the field), or None when it was not trained on ``ShapesDataModule`` or cannot
+    be read."""
     import torch
 
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = path if isinstance(path, dict) else torch.load(path, map_location="cpu", weights_only=False)
     except Exception:  # noqa: BLE001 - not a readable checkpoint: nothing to tell
         return None
     state = ckpt.get("ShapesDataModule") if isinstance(ckpt, dict) else None
