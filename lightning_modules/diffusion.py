@@ -51,10 +51,14 @@ class TextToImageDiffusion(FrozenAutoencoderUser, TextToImageModule):
         text_encoder: trainable (trained with the denoiser) or frozen (no trainable parameters).
         image_size: side of generated images.
         timesteps: training timesteps ``T``.
-        schedule: ``linear``, ``cosine`` or ``scaled_linear`` (latent diffusion's).
+        schedule: ``linear``, ``cosine`` or ``scaled_linear`` (latent diffusion's). None: the
+            measured default of the space (BENCHMARKS.md, "Parameterisation"): ``cosine`` in
+            pixel space, ``scaled_linear`` in latent space.
         zero_terminal_snr: rescale the schedule to zero SNR at its last step (Lin et al.); needs
-            ``prediction: v`` (or ``x0``).
-        prediction: the network's target: ``eps``, ``x0`` or ``v``.
+            ``prediction: v`` (or ``x0``). None: on in pixel space with a prediction other than
+            eps, off in latent space.
+        prediction: the network's target: ``eps``, ``x0`` or ``v``. None: ``v`` in pixel space,
+            ``eps`` in latent space.
         min_snr_gamma: min-SNR-gamma loss weighting; None for the plain MSE.
         cond_drop_prob: probability of replacing a caption by "" (classifier-free guidance).
         ema_decay: decay of the EMA of the denoiser (and of a trainable text encoder).
@@ -73,6 +77,8 @@ class TextToImageDiffusion(FrozenAutoencoderUser, TextToImageModule):
         autoencoder: checkpoint path of a trained KL or VQ autoencoder: diffusion in its latent
             space (frozen, not stored in this method's checkpoints). None: pixel space.
         latent_scale: the latents' scale factor; None estimates it on the first training batch.
+        latent_sample: train on draws from a KL autoencoder's posterior instead of its mean
+            (CompVis's latent diffusion); validation encodes the mean.
     """
 
     def __init__(
@@ -81,9 +87,9 @@ class TextToImageDiffusion(FrozenAutoencoderUser, TextToImageModule):
         text_encoder: nn.Module,
         image_size: int = 32,
         timesteps: int = 1000,
-        schedule: Schedule = "cosine",
-        zero_terminal_snr: bool = False,
-        prediction: Prediction = "eps",
+        schedule: Schedule | None = None,
+        zero_terminal_snr: bool | None = None,
+        prediction: Prediction | None = None,
         min_snr_gamma: float | None = 5.0,
         cond_drop_prob: float = 0.1,
         ema_decay: float = 0.999,
@@ -97,13 +103,28 @@ class TextToImageDiffusion(FrozenAutoencoderUser, TextToImageModule):
         clip_denoised: bool | None = None,
         autoencoder: str | None = None,
         latent_scale: float | None = None,
+        latent_sample: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()
+        # the well-conditioned pair of each space unless chosen (a checkpoint keeps None and
+        # resolves it the same way): v on a zero-terminal-SNR cosine schedule for pixels, eps on
+        # the scaled-linear schedule for latents
+        latent = autoencoder is not None
+        schedule = schedule or ("scaled_linear" if latent else "cosine")
+        prediction = prediction or ("eps" if latent else "v")
+        if zero_terminal_snr is None:
+            zero_terminal_snr = not latent and prediction != "eps"
         self.autoencoder = None
+        self.latent_sample = latent_sample
         if autoencoder is not None:
-            self.attach_autoencoder(autoencoder)
+            ae = self.attach_autoencoder(autoencoder)
             self.check_latent_setup(denoiser, image_size, dynamic_threshold)
+            if latent_sample and not hasattr(ae, "posterior"):
+                raise ConfigError(
+                    f"model.init_args.latent_sample draws latents from a KL autoencoder's posterior, and {autoencoder!r} "
+                    f"is a {type(ae).__name__}: leave latent_sample false"
+                )
             # 0 until estimated on the first training batch (a buffer, so checkpoints keep it)
             self.register_buffer("latent_scale", torch.tensor(float(latent_scale or 0.0)))
             self._latents_checked = False
@@ -169,7 +190,10 @@ class TextToImageDiffusion(FrozenAutoencoderUser, TextToImageModule):
         """Images -> scaled latents; the first training batch sets ``latent_scale`` (if unset). A
         validation before it (Lightning's sanity check) scales by its own batch's spread,
         provisionally, and keeps nothing."""
-        z = self.autoencoder.encode_latents(images).float()
+        if self.latent_sample and self.training:  # a draw from the posterior, as CompVis trains
+            z = self.autoencoder.encode(images, sample=True).float()
+        else:
+            z = self.autoencoder.encode_latents(images).float()
         if not self._latents_checked and not self.training and self.latent_scale == 0:
             return z / z.std().clamp_min(1e-8)
         if not self._latents_checked:  # once: comparing a device tensor on every step would sync

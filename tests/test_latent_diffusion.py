@@ -2,9 +2,12 @@
 is estimated once, saved and reused on resume; the autoencoder stays out of the checkpoint; four
 captions generate their own images; settings that cannot work are clear errors."""
 
+import os
+
 import lightning as L
 import pytest
 import torch
+import yaml
 from conftest import BLOCK_CAPTIONS, block_images
 from torch.utils.data import DataLoader
 
@@ -13,8 +16,30 @@ from networks.errors import ConfigError, MissingFileError
 from networks.text_encoders import TransformerTextEncoder
 from networks.unet import UNet
 
-# configs/diffusion/latent_shapes.yaml's parameterisation
-LATENT_DEFAULTS = {"prediction": "eps", "schedule": "scaled_linear", "min_snr_gamma": 5.0}
+CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "diffusion")
+
+
+def test_the_class_defaults_are_each_space_s_measured_pair_and_the_configs_keep_them(tiny_autoencoders):
+    """Left unset, latent diffusion is eps on the scaled-linear schedule and pixel diffusion v on a
+    zero-terminal-SNR cosine schedule (BENCHMARKS.md); the shapes configs say the same."""
+    latent = _latent(tiny_autoencoders["kl"])
+    assert (latent.hparams.schedule, latent.prediction, latent.schedule.alphas_cumprod[-1] > 0) == (None, "eps", True)
+    assert latent.schedule.alphas_cumprod[-1].item() == pytest.approx(0.0047, abs=2e-4)  # scaled-linear's end
+    unet = UNet(base_channels=16, channel_mult=[1], num_res_blocks=1, attention_levels=[], context_dim=32, heads=2)
+    pixel = TextToImageDiffusion(unet, TransformerTextEncoder(width=32, depth=1, heads=2, max_length=8, tokenizer="byte"))
+    assert pixel.prediction == "v" and pixel.schedule.alphas_cumprod[-1].item() == 0.0  # zero terminal SNR
+    eps = TextToImageDiffusion(unet, TransformerTextEncoder(width=32, depth=1, heads=2, max_length=8, tokenizer="byte"),
+                               prediction="eps")  # fmt: skip
+    assert eps.schedule.alphas_cumprod[-1].item() > 0  # an eps model is not put on a zero-SNR schedule
+    with open(os.path.join(CONFIG, "latent_shapes.yaml")) as f:
+        args = yaml.safe_load(f)["model"]["init_args"]
+    assert (args.get("schedule", "scaled_linear"), args.get("prediction", "eps"), args.get("zero_terminal_snr", False)) == (
+        "scaled_linear", "eps", False)  # fmt: skip
+    for name in ("shapes.yaml", "shapes32.yaml"):
+        with open(os.path.join(CONFIG, name)) as f:
+            args = yaml.safe_load(f)["model"]["init_args"]
+        assert (args.get("schedule", "cosine"), args.get("prediction", "v"), args.get("zero_terminal_snr", True)) == (
+            "cosine", "v", True), name  # fmt: skip
 
 
 def _latent(path, channels=4, **kw):
@@ -105,11 +130,11 @@ def test_loss_is_on_scaled_latents_and_generate_decodes_to_images(tiny_autoencod
 
 @pytest.mark.parametrize("kind", ["kl", pytest.param("vq", marks=pytest.mark.slow)])  # the default (kl) in the default suite
 def test_each_of_four_captions_generates_its_own_image(tiny_autoencoders, kind):
-    """With no clamp anywhere: the KL latents at the configured default parameterisation (eps on the
-    scaled-linear schedule, min-SNR weights); the VQ latents (8 pre-quantisation channels) with
+    """With no clamp anywhere: the KL latents at the class's default parameterisation (eps on the
+    scaled-linear schedule, min-SNR weights, DPM-Solver++ 20 steps); the VQ latents (8 pre-quantisation channels) with
     v-prediction on a zero-terminal-SNR schedule, since at the default two of their four captions
     still drew another caption's image after 300 (and 500) steps."""
-    setup = LATENT_DEFAULTS if kind == "kl" else {"prediction": "v", "zero_terminal_snr": True}
+    setup = {} if kind == "kl" else {"prediction": "v", "zero_terminal_snr": True}
     model = _latent(tiny_autoencoders[kind], channels=4 if kind == "kl" else 8, cond_drop_prob=0.2, ema_decay=0.0,
                     **setup)  # fmt: skip
     torch.manual_seed(0)
@@ -118,7 +143,7 @@ def test_each_of_four_captions_generates_its_own_image(tiny_autoencoders, kind):
     model.ema_text_encoder.load_state_dict(model.text_encoder.state_dict())
     model.eval()
     targets = model.autoencoder.reconstruct(block_images())
-    out = model.generate(list(BLOCK_CAPTIONS), seed=0, sampler="ddim", steps=20, guidance_scale=2.0)
+    out = model.generate(list(BLOCK_CAPTIONS), seed=0, guidance_scale=2.0)  # the default sampler and steps
     dist = torch.cdist(out.flatten(1), targets.flatten(1))
     assert torch.equal(dist.argmin(1), torch.arange(4)), dist
 
@@ -165,3 +190,40 @@ def test_a_checkpoint_with_the_old_latent_bound_still_loads(tiny_autoencoders, t
     with pytest.warns(UserWarning, match="latent_bound"):
         loaded = TextToImageDiffusion.load_from_checkpoint(path, weights_only=False)
     assert loaded.latent_scale == 1.5 and "latent_bound" not in loaded.state_dict()
+
+
+def test_the_scale_is_averaged_over_ranks(tiny_autoencoders):
+    """Under DDP every rank scales by the mean of the ranks' first-batch variances, so all agree."""
+    from types import SimpleNamespace
+
+    model = _latent(tiny_autoencoders["kl"]).train()
+    images = block_images()
+    own = model.autoencoder.encode_latents(images).float().var()
+    seen = []
+
+    def reduce(value, reduce_op):  # the other rank's variance is 3x this one's
+        seen.append(reduce_op)
+        return (value + 3 * value) / 2
+
+    model._trainer = SimpleNamespace(world_size=2, strategy=SimpleNamespace(reduce=reduce), is_global_zero=False)
+    model.to_latents(images)
+    model._trainer = None
+    assert seen == ["mean"]
+    assert model.latent_scale.item() == pytest.approx(1.0 / (2 * own).sqrt().item(), rel=1e-5)
+
+
+def test_latent_sample_trains_on_posterior_draws_and_validates_on_the_mean(tiny_autoencoders):
+    model = _latent(tiny_autoencoders["kl"], latent_sample=True, latent_scale=1.0)
+    images = block_images()
+    mean = model.autoencoder.encode_latents(images).float()
+    torch.manual_seed(0)
+    a = model.train().to_latents(images)
+    torch.manual_seed(1)
+    b = model.to_latents(images)
+    assert not torch.equal(a, b) and not torch.allclose(a, mean)  # draws, each its own
+    assert (a - mean).abs().mean() < mean.abs().mean()  # around the mean
+    assert torch.equal(model.eval().to_latents(images), mean)  # validation: the mean
+    plain = _latent(tiny_autoencoders["kl"], latent_scale=1.0).train()
+    assert torch.equal(plain.to_latents(images), mean)
+    with pytest.raises(ConfigError, match="latent_sample"):
+        _latent(tiny_autoencoders["vq"], channels=8, latent_sample=True)

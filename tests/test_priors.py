@@ -215,6 +215,10 @@ def test_maskgit_choice_noise_is_annealed_from_its_temperature_to_zero(tiny_auto
     greedy = prior.sample_tokens(prompts, prior.generator([0, 1], "cpu"), 6, 1.0, 0.0, 1.0)
     noisy = prior.sample_tokens(prompts, prior.generator([0, 1], "cpu"), 6, 1.0, 1e4, 1.0)
     assert not torch.equal(greedy, noisy)  # the choice noise matters ...
+    used = []  # the scale each step of the sampler draws with: from the temperature down to 0
+    monkeypatch.setattr(priors, "choice_noise", lambda step, steps, t: used.append(choice_noise(step, steps, t)) or used[-1])
+    prior.sample_tokens(prompts, prior.generator([0, 1], "cpu"), 6, 1.0, 4.5, 1.0)
+    assert used == [4.5 * (1 - (s + 1) / 6) for s in range(6)]
     monkeypatch.setattr(priors, "choice_noise", lambda step, steps, t: 0.0)
     assert torch.equal(prior.sample_tokens(prompts, prior.generator([0, 1], "cpu"), 6, 1.0, 1e4, 1.0), greedy)
 
