@@ -94,6 +94,7 @@ COLUMNS = [  # (key, header, format)
     ("clip_score", "CLIP score", "{:.1f}"),
     ("r_precision", "R-prec.", "{:.3f}"),
     ("diversity", "diversity", "{:.3f}"),
+    ("sharpness", "sharpness", "{:.2f}"),
     ("images_per_sec", "img/s", "{:.1f}"),
     ("params_m", "params (M)", "{:.2f}"),
     ("steps", "train steps", "{:,}"),

@@ -37,7 +37,7 @@ from datamodules.shapes import (
     vocabulary,
 )
 from evaluation.intervals import bootstrap_interval, bootstrap_mean_of_sets, paired_difference
-from evaluation.metrics import clip_score, diversity, fid_kid, image_features, r_precision_hits
+from evaluation.metrics import clip_score, diversity, fid_kid, image_features, r_precision_hits, sharpness
 from networks.noise import stream_seed
 
 IMAGE_SEED_RULE = "stream_seed(protocol seed, 'image', prompt set index, prompt index, seed index): a 63-bit hash"
@@ -264,6 +264,8 @@ def quality(
     row["shapes_detail"] = detail
     row["shapes_hits"] = hits  # (prompts, seeds) per set: for paired comparisons
     flat = _flat(images)
+    if real is not None:  # the renders of the same prompts and seeds
+        row["sharpness"] = sharpness(flat, _flat(real.real))
     for ext_name, extractor in (extractors or {}).items():
         status(f"fid_{ext_name}, kid_{ext_name}")
         if real is None:

@@ -216,6 +216,28 @@ def r_precision(clip: nn.Module, images: Tensor, prompts: list[str], pool: list[
     return bootstrap_interval(np.asarray(hits).reshape(-1, seeds), seed=seed)
 
 
+LAPLACIAN = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])
+
+
+@torch.no_grad()
+def high_frequency_energy(images: Tensor) -> Tensor:
+    """Per image ``(b, 3, h, w)`` in [-1, 1]: the mean squared response of a 3 x 3 Laplacian on the
+    luminance (Rec. 601 weights) on a [0, 1] scale, over the interior pixels: the energy of the
+    finest detail, which blur removes first."""
+    x = (images.float() + 1) / 2
+    luminance = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2])[:, None]
+    response = torch.nn.functional.conv2d(luminance, LAPLACIAN.to(x.device)[None, None])
+    return response.square().mean((1, 2, 3))
+
+
+def sharpness(images: Tensor, reference: Tensor) -> float:
+    """High-frequency energy of generated images relative to real ones of the same prompts: 1 as
+    sharp as the renders, below 1 blurrier (on shapes renders a Gaussian blur of sigma 0.5 px gives
+    0.46, of 1 px 0.08, a 2x down- and up-sampling 0.05),
+    above 1 noisier or with more edges than asked for."""
+    return float(high_frequency_energy(images).mean() / high_frequency_energy(reference).mean().clamp_min(1e-12))
+
+
 @torch.no_grad()
 def diversity(images: Tensor, lpips: nn.Module | None = None) -> tuple[float, str]:
     """Mean pairwise distance between the seeds' images of each prompt, averaged over prompts:

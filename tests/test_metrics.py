@@ -149,3 +149,25 @@ def test_fid_infinity_removes_most_of_the_small_sample_bias():
     fake = torch.randn(400, 16, generator=g, dtype=torch.float64)  # the same distribution: the true FID is 0
     biased = frechet_distance(real, fake)
     assert biased > 0.2 and abs(fid_infinity(real, fake, repeats=5)) < biased / 3
+
+
+def test_sharpness_falls_monotonically_with_blur_on_renders_and_rises_with_noise():
+    """Sharpness: the renders' own high-frequency energy is 1; a Gaussian blur of growing width
+    lowers it step by step; added noise raises it."""
+    from torchvision.transforms.functional import gaussian_blur
+
+    from datamodules.shapes import objects_for, prompt_set, render
+    from evaluation.metrics import sharpness
+
+    rng = np.random.default_rng(0)
+    renders = []
+    for name in ("single", "two_objects", "counting"):
+        for _, scene in prompt_set(name, n=8, part="any"):
+            image = np.asarray(render(objects_for(scene, rng), 32), dtype=np.float32) / 127.5 - 1
+            renders.append(torch.from_numpy(image).permute(2, 0, 1))
+    renders = torch.stack(renders)
+    assert sharpness(renders, renders) == pytest.approx(1.0)
+    values = [sharpness(gaussian_blur(renders, 9, sigma), renders) for sigma in (0.5, 0.75, 1.0, 1.5, 2.0)]
+    assert all(a > b for a, b in zip(values, values[1:])) and values[0] < 1.0 and values[-1] < 0.1, values
+    noisy = (renders + 0.1 * torch.randn(renders.shape, generator=torch.Generator().manual_seed(0))).clamp(-1, 1)
+    assert sharpness(noisy, renders) > 1.0
