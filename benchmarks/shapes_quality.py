@@ -30,7 +30,15 @@ import numpy as np
 import torch
 from common import from_run_config, load  # benchmarks/common.py
 
-from datamodules.shapes import DATA_VERSION, HELDOUT_PARTS, heldout_prompts, objects_for, render, score, score_batch
+from datamodules.shapes import (
+    DATA_VERSION,
+    HELDOUT_PARTS,
+    heldout_prompts,
+    objects_for,
+    render,
+    score,
+    score_batch,
+)
 from datamodules.shapes_datamodule import checkpoint_data_version
 from evaluation.intervals import bootstrap_interval, format_interval, paired_difference
 

@@ -10,6 +10,8 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image
 
+from lightning_modules.sharding import is_sharded
+
 from .images import captioned_grid
 
 
@@ -29,7 +31,10 @@ class PeriodicGrid(Callback):
         raise NotImplementedError
 
     def log_grid(self, trainer: Trainer, pl_module: LightningModule) -> str | None:
-        if not trainer.is_global_zero or trainer.global_step == self._last_step:
+        # sharded weights (FullyShardedStrategy): every forward gathers them from every rank, so
+        # every rank samples the grid and rank 0 keeps it
+        together = is_sharded(pl_module)
+        if (not trainer.is_global_zero and not together) or trainer.global_step == self._last_step:
             return None
         was_training = pl_module.training
         pl_module.eval()
@@ -37,7 +42,8 @@ class PeriodicGrid(Callback):
             made = self.make_grid(trainer, pl_module)
         finally:
             pl_module.train(was_training)
-        if made is None:
+        if made is None or not trainer.is_global_zero:
+            self._last_step = trainer.global_step
             return None
         self._last_step = trainer.global_step
         grid, caption = made

@@ -10,6 +10,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 
 from datamodules.shapes import DATA_VERSION, heldout_prompts, score
+from lightning_modules.sharding import is_sharded
 
 SEED_STRIDE = 100_003  # image seed = seed index * SEED_STRIDE + prompt index
 
@@ -65,9 +66,16 @@ class ShapesScore(Callback):
         prompts, keys = self.prompts, self.keys()
         items = [(s, i) for s in range(self.seeds) for i in range(len(prompts))]
         mine = items[rank::world_size]
-        rows = torch.full((math.ceil(len(items) / world_size), len(keys)), -1.0)
-        for start in range(0, len(mine), self.batch_size):
+        share = math.ceil(len(items) / world_size)
+        rows = torch.full((share, len(keys)), -1.0)
+        # sharded weights: every rank runs the same number of forward passes (a short share repeats
+        # its first item in a chunk of its own, generated and not scored)
+        chunks = math.ceil((share if is_sharded(pl_module) else len(mine)) / self.batch_size)
+        for start in range(0, chunks * self.batch_size, self.batch_size):
             chunk = mine[start : start + self.batch_size]
+            if not chunk:
+                pl_module.generate([prompts[items[0][1]][0]], seed=0, **self.sampling)
+                continue
             images = pl_module.generate(
                 [prompts[i][0] for _, i in chunk],
                 seed=[s * SEED_STRIDE + i for s, i in chunk],

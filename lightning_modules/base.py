@@ -65,6 +65,14 @@ class BaseModule(LightningModule):
             "lr_scheduler": {"scheduler": scheduler_factory(optimizer), "interval": "step"},
         }
 
+    def configure_model(self) -> None:
+        """Under ``FullyShardedStrategy`` (``lightning_modules/sharding.py``), shard the trainable
+        networks and their EMA twins block by block; under any other strategy, nothing."""
+        if getattr(self, "_device_mesh", None) is not None:
+            from lightning_modules.sharding import shard_module
+
+            shard_module(self, self._device_mesh["data_parallel"])
+
     def on_train_start(self) -> None:
         seed = stream_seed(run_seed(), "train", self.global_rank, self.global_step)
         torch.manual_seed(seed)  # every device's default generator

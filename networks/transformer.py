@@ -24,7 +24,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .checkpointing import checkpointed
-
 from .noise import Generators, rand
 
 

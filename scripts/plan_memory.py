@@ -30,10 +30,9 @@ keeps ``--headroom`` (default 10%) of the GPU free for them.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import warnings
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -286,17 +285,16 @@ def trace_step(model, optimizers, batch: dict) -> StepTrace:
 
 
 def largest_block(model: nn.Module, exclude: set[int]) -> tuple[str, int]:
-    """The largest element of any ``nn.ModuleList`` among the trainable networks (a UNet's
-    res/attention block, a transformer block): what FSDP wrapped by block gathers at once."""
+    """The largest block FullyShardedStrategy gathers at once (``lightning_modules.sharding.blocks``
+    of the trainable networks: a UNet's res or attention block, a transformer block)."""
+    from lightning_modules.sharding import blocks
+
+    names = {id(m): n for n, m in model.named_modules()}
     best = ("", 0)
-    for name, m in model.named_modules():
-        if isinstance(m, nn.ModuleList):
-            for i, block in enumerate(m):
-                if isinstance(block, (nn.ModuleList, nn.ModuleDict, nn.Sequential)):
-                    continue  # a container: FSDP wraps the blocks inside it
-                size = sum(p.numel() * p.element_size() for p in block.parameters() if id(p) not in exclude)
-                if size > best[1]:
-                    best = (f"{name}.{i} ({type(block).__name__})", size)
+    for block in blocks(model):
+        size = sum(p.numel() * p.element_size() for p in block.parameters() if id(p) not in exclude)
+        if size > best[1]:
+            best = (f"{names[id(block)]} ({type(block).__name__})", size)
     return best
 
 
@@ -354,6 +352,21 @@ def _rss() -> int:
         return int(f.read().split()[1]) * __import__("os").sysconf("SC_PAGE_SIZE")
 
 
+def _reset_peak_rss() -> bool:
+    """Reset this process's high-water mark of resident memory to what it holds now (Linux)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
 def measure(args: list[str], batch_size: int | None = None, steps: int = 3) -> tuple[int, int]:
     """``(planned, measured)`` bytes of training memory above the weights on this CPU (fp32): the
     plan's optimizer state and step peak, and how far this process's peak resident memory rises
@@ -361,8 +374,6 @@ def measure(args: list[str], batch_size: int | None = None, steps: int = 3) -> t
     weights are counted exactly, and a model's host-side objects, e.g. a tokenizer's vocabulary,
     are not device memory). Run it in a fresh process with ``MALLOC_MMAP_THRESHOLD_=65536``, so
     that freed tensors leave the resident set as they leave a device."""
-    import resource
-
     planned = plan(args, batch_size=batch_size, precision="32-true")
     model, _, _ = build(args, device="cpu")
     model.train()
@@ -371,7 +382,9 @@ def measure(args: list[str], batch_size: int | None = None, steps: int = 3) -> t
     batch["image"].uniform_(-1, 1)
     model._fabric = _TraceFabric([_Stepper(o) for o in optimizers])
     model._fabric_optimizers = model._fabric.optimizers
-    base = max(_rss(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    if not _reset_peak_rss():  # the high-water mark from here on, not the build's or the plan's
+        raise PlanError("measuring needs Linux's /proc/self/clear_refs to reset the peak resident memory")
+    base = _rss()
     from networks.memory import LiveBytes
 
     with warnings.catch_warnings():
@@ -379,7 +392,7 @@ def measure(args: list[str], batch_size: int | None = None, steps: int = 3) -> t
         for _ in range(steps):
             with LiveBytes() as mem:
                 _one_step(model, optimizers, batch, mem)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _peak_rss()
     t = planned.traces[False]
     return t.optimizer_state + t.peak, peak - base
 
@@ -436,7 +449,8 @@ def report(plan: Plan, gpus: int, gpu_memory: float, headroom: float = 0.10) -> 
             lines.append("- or checkpointing on (checkpointing: true on the networks)")
         n = next((n for n in (2, 4, 8, 16, 32, 64, 128, 256, 512) if plan.fsdp(n, True in plan.traces) <= budget), None)
         if n:
-            lines.append(f"- or FSDP over {n} GPUs{' with checkpointing' if True in plan.traces else ''}")
+            lines.append(f"- or FSDP over {n} GPUs{' with checkpointing' if True in plan.traces else ''} "
+                         "(--trainer configs/trainer/gpu_fsdp.yaml)")  # fmt: skip
         if plan.precision.startswith("32"):
             lines.append("- or precision bf16-mixed (activations in half the bytes)")
     return "\n".join(lines)
