@@ -47,6 +47,10 @@ class Regression(BaseModule):
         self.ema_net.load_state_dict(self.net.state_dict())
         self.frozen = nn.Linear(6, 6).requires_grad_(False)  # stays whole: not sharded, not optimised
 
+    def on_train_batch_start(self, batch, batch_idx):
+        with torch.no_grad():  # the EMA samples between steps, as the grid and score callbacks make it
+            self.ema_net(batch[0])
+
     def training_step(self, batch, batch_idx):
         x, y = batch
         loss = (self.net(self.frozen(x)) - y).square().mean()

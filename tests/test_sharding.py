@@ -120,3 +120,29 @@ def test_a_consolidation_of_a_file_says_it_needs_none(tmp_path):
 
     (tmp_path / "x.ckpt").write_bytes(b"")
     assert main([str(tmp_path / "x.ckpt"), str(tmp_path / "y.ckpt")]) == 2
+
+
+@pytest.mark.slow
+def test_the_main_job_trains_sharded_with_its_callbacks_and_its_checkpoint_generates_in_one_process(tmp_path):
+    """``train.py fit`` of the diffusion config on two sharded processes: the held-out score and
+    the sample grid run on every rank (no hang), and ``last.ckpt`` is a full file that
+    ``load_method`` loads in one process and samples from."""
+    from lightning_modules.base import load_method
+
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "fit", "--config", os.path.join(ROOT, "configs/diffusion/shapes.yaml"),
+           "--data.init_args.root", str(tmp_path / "data"), "--data.init_args.num_train", "300",
+           "--data.init_args.num_val", "32", "--data.init_args.shard_size", "50", "--data.init_args.batch_size", "8",
+           "--data.init_args.num_workers", "0", "--trainer.strategy",
+           '{"class_path": "lightning_modules.sharding.FullyShardedStrategy"}', "--trainer.devices", "2",
+           "--trainer.max_steps", "4", "--trainer.val_check_interval", "2", "--trainer.default_root_dir",
+           str(tmp_path / "runs"), "--run_name", "sharded", "--trainer.enable_progress_bar", "false"]  # fmt: skip
+    proc = run_processes(cmd, timeout=400, retries=1, cwd=str(tmp_path), env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "runs" / "sharded"
+    assert "val/shapes_all_correct" in proc.stdout + proc.stderr
+    assert len(list((run / "samples").glob("step_*.png"))) >= 2
+    last = run / "checkpoints" / "last.ckpt"
+    assert last.is_file() and torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 4
+    images = load_method(str(last), option="checkpoint").generate(["a red circle", "a blue square"], seed=0, steps=3)
+    assert images.shape == (2, 3, 16, 16) and not torch.allclose(images[0], images[1])
