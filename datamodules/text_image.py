@@ -239,8 +239,12 @@ def decode_tokens(raw: bytes | None, shape: tuple[int, ...]) -> torch.Tensor:
 
 
 def _ignore_ctrl_c(worker_id: int) -> None:
-    """Loader workers leave Ctrl-C to the main process, which stops at a step boundary and saves."""
+    """Loader workers leave Ctrl-C and SIGTERM to the main process, which stops at a step boundary
+    and saves. A SIGTERM to the whole process group (``kill -- -PGID``, ``timeout``, a container's
+    stop) would otherwise end a worker first, and the main process would die of the lost worker
+    before it could save. The workers still end with the main process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def collate(samples: list[dict]) -> dict:

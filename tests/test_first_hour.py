@@ -70,13 +70,18 @@ def test_main_job_config_gives_a_grid_a_score_and_checkpoints_and_its_summary_co
     assert _ckpt_step(os.path.join(run, "checkpoints", "last.ckpt")) == 6
 
 
-@pytest.mark.parametrize(("sig", "name"), [(signal.SIGTERM, "SIGTERM"), pytest.param(signal.SIGINT, "Ctrl-C", marks=pytest.mark.slow)])
-def test_sigterm_or_ctrl_c_saves_a_checkpoint_that_fit_last_continues(sig, name, shapes16, tmp_path):
+@pytest.mark.parametrize(("sig", "name", "group"), [(signal.SIGTERM, "SIGTERM", False),
+                                                    pytest.param(signal.SIGTERM, "SIGTERM", True, marks=pytest.mark.slow),
+                                                    pytest.param(signal.SIGINT, "Ctrl-C", False, marks=pytest.mark.slow)])  # fmt: skip
+def test_sigterm_or_ctrl_c_saves_a_checkpoint_that_fit_last_continues(sig, name, group, shapes16, tmp_path):
+    """To the main process, or (``group``) to every process of the run, loader workers included, as
+    ``kill -- -PGID``, ``timeout`` or a container's stop send it."""
     runs = str(tmp_path / "runs")
     args = ["fit", "--trainer", SHAPES_TRAINER, "--data", os.path.join(ROOT, "configs", "data", "shapes16.yaml"),
             "--config", TINY, *_data(shapes16), "--trainer.default_root_dir", runs,
             "--trainer.callbacks+=callbacks.ProgressLog", "--trainer.callbacks.every_seconds=0.2",
-            "--trainer.callbacks.when=always", "--trainer.enable_progress_bar", "false"]  # fmt: skip
+            "--trainer.callbacks.when=always", "--trainer.enable_progress_bar", "false",
+            *(["--data.init_args.num_workers", "2"] if group else [])]  # fmt: skip
     env = {
         **os.environ,
         "WANDB_MODE": "offline",
@@ -84,14 +89,15 @@ def test_sigterm_or_ctrl_c_saves_a_checkpoint_that_fit_last_continues(sig, name,
     }
     env.pop("T2I_RUN_DIR", None)
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args, "--run_name", "stopped"],
-                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=group)  # fmt: skip
     deadline, lines = time.time() + 240, []
     while time.time() < deadline:
         line = proc.stdout.readline()
         lines.append(line)
         progress = re.match(r"step (\d+) \|", line)
         if progress and int(progress.group(1)) >= 20:
-            proc.send_signal(sig)
+            os.killpg(proc.pid, sig) if group else proc.send_signal(sig)
             break
         if not line and proc.poll() is not None:
             break
