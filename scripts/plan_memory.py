@@ -85,9 +85,6 @@ class Plan:
         block = self.largest_block[1]  # gathered while it runs, the next one prefetched, its gradient unsharded
         return int(sharded + whole + 3 * block + t.peak - t.gradients)
 
-    def single(self, checkpointing: bool) -> int:
-        t = self.traces[checkpointing]
-        return self.weight_bytes + t.optimizer_state + t.peak
 
 
 # ---------------------------------------------------------------------------- building
@@ -206,6 +203,12 @@ class _TraceFabric:
         raise PlanError(f"the training step reads trainer.{name}, which the planner does not provide")
 
 
+def _attach(model, optimizers) -> None:
+    """Give ``model`` the trainer stand-in its training step talks to (None: take it away)."""
+    model._fabric = None if optimizers is None else _TraceFabric([_Stepper(o) for o in optimizers])
+    model._fabric_optimizers = [] if model._fabric is None else model._fabric.optimizers
+
+
 def _optimizers(model) -> list[torch.optim.Optimizer]:
     out = model.configure_optimizers()
     items = out if isinstance(out, (list, tuple)) else [out]
@@ -265,8 +268,7 @@ def trace_step(model, optimizers, batch: dict) -> StepTrace:
     for opt in optimizers:
         opt.state.clear()  # an earlier trace's state: the first step below remakes it
     params = [p for opt in optimizers for g in opt.param_groups for p in g["params"]]
-    model._fabric = _TraceFabric([_Stepper(o) for o in optimizers])
-    model._fabric_optimizers = model._fabric.optimizers
+    _attach(model, optimizers)
     try:
         with on_meta(), _fused_optimizers_on_meta(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. the long caption truncated to the text encoder's length
@@ -279,7 +281,7 @@ def trace_step(model, optimizers, batch: dict) -> StepTrace:
             for opt in optimizers:
                 opt.zero_grad(set_to_none=True)
     finally:
-        model._fabric, model._fabric_optimizers = None, []
+        _attach(model, None)
     activations = forward_end if forward_end >= 0 else mem.peak - gradients  # a manual step: inside its peak
     return StepTrace(peak=mem.peak, activations=activations, gradients=gradients, optimizer_state=optimizer_state)
 
@@ -380,8 +382,7 @@ def measure(args: list[str], batch_size: int | None = None, steps: int = 3) -> t
     optimizers = _optimizers(model)
     batch = _batch(planned.batch_size, planned.image_size, torch.float32, "cpu")
     batch["image"].uniform_(-1, 1)
-    model._fabric = _TraceFabric([_Stepper(o) for o in optimizers])
-    model._fabric_optimizers = model._fabric.optimizers
+    _attach(model, optimizers)
     if not _reset_peak_rss():  # the high-water mark from here on, not the build's or the plan's
         raise PlanError("measuring needs Linux's /proc/self/clear_refs to reset the peak resident memory")
     base = _rss()
@@ -402,7 +403,7 @@ def _gib(n: float) -> str:
     return f"{n / GIB:,.2f} GiB"
 
 
-def max_batch(plan: Plan, fixed: int, per_sample: float, budget: float) -> int:
+def max_batch(fixed: int, per_sample: float, budget: float) -> int:
     return max(0, int((budget - fixed) // per_sample)) if per_sample > 0 else 0
 
 
@@ -442,7 +443,7 @@ def report(plan: Plan, gpus: int, gpu_memory: float, headroom: float = 0.10) -> 
         lines.append("")
         lines.append("to fit:")
         per_sample = plan.traces[False].peak / plan.batch_size
-        b = max_batch(plan, plan.ddp(False) - plan.traces[False].peak, per_sample, budget)
+        b = max_batch(plan.ddp(False) - plan.traces[False].peak, per_sample, budget)
         lines.append(f"- a batch of {b} per GPU under DDP (activations scale with it)" if b else
                      "- no batch size fits under DDP: the weights, gradients and optimizer state alone are too large")  # fmt: skip
         if True in plan.traces and plan.ddp(True) <= budget:
