@@ -651,11 +651,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, help="protocol seed")
     p.add_argument("--train", action="store_true",
                    help="first train (or continue, or skip when done) every run of the config's train section")  # fmt: skip
+    p.add_argument("--train-only", dest="train_only",
+                   help="comma-separated runs of the train section: train (or continue) just these, then stop "
+                        "without evaluating; run disjoint sets at once on two machines or cores")  # fmt: skip
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     command = "python evaluate.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     try:
         cfg = load_config(args.config, args)
+        if args.train_only:
+            if not cfg.get("train"):
+                raise ConfigProblem(f"--train-only: {args.config} has no train section (see evaluation/retrain.py)")
+            retrain.train_all(cfg, log=lambda line: print(line, flush=True), only=args.train_only.split(","))
+            return 0
         if os.path.isdir(cfg["output"]) and os.listdir(cfg["output"]) and not args.overwrite:
             raise ConfigProblem(
                 f"the output folder {cfg['output']} already holds results; give a new one with --output, "

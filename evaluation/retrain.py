@@ -126,12 +126,23 @@ def command(cfg: dict, name: str, entry: dict, resume: bool, python: str = sys.e
     return cmd + (["--ckpt_path", "last"] if resume else [])
 
 
-def train_all(cfg: dict, log: Callable[[str], None] = print, env: dict | None = None) -> dict[str, str]:
+def train_all(
+    cfg: dict, log: Callable[[str], None] = print, env: dict | None = None, only: list[str] | None = None
+) -> dict[str, str]:
     """Train, continue or skip each run in order; ``{name: "trained" | "continued" | "done"}``.
+    ``only`` names the runs to make (in the config's order; the others are left alone): two
+    machines, or two pinned cores, can then train disjoint runs at once, each run after those it
+    reads.
     The options of every run still to train are checked first (``train.py --print_config``), so a
     typo in the last run fails before the first one starts. A run that fails or stops short of its
     budget stops the command (the others stay as they are; the same command continues)."""
     status, runs = {}, entries(cfg)
+    if only is not None:
+        unknown = [n for n in only if n not in runs]
+        if unknown:
+            raise TrainProblem(f"--train-only: no run {', '.join(map(repr, unknown))} in train; the runs are "
+                               f"{', '.join(runs)}")  # fmt: skip
+        runs = {n: e for n, e in runs.items() if n in only}
     before = {
         n: progress(last_checkpoint(cfg, n)) if os.path.isfile(last_checkpoint(cfg, n)) else None
         for n in runs

@@ -428,6 +428,10 @@ def _train_config(tmp_path, cvae_steps: int, output: str) -> str:
 @pytest.mark.slow  # four train.py runs and two evaluations (about a minute)
 def test_train_makes_every_row_then_evaluates_and_a_second_call_continues_only_what_is_short(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
+    # --train-only: just the runs named (as a second machine or core would), and no evaluation
+    assert evaluate.main(["--config", _train_config(tmp_path, 3, "first"), "--train-only", "gan"]) == 0
+    assert (tmp_path / "runs" / "gan" / "checkpoints" / "last.ckpt").is_file()
+    assert not (tmp_path / "runs" / "cvae").exists() and not (tmp_path / "first").exists()
     assert evaluate.main(["--config", _train_config(tmp_path, 3, "first"), "--train"]) == 0
     record = json.loads((tmp_path / "first" / "results.json").read_text())
     rows = {r["method"]: r for r in record["rows"]}
@@ -439,6 +443,14 @@ def test_train_makes_every_row_then_evaluates_and_a_second_call_continues_only_w
     assert evaluate.main(["--config", _train_config(tmp_path, 5, "second"), "--train"]) == 0
     rows = {r["method"]: r for r in json.loads((tmp_path / "second" / "results.json").read_text())["rows"]}
     assert rows["cvae"]["steps"] == 5 and gan_ckpt.stat().st_mtime_ns == before
+
+
+def test_train_only_a_run_the_config_does_not_have_fails_naming_the_runs(tmp_path, capsys):
+    path = _train_config(tmp_path, 3, "out")
+    assert evaluate.main(["--config", path, "--train-only", "gan,cvea"]) == 2
+    err = capsys.readouterr().err
+    assert "no run 'cvea'" in err and "the runs are cvae, gan" in err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "out").exists()
 
 
 def test_a_train_section_without_a_budget_fails_before_any_work(tmp_path, capsys):
