@@ -310,6 +310,11 @@ class TextToImageDiffusion(FrozenAutoencoderUser, TextToImageModule):
         self.check_sampling(options)
         return {}
 
+    def unconditional(self, cond: dict) -> dict:
+        """The extra denoiser inputs of guidance's unconditional branch (the same here; the unCLIP
+        decoder drops its image embedding)."""
+        return cond
+
     def denoise_fn(
         self, prompts: list[str], guidance_scale: float, threshold: float | None, use_ema: bool, cond: dict,
         clip_denoised: bool = False, guidance_rescale: float = 0.0,
@@ -319,13 +324,14 @@ class TextToImageDiffusion(FrozenAutoencoderUser, TextToImageModule):
         net = self.ema_denoiser if use_ema else self.denoiser
         text = self.encode(prompts, ema=use_ema)
         null = self.encode([""] * len(prompts), ema=use_ema) if guidance_scale != 1.0 else None
+        uncond = self.unconditional(cond)
 
         def denoise(x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
             if null is None:
                 out = net(x, t, text, **cond)
             else:  # one batched pass over conditional and unconditional halves
                 both = TextEncoding(*(torch.cat([a, b]) for a, b in zip(text, null)))
-                extra = {k: torch.cat([v, v]) for k, v in cond.items()}
+                extra = {k: torch.cat([v, uncond[k]]) for k, v in cond.items()}
                 c, u = net(torch.cat([x, x]), torch.cat([t, t]), both, **extra).chunk(2)
                 out = rescale_guidance(u + guidance_scale * (c - u), c, guidance_rescale)
             x0, eps = self.schedule.to_x0_eps(self.prediction, out.to(x.dtype), x, t)

@@ -51,3 +51,186 @@ def test_the_prediction_depends_on_timestep_text_and_tokens():
         for other in (prior(noised, t.flip(0), tokens, mask, text), prior(noised, t, tokens, mask, -text),
                       prior(noised, t, tokens * 0, mask, text)):  # fmt: skip
             assert not torch.allclose(base, other)
+
+
+# ---------------------------------------------------------------------- the modules (tiny CLIP of conftest)
+import os  # noqa: E402
+
+import pytest  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from conftest import BLOCK_CAPTIONS, block_images, fit_and_save  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+
+from lightning_modules.unclip import UnCLIP, UnCLIPDecoder, UnCLIPPrior, slerp  # noqa: E402
+from networks.errors import ConfigError, MissingFileError  # noqa: E402
+from networks.text_encoders import TransformerTextEncoder  # noqa: E402
+from networks.unet import UNet  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _blocks(steps):
+    return DataLoader([{"image": block_images(), "caption": list(BLOCK_CAPTIONS)}] * steps, batch_size=None)
+
+
+def _tiny_prior(clip, **kw):
+    torch.manual_seed(0)
+    kw = {"width": 32, "depth": 2, "heads": 2, "timesteps": 100, "sample_steps": 10, "cond_drop_prob": 0.1,
+          "optimizer": lambda p: torch.optim.AdamW(p, lr=3e-3, weight_decay=0.0), **kw}  # fmt: skip
+    return UnCLIPPrior(clip, **kw)
+
+
+def _tiny_decoder(clip, **kw):
+    torch.manual_seed(0)
+    unet = UNet(base_channels=16, channel_mult=[1, 2], num_res_blocks=1, attention_levels=[1], context_dim=32, heads=2)
+    text = TransformerTextEncoder(width=32, depth=1, heads=2, max_length=16, tokenizer="byte")
+    kw = {"image_size": 16, "timesteps": 100, "sample_steps": 10, "guidance_scale": 1.0,
+          "optimizer": lambda p: torch.optim.AdamW(p, lr=3e-3, weight_decay=0.0), **kw}  # fmt: skip
+    return UnCLIPDecoder(unet, text, clip, **kw)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_methods, tmp_path_factory):
+    """A tiny prior and decoder fitted on the four block images with the conftest's tiny CLIP."""
+    root = tmp_path_factory.mktemp("unclip")
+    clip = tiny_methods["clip"]
+    prior = fit_and_save(_tiny_prior(clip), _blocks(300), 300, str(root / "prior.ckpt"))
+    decoder = fit_and_save(_tiny_decoder(clip, ema_decay=0.9), _blocks(400), 400, str(root / "decoder.ckpt"))
+    return {"clip": clip, "prior": prior, "decoder": decoder}
+
+
+def test_the_prior_overfitted_on_four_captions_samples_the_embedding_of_each_captions_image(trained):
+    prior = UnCLIPPrior.load_from_checkpoint(trained["prior"], weights_only=False).eval()
+    true = prior.clip_image(block_images())  # (4, d)
+    sampled = prior.sample(list(BLOCK_CAPTIONS), seed=[0, 1, 2, 3], candidates=1, use_ema=False)
+    similarity = sampled @ true.T  # row i: caption i's sample against every image
+    assert similarity.argmax(1).tolist() == [0, 1, 2, 3], similarity
+    assert torch.allclose(sampled.norm(dim=-1), torch.ones(4), atol=1e-5)  # unit embeddings, as CLIP's
+    # the random-init prior does not: the result comes from training
+    fresh = _tiny_prior(trained["clip"]).eval().sample(list(BLOCK_CAPTIONS), seed=[0, 1, 2, 3], candidates=1)
+    assert (fresh @ true.T).diagonal().mean() < similarity.diagonal().mean() - 0.2
+
+
+def test_best_of_k_keeps_the_candidate_most_similar_to_the_caption(trained):
+    prior = _tiny_prior(trained["clip"]).eval()  # an untrained prior: its candidates differ a lot
+    captions = list(BLOCK_CAPTIONS) * 2
+    chosen, drawn = prior.sample(captions, seed=list(range(8)), candidates=2, return_candidates=True)
+    _, text = prior.clip_text(captions)
+    scores = (drawn * text[:, None]).sum(-1)  # (8, 2)
+    best = scores.argmax(1)
+    assert torch.equal(chosen, drawn[torch.arange(8), best])
+    assert 0 < best.sum() < 8  # both positions win somewhere: the choice is made, not the first taken
+    # each caption's draws come from its own seed: the same caption and seed in another batch
+    alone = prior.sample([captions[5]], seed=[5], candidates=2)
+    assert torch.allclose(alone[0], chosen[5], atol=1e-5)
+
+
+def test_the_decoder_reads_the_image_embedding_and_with_both_conditions_dropped_is_the_unconditional_network(
+    tiny_methods,
+):
+    decoder = _tiny_decoder(tiny_methods["clip"]).eval()
+    net = decoder.denoiser
+    with torch.no_grad():
+        for p in net.parameters():  # leave the zero-initialised output layer
+            p.add_(torch.randn_like(p) * 0.05)
+        x, t = torch.randn(2, 3, 16, 16), torch.tensor([10, 70])
+        e = F.normalize(torch.randn(2, decoder.embed_dim), dim=-1)
+        keep = torch.ones(2, dtype=torch.bool)
+        text = decoder.encode(["a red square", "a blue square"])
+        a, b = net(x, t, text, e, keep), net(x, t, text, e.flip(0), keep)
+        assert (a - b).abs().amax() > 1e-3  # the embedding changes the output
+        empty = decoder.encode(["", ""])
+        dropped = net(x, t, empty, e, torch.zeros(2, dtype=torch.bool))
+        plain = net.denoiser(x, t, empty)  # the UNet with the empty caption and nothing else
+        assert torch.allclose(dropped, plain, atol=1e-6)
+    # guidance's unconditional branch drops the embedding; training drops it at its rate
+    cond = decoder.denoiser_inputs(2, 0, {"image_embed": e})
+    assert cond["image_keep"].all() and not decoder.unconditional(cond)["image_keep"].any()
+    decoder.train()
+    torch.manual_seed(0)
+    kept = torch.cat([decoder.conditioning({"image": block_images(4)})["image_keep"] for _ in range(100)])
+    assert 0.05 < 1 - kept.float().mean() < 0.15  # image_drop_prob 0.1
+
+
+def test_a_variation_is_nearer_its_source_than_the_other_images_and_interpolation_ends_at_both(trained):
+    model = UnCLIP(trained["prior"], trained["decoder"], decoder_sampling={"steps": 10, "guidance_scale": 3.0})
+    images = block_images()
+    variations = model.variations(images, seed=[0, 1, 2, 3])
+    similarity = model.clip.encode_image(variations) @ model.clip.encode_image(images).T
+    assert similarity.argmax(1).tolist() == [0, 1, 2, 3], similarity
+    ends = model.interpolate(images[0], images[2], [0.0, 0.5, 1.0], seed=7)
+    alone = model.variations(images[[0, 2]], seed=[7, 7])
+    assert torch.allclose(ends[0], alone[0], atol=1e-4) and torch.allclose(ends[2], alone[1], atol=1e-4)
+    a, b = model.clip.encode_image(images[[0, 2]])
+    assert torch.allclose(slerp(a[None], b[None], 0.5).norm(), torch.tensor(1.0), atol=1e-5)
+
+
+def test_generate_follows_the_contract_and_the_caption_changes_the_image(trained):
+    model = UnCLIP(trained["prior"], trained["decoder"], prior_sampling={"steps": 10},
+                   decoder_sampling={"steps": 10})  # fmt: skip
+    prompts = list(BLOCK_CAPTIONS)
+    out = model.generate(prompts, seed=[0, 1, 2, 3])
+    assert out.shape == (4, 3, 16, 16) and out.min() >= -1 and out.max() <= 1
+    again = model.generate([prompts[2]], seed=[2])  # a prompt's image does not depend on its batch
+    assert torch.allclose(out[2], again[0], atol=1e-4)
+    similarity = model.clip.encode_image(out) @ model.clip.encode_image(block_images()).T
+    assert similarity.argmax(1).tolist() == [0, 1, 2, 3], similarity
+    with pytest.raises(TypeError, match="image_embed"):
+        model.generate(prompts, image_embed=None)  # the decoder's own option is not the composite's
+
+
+def test_the_frozen_clip_gets_no_gradient_stays_out_of_checkpoints_and_a_bad_path_is_named(trained, tmp_path):
+    before = torch.load(trained["clip"], weights_only=False)["state_dict"]
+    for path, cls in ((trained["prior"], UnCLIPPrior), (trained["decoder"], UnCLIPDecoder)):
+        state = torch.load(path, weights_only=False)["state_dict"]
+        assert state and not any(k.startswith("clip.") for k in state)  # the path is stored, not the weights
+        model = cls.load_from_checkpoint(path, weights_only=False)
+        assert not any(p.requires_grad for p in model.clip.parameters())
+        for name, value in model.clip.state_dict().items():  # 300-400 steps left the CLIP as it was
+            assert torch.equal(value, before[name]), name
+        model.train()
+        assert not model.clip.training
+    with pytest.raises(MissingFileError, match="CLIP checkpoint 'nowhere.ckpt' not found"):
+        _tiny_prior("nowhere.ckpt")
+    with pytest.raises(ConfigError, match="not a CLIP checkpoint"):
+        _tiny_decoder(trained["decoder"])  # another model's checkpoint
+    with pytest.raises(MissingFileError, match="model.init_args.prior"):
+        UnCLIP(str(tmp_path / "none.ckpt"), trained["decoder"])
+    with pytest.raises(ConfigError, match="not an UnCLIPDecoder"):
+        UnCLIP(trained["prior"], trained["prior"])
+
+
+@pytest.mark.parametrize("config", ["prior_shapes.yaml", "decoder_shapes.yaml"])
+def test_unclip_configs_run_fast_dev_run_on_the_given_clip(config, tiny_methods, tmp_path):
+    from test_cli import run_cli
+
+    proc = run_cli(["fit", "--config", os.path.join(ROOT, "configs", "unclip", config), "--trainer.fast_dev_run", "1",
+                    "--model.init_args.clip", tiny_methods["clip"],
+                    "--trainer.default_root_dir", str(tmp_path / "runs"), "--trainer.enable_progress_bar", "false",
+                    "--data.init_args.batch_size", "2", "--data.init_args.num_workers", "0",
+                    "--data.init_args.root", str(tmp_path / "shapes"), "--data.init_args.num_train", "40",
+                    "--data.init_args.num_val", "8", "--data.init_args.shard_size", "20"], tmp_path)  # fmt: skip
+    assert "max_steps=1` reached" in proc.stdout + proc.stderr
+    # a CLIP path that is not there: one line naming the option, before any data is rendered
+    proc = run_cli(["fit", "--config", os.path.join(ROOT, "configs", "unclip", config),
+                    "--model.init_args.clip", str(tmp_path / "missing.ckpt"),
+                    "--data.init_args.root", str(tmp_path / "other")], tmp_path, expect_failure=True)  # fmt: skip
+    assert "model.init_args.clip: CLIP checkpoint" in proc.stderr and "not found" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "other").exists()
+
+
+def test_the_predict_config_generates_from_prior_and_decoder_checkpoints(trained, shapes16, tmp_path):
+    from test_cli import run_cli
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red square\na blue square\n")
+    run_cli(["predict", "--config", os.path.join(ROOT, "configs", "unclip", "unclip_predict.yaml"),
+             "--model.init_args.prior", trained["prior"], "--model.init_args.decoder", trained["decoder"],
+             "--model.init_args.prior_sampling", "{steps: 5}", "--model.init_args.decoder_sampling", "{steps: 5}",
+             "--data.init_args.root", shapes16, "--data.init_args.resolution", "16", "--data.init_args.num_train", "600",
+             "--data.init_args.num_val", "64", "--data.init_args.shard_size", "100",
+             "--data.init_args.predict_prompts", str(prompts), "--data.init_args.predict_seeds", "[0, 1]",
+             "--trainer.default_root_dir", str(tmp_path / "runs"), "--run_name", "unclip",
+             "--trainer.enable_progress_bar", "false"], tmp_path)  # fmt: skip
+    out = os.path.join(tmp_path, "runs", "unclip", "predictions")
+    assert len([p for p in os.listdir(out) if "seed" in p]) == 4 and "grid.png" in os.listdir(out)
