@@ -26,7 +26,7 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 # PPM or EPS parser (PIL's EPS plugin would start Ghostscript) ever sees shard data.
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")
 TEXT_EXTENSIONS = ("txt", "json")
-TOKEN_EXTENSIONS = ("tokens.npy",)  # pre-computed image tokens, read with allow_pickle=False
+TOKEN_EXTENSIONS = ("tokens.npy", "clip.npy")  # pre-computed image tokens and CLIP image embeddings (allow_pickle=False)
 KNOWN_EXTENSIONS = IMAGE_EXTENSIONS + TEXT_EXTENSIONS + TOKEN_EXTENSIONS
 
 # Reasons a sample (or a whole shard) is skipped; each is counted under ``data/skipped/<reason>``.
@@ -42,6 +42,8 @@ SKIP_REASONS = (
     "bad_mode",  # a colour mode that cannot be turned into RGB
     "no_tokens",  # tokens were asked for (tokens_shape) and the sample has no tokens.npy
     "bad_tokens",  # tokens.npy does not load without pickle, or has another shape or a non-integer dtype
+    "no_clip_embed",  # CLIP embeddings were asked for (clip_embed_dim) and the sample has no clip.npy
+    "bad_clip_embed",  # clip.npy does not load without pickle, or has another shape or a non-float dtype
 )
 
 

@@ -95,9 +95,11 @@ class ShardStream(IterableDataset):
         max_pixels: int = 16_000_000,
         image_size: int | None = None,
         tokens_shape: tuple[int, ...] | None = None,
+        clip_embed_dim: int | None = None,
     ):
         self.urls, self.transform, self.mode = list(urls), transform, mode
         self.tokens_shape = tuple(tokens_shape) if tokens_shape is not None else None
+        self.clip_embed_dim = clip_embed_dim
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.val_samples, self.shuffle_buffer = val_samples, shuffle_buffer
         self.max_pixels, self.image_size = max_pixels, image_size
@@ -124,6 +126,9 @@ class ShardStream(IterableDataset):
             tokens = (
                 decode_tokens(members.get(TOKENS_MEMBER), self.tokens_shape) if self.tokens_shape else None
             )
+            embed = (
+                decode_embedding(members.get(CLIP_MEMBER), self.clip_embed_dim) if self.clip_embed_dim else None
+            )
         except SampleError as err:
             skips.add(err.reason)
             return None
@@ -131,6 +136,8 @@ class ShardStream(IterableDataset):
         sample = {"image": self.transform(image, rng), "caption": caption, "key": key, "meta": meta}
         if tokens is not None:
             sample["tokens"] = tokens
+        if embed is not None:
+            sample["clip_image_embed"] = embed
         return sample
 
     def _samples(self, urls: list[str], skips: SkipCounter, rng: random.Random, keep=None) -> Iterator[dict]:
@@ -221,21 +228,33 @@ def shard_assignment(num_shards: int, slot: int, slots: int) -> tuple[list[int],
 
 
 TOKENS_MEMBER = "tokens.npy"  # pre-computed image tokens (scripts/tokenize_shards.py)
+CLIP_MEMBER = "clip.npy"  # pre-computed CLIP image embeddings (scripts/embed_shards.py)
 
 
-def decode_tokens(raw: bytes | None, shape: tuple[int, ...]) -> torch.Tensor:
-    """A ``{key}.tokens.npy`` member -> a long tensor of ``shape``; numpy's loader with
-    ``allow_pickle=False`` (a member is data, never code). Missing, unreadable, of another shape or
-    not integer: a ``SampleError``, so the sample is skipped and counted."""
+def _load_array(raw: bytes | None, shape: tuple[int, ...], kinds: str, what: str) -> np.ndarray:
+    """A ``.npy`` member of ``shape`` and a dtype of ``kinds`` (numpy's kind letters), loaded
+    with ``allow_pickle=False`` (a member is data, never code). Missing, unreadable, of another
+    shape or dtype: a ``SampleError`` (``no_<what>`` or ``bad_<what>``), so the sample is skipped
+    and counted."""
     if raw is None:
-        raise SampleError("no_tokens")
+        raise SampleError(f"no_{what}")
     try:
         array = np.load(io.BytesIO(raw), allow_pickle=False)
     except (ValueError, OSError, EOFError):
-        raise SampleError("bad_tokens") from None
-    if array.shape != tuple(shape) or array.dtype.kind not in "iu":
-        raise SampleError("bad_tokens")
-    return torch.from_numpy(array.astype(np.int64))
+        raise SampleError(f"bad_{what}") from None
+    if array.shape != tuple(shape) or array.dtype.kind not in kinds:
+        raise SampleError(f"bad_{what}")
+    return array
+
+
+def decode_tokens(raw: bytes | None, shape: tuple[int, ...]) -> torch.Tensor:
+    """A ``{key}.tokens.npy`` member -> a long tensor of ``shape`` (integer dtypes only)."""
+    return torch.from_numpy(_load_array(raw, shape, "iu", "tokens").astype(np.int64))
+
+
+def decode_embedding(raw: bytes | None, dim: int) -> torch.Tensor:
+    """A ``{key}.clip.npy`` member -> a float tensor (dim,) (float dtypes only)."""
+    return torch.from_numpy(_load_array(raw, (dim,), "f", "clip_embed").astype(np.float32))
 
 
 def _ignore_ctrl_c(worker_id: int) -> None:
@@ -256,6 +275,8 @@ def collate(samples: list[dict]) -> dict:
     }
     if "tokens" in samples[0]:
         batch["tokens"] = torch.stack([s["tokens"] for s in samples])
+    if "clip_image_embed" in samples[0]:
+        batch["clip_image_embed"] = torch.stack([s["clip_image_embed"] for s in samples])
     if SKIPS_KEY in samples[-1]:
         batch[SKIPS_KEY] = samples[-1][SKIPS_KEY]
     return batch
@@ -319,6 +340,10 @@ class TextImageDataModule(LightningDataModule):
             sample's ``tokens.npy`` member into ``batch["tokens"]`` (``scripts/tokenize_shards.py``);
             a sample without them, or with another shape or dtype, is skipped and counted. The
             tokens belong to the centre crop: ``crop: random`` and ``hflip`` are refused.
+        clip_embed_dim: read pre-computed CLIP image embeddings of this size from each sample's
+            ``clip.npy`` member into ``batch["clip_image_embed"]`` (``scripts/embed_shards.py``;
+            the unCLIP prior and decoder then run no image tower); skipped and counted like tokens,
+            and also of the centre crop.
     """
 
     def __init__(
@@ -338,14 +363,17 @@ class TextImageDataModule(LightningDataModule):
         predict_prompts: str | list[str] | None = None,
         predict_seeds: list[int] | None = None,
         tokens_shape: list[int] | None = None,
+        clip_embed_dim: int | None = None,
     ):
         super().__init__()
-        if tokens_shape is not None and (crop != "center" or hflip):
-            raise ValueError(
-                "pre-computed tokens (data.init_args.tokens_shape) encode the centre crop of each image: "
-                "set crop: center and hflip: false, or drop tokens_shape to encode every batch on the fly"
-            )
-        self.tokens_shape = tokens_shape
+        for option, value, what in (("tokens_shape", tokens_shape, "tokens"),
+                                    ("clip_embed_dim", clip_embed_dim, "CLIP embeddings")):  # fmt: skip
+            if value is not None and (crop != "center" or hflip):
+                raise ValueError(
+                    f"pre-computed {what} (data.init_args.{option}) encode the centre crop of each image: "
+                    f"set crop: center and hflip: false, or drop {option} to encode every batch on the fly"
+                )
+        self.tokens_shape, self.clip_embed_dim = tokens_shape, clip_embed_dim
         self.train_shards, self.val_shards = train_shards, val_shards
         self.image_size, self.crop, self.hflip = image_size, crop, hflip
         self.batch_size, self.num_workers = batch_size, num_workers
@@ -405,13 +433,13 @@ class TextImageDataModule(LightningDataModule):
             self.train_stream = ShardStream(
                 urls, build_transform(self.image_size, self.crop, self.hflip), "train", rank, world,
                 seed, shuffle_buffer=self.shuffle_buffer, max_pixels=self.max_pixels, image_size=self.image_size,
-                tokens_shape=self.tokens_shape,
+                tokens_shape=self.tokens_shape, clip_embed_dim=self.clip_embed_dim,
             )  # fmt: skip
         if stage in (None, "fit", "validate", "test") and self.val_shards is not None:
             self.val_stream = ShardStream(
                 self._urls(self.val_shards, "val_shards"), build_transform(self.image_size, "center", False), "val",
                 rank, world, seed, val_samples=self.val_samples, max_pixels=self.max_pixels,
-                image_size=self.image_size, tokens_shape=self.tokens_shape,
+                image_size=self.image_size, tokens_shape=self.tokens_shape, clip_embed_dim=self.clip_embed_dim,
             )  # fmt: skip
 
     def _loader(self, stream: ShardStream, persistent: bool) -> DataLoader:

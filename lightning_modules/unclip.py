@@ -76,6 +76,13 @@ class FrozenCLIPUser:
         """Images in [-1, 1] -> unit CLIP image embeddings (b, d)."""
         return self.clip.encode_image(images)
 
+    def batch_image_embed(self, batch: dict) -> Tensor:
+        """The unit CLIP image embeddings of a batch: pre-computed into the shards
+        (``batch["clip_image_embed"]``, ``scripts/embed_shards.py``) or of its images."""
+        if "clip_image_embed" in batch:
+            return F.normalize(batch["clip_image_embed"].float(), dim=-1)
+        return self.clip_image(batch["image"])
+
 
 def slerp(a: Tensor, b: Tensor, w: float) -> Tensor:
     """Spherical interpolation between unit vectors ``a`` and ``b`` (b, d) at ``w`` in [0, 1]."""
@@ -140,8 +147,7 @@ class UnCLIPPrior(FrozenCLIPUser, BaseModule):
         captions = list(batch["caption"])
         drop = torch.rand(len(captions)) < (self.cond_drop_prob if cond_drop_prob is None else cond_drop_prob)
         captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
-        target = batch["clip_image_embed"] if "clip_image_embed" in batch else self.clip_image(batch["image"])
-        x0 = F.normalize(target.float(), dim=-1) * self.scale
+        x0 = self.batch_image_embed(batch) * self.scale
         text, text_embed = self.clip_text(captions)
         t = torch.randint(0, self.schedule.timesteps, (len(captions),), device=x0.device)
         noised = self.schedule.add_noise(x0, torch.randn_like(x0), t)
@@ -162,7 +168,7 @@ class UnCLIPPrior(FrozenCLIPUser, BaseModule):
             torch.manual_seed(batch_idx)
             self.log("val/loss", self.loss(batch, cond_drop_prob=0.0, use_ema=True), sync_dist=True, batch_size=b)
         if batch_idx == 0:
-            true = self.clip_image(batch["image"])
+            true = self.batch_image_embed(batch)
             sampled = self.sample(list(batch["caption"]), seed=list(range(b)), steps=16)
             self.log("val/similarity", (true * sampled).sum(-1).mean(), sync_dist=True, batch_size=b)
 
@@ -291,10 +297,10 @@ class UnCLIPDecoder(FrozenCLIPUser, TextToImageDiffusion):
 
     def conditioning(self, batch: dict) -> dict:
         """The image embedding of each batch image, dropped with ``image_drop_prob`` in training."""
-        embed = batch["clip_image_embed"] if "clip_image_embed" in batch else self.clip_image(batch["image"])
+        embed = self.batch_image_embed(batch)
         b = embed.shape[0]
         keep = torch.rand(b) >= self.image_drop_prob if self.training else torch.ones(b, dtype=torch.bool)
-        return {"image_embed": F.normalize(embed.float(), dim=-1), "image_keep": keep.to(embed.device)}
+        return {"image_embed": embed, "image_keep": keep.to(embed.device)}
 
     def unconditional(self, cond: dict) -> dict:
         """Guidance's unconditional branch: no image embedding (and, as always, the empty caption)."""

@@ -13,67 +13,28 @@ them). Each output shard has its input's name and appears only when complete.
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import sys
-import tarfile
 
 import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from datamodules.shards import (  # noqa: E402
-    IMAGE_EXTENSIONS,
-    SampleError,
-    SkipCounter,
-    decode_image,
-    expand_urls,
-    iter_tar_groups,
-)
-from datamodules.text_image import TOKENS_MEMBER, build_transform  # noqa: E402
+from datamodules.annotate import annotate_shard  # noqa: E402
+from datamodules.shards import expand_urls  # noqa: E402
+from datamodules.text_image import TOKENS_MEMBER  # noqa: E402
 from lightning_modules.autoencoder import VQAutoencoder, load_autoencoder  # noqa: E402
-
-
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(data), 0, 0o644
-    tar.addfile(info, io.BytesIO(data))
 
 
 def tokenize_shard(url: str, out_path: str, autoencoder, batch_size: int, max_pixels: int) -> tuple[int, int]:
     """Write ``out_path`` from shard ``url``; returns (samples with tokens, samples without)."""
-    transform = build_transform(autoencoder.image_size, "center", False)
-    samples = list(iter_tar_groups(url, SkipCounter()))
-    images: dict[int, torch.Tensor] = {}
-    for i, (_, members) in enumerate(samples):
-        ext = next((e for e in IMAGE_EXTENSIONS if e in members), None)
-        if ext is None:
-            continue
-        try:
-            images[i] = transform(decode_image(members[ext], max_pixels, autoencoder.image_size))
-        except SampleError:
-            pass
-    tokens: dict[int, np.ndarray] = {}
-    order = sorted(images)
     dtype = np.int16 if autoencoder.codebook_size <= np.iinfo(np.int16).max else np.int32
-    with torch.no_grad():
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
-            x = torch.stack([images[i] for i in chunk]).to(autoencoder.device)
-            codes = autoencoder.encode(x)[1].cpu().numpy().astype(dtype)
-            tokens.update(zip(chunk, codes))
-    with tarfile.open(out_path + ".partial", "w") as tar:
-        for i, (key, members) in enumerate(samples):
-            for ext, data in members.items():
-                if not ext.startswith("__"):
-                    _add(tar, f"{key}.{ext}", data)
-            if i in tokens:
-                buf = io.BytesIO()
-                np.save(buf, tokens[i], allow_pickle=False)
-                _add(tar, f"{key}.{TOKENS_MEMBER}", buf.getvalue())
-    os.replace(out_path + ".partial", out_path)
-    return len(tokens), len(samples) - len(tokens)
+
+    def encode(x: torch.Tensor) -> np.ndarray:
+        return autoencoder.encode(x.to(autoencoder.device))[1].cpu().numpy().astype(dtype)
+
+    return annotate_shard(url, out_path, autoencoder.image_size, encode, TOKENS_MEMBER, batch_size, max_pixels)
 
 
 def main(argv: list[str] | None = None) -> dict:

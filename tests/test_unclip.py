@@ -234,3 +234,70 @@ def test_the_predict_config_generates_from_prior_and_decoder_checkpoints(trained
              "--trainer.enable_progress_bar", "false"], tmp_path)  # fmt: skip
     out = os.path.join(tmp_path, "runs", "unclip", "predictions")
     assert len([p for p in os.listdir(out) if "seed" in p]) == 4 and "grid.png" in os.listdir(out)
+
+
+def test_embeddings_pre_computed_into_shards_feed_prior_and_decoder_and_bad_members_are_skipped_and_counted(
+    tiny_methods, tmp_path
+):
+    import io
+    import tarfile
+
+    import numpy as np
+    from PIL import Image
+    from test_priors import _npy, _skip_counts
+
+    from datamodules.text_image import TextImageDataModule
+    from scripts.embed_shards import main as embed_shards
+
+    x = block_images()
+
+    def png(i):
+        buf = io.BytesIO()
+        Image.fromarray(((x[i].permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()).save(buf, format="PNG")
+        return buf.getvalue()
+
+    def write(path, members_of):
+        with tarfile.open(path, "w") as tar:
+            for key, members in members_of.items():
+                for ext, data in members.items():
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+
+    (tmp_path / "src").mkdir()
+    write(tmp_path / "src" / "shard-00000.tar",
+          {f"{i:04d}": {"png": png(i % 4), "txt": BLOCK_CAPTIONS[i % 4].encode()} for i in range(8)})  # fmt: skip
+    done = embed_shards(["--clip", tiny_methods["clip"], "--shards", str(tmp_path / "src"), "--out",
+                         str(tmp_path / "emb"), "--image-size", "16"])  # fmt: skip
+    assert done == {"with_embedding": 8, "without": 0, "shards": 1}
+    prior = _tiny_prior(tiny_methods["clip"])
+    d = prior.embed_dim
+    bad = {"0100": _npy(np.zeros(d + 1, np.float16)), "0101": _npy(np.zeros(d, np.int16)),
+           "0102": _npy(np.array([{"a": 1}], dtype=object)), "0103": None}  # fmt: skip
+    write(tmp_path / "emb" / "shard-00001.tar",
+          {k: {"png": png(0), "txt": b"a red square", **({"clip.npy": v} if v is not None else {})}
+           for k, v in bad.items()})  # fmt: skip
+    dm = TextImageDataModule(train_shards=str(tmp_path / "emb"), image_size=16, batch_size=4, num_workers=0,
+                             clip_embed_dim=d, shuffle_buffer=1, train_batches_per_epoch=3)  # fmt: skip
+    dm.setup("fit")
+    stream = iter(dm.train_stream)
+    seen = [next(stream) for _ in range(8)]
+    images = torch.stack([s["image"] for s in seen])
+    stored = torch.stack([s["clip_image_embed"] for s in seen])
+    assert torch.allclose(stored, prior.clip_image(images), atol=2e-3)  # float16 of CLIP's own embedding
+    assert _skip_counts(dm.train_stream, tmp_path / "emb" / "shard-00001.tar") == {"bad_clip_embed": 3,
+                                                                                  "no_clip_embed": 1}  # fmt: skip
+    # the modules use the stored embedding when the batch has one: the same loss as from the images
+    batch = {"image": images[:4], "caption": [s["caption"] for s in seen[:4]]}
+    decoder = _tiny_decoder(tiny_methods["clip"])
+    with torch.no_grad():  # leave the zero-initialised output layer, so that the output reads its inputs
+        for p in decoder.denoiser.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    for model in (prior, decoder):
+        losses = []
+        for b in (batch, {**batch, "clip_image_embed": stored[:4]}):
+            torch.manual_seed(0)
+            losses.append(model.loss(b))
+        assert torch.allclose(losses[0], losses[1], atol=1e-3)
+        torch.manual_seed(0)  # and the stored one is what is read: another embedding, another loss
+        assert not torch.allclose(model.loss({**batch, "clip_image_embed": stored[:4].flip(0)}), losses[0])
