@@ -200,23 +200,31 @@ def test_the_frozen_clip_gets_no_gradient_stays_out_of_checkpoints_and_a_bad_pat
         UnCLIP(trained["prior"], trained["prior"])
 
 
-@pytest.mark.parametrize("config", ["prior_shapes.yaml", "decoder_shapes.yaml"])
-def test_unclip_configs_run_fast_dev_run_on_the_given_clip(config, tiny_methods, tmp_path):
+def test_unclip_configs_train_through_the_cli_and_their_checkpoints_generate_together(tiny_methods, tmp_path):
+    """Both configs train a step through train.py on the given CLIP; their last.ckpt files make an
+    UnCLIP that generates. A CLIP path that is not there: one line naming the option, before any
+    data is rendered."""
     from test_cli import run_cli
 
-    proc = run_cli(["fit", "--config", os.path.join(ROOT, "configs", "unclip", config), "--trainer.fast_dev_run", "1",
-                    "--model.init_args.clip", tiny_methods["clip"],
-                    "--trainer.default_root_dir", str(tmp_path / "runs"), "--trainer.enable_progress_bar", "false",
-                    "--data.init_args.batch_size", "2", "--data.init_args.num_workers", "0",
-                    "--data.init_args.root", str(tmp_path / "shapes"), "--data.init_args.num_train", "40",
-                    "--data.init_args.num_val", "8", "--data.init_args.shard_size", "20"], tmp_path)  # fmt: skip
-    assert "max_steps=1` reached" in proc.stdout + proc.stderr
-    # a CLIP path that is not there: one line naming the option, before any data is rendered
-    proc = run_cli(["fit", "--config", os.path.join(ROOT, "configs", "unclip", config),
-                    "--model.init_args.clip", str(tmp_path / "missing.ckpt"),
-                    "--data.init_args.root", str(tmp_path / "other")], tmp_path, expect_failure=True)  # fmt: skip
-    assert "model.init_args.clip: CLIP checkpoint" in proc.stderr and "not found" in proc.stderr
-    assert "Traceback" not in proc.stderr and not (tmp_path / "other").exists()
+    data = ["--data.init_args.batch_size", "2", "--data.init_args.num_workers", "0", "--data.init_args.num_train", "40",
+            "--data.init_args.num_val", "8", "--data.init_args.shard_size", "20",
+            "--data.init_args.root", str(tmp_path / "shapes")]  # fmt: skip
+    last = {}
+    for name in ("prior", "decoder"):
+        config = os.path.join(ROOT, "configs", "unclip", f"{name}_shapes.yaml")
+        proc = run_cli(["fit", "--config", config, "--model.init_args.clip", tiny_methods["clip"], *data,
+                        "--trainer.max_steps", "1", "--trainer.limit_val_batches", "1",
+                        "--trainer.default_root_dir", str(tmp_path / "runs"), "--run_name", name,
+                        "--trainer.enable_progress_bar", "false"], tmp_path)  # fmt: skip
+        assert "max_steps=1` reached" in proc.stdout + proc.stderr
+        last[name] = str(tmp_path / "runs" / name / "checkpoints" / "last.ckpt")
+        proc = run_cli(["fit", "--config", config, "--model.init_args.clip", str(tmp_path / "missing.ckpt"),
+                        "--data.init_args.root", str(tmp_path / "other")], tmp_path, expect_failure=True)  # fmt: skip
+        assert "model.init_args.clip: CLIP checkpoint" in proc.stderr and "not found" in proc.stderr
+        assert "Traceback" not in proc.stderr and not (tmp_path / "other").exists()
+    model = UnCLIP(last["prior"], last["decoder"], prior_sampling={"steps": 3}, decoder_sampling={"steps": 3})
+    out = model.generate(["a red circle", "two blue squares"], seed=[0, 1])
+    assert out.shape == (2, 3, 32, 32) and torch.isfinite(out).all()
 
 
 def test_the_predict_config_generates_from_prior_and_decoder_checkpoints(trained, shapes16, tmp_path):
