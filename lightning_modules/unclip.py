@@ -62,7 +62,9 @@ class FrozenCLIPUser:
 
     @property
     def embed_dim(self) -> int:
-        return self.clip.encode_text([""]).shape[-1]
+        """CLIP's joint embedding size (its projection's, or the towers' own when it has none)."""
+        proj = self.clip.text_proj
+        return proj.out_features if isinstance(proj, nn.Linear) else self.clip.text_tower.dim
 
     @torch.no_grad()
     def clip_text(self, captions: list[str]) -> tuple[TextEncoding, Tensor]:
