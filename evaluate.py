@@ -48,6 +48,7 @@ from evaluation.harness import (
     generate_images,
     mark_floors,
     paired,
+    paired_diversity,
     parameter_count,
     prompts_for,
     quality,
@@ -94,6 +95,7 @@ COLUMNS = [  # (key, header, format)
     ("clip_score", "CLIP score", "{:.1f}"),
     ("r_precision", "R-prec.", "{:.3f}"),
     ("diversity", "diversity", "{:.3f}"),
+    ("diversity_clip", "diversity (CLIP)", "{:.3f}"),
     ("sharpness", "sharpness", "{:.2f}"),
     ("images_per_sec", "img/s", "{:.1f}"),
     ("params_m", "params (M)", "{:.2f}"),
@@ -505,9 +507,9 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 FLOOR_NOTE = (
-    "Floors: the all-correct rate of a stand-in that renders each prompt but ignores one word, "
-    "drawn at random (for one of two objects; `binding`: the two colours swapped half the time), on "
-    "the same prompts and seeds. † marks a cell whose 95% interval does not clear its set's floor "
+    "Floors: the all-correct rate of a stand-in that renders each prompt but ignores one word, on "
+    "the same prompts and seeds, computed exactly: every value of that word (for either of two objects; "
+    "`binding`: the two colours swapped or not) rendered and scored, equally weighted. † marks a cell whose 95% interval does not clear its set's floor "
     "(the highest of its words): that cell cannot show that the method reads every word the set checks."
 )
 
@@ -515,12 +517,13 @@ FLOOR_NOTE = (
 def paired_table(differences: dict[str, dict], sets: list[str]) -> str:
     """``a - b`` per set and overall, with the 95% interval of the difference; ``*`` where the
     interval excludes 0 (the claim holds on these prompts)."""
+    extra = ["diversity (CLIP)"] if any("diversity (CLIP)" in d for d in differences.values()) else []
     lines = ["Paired differences (the same prompts and seeds; a bootstrap 95% interval over prompts; * where "
-             "the interval excludes 0):", "", "| a - b | " + " | ".join(sets) + " | overall |",
-             "|" + "---|" * (len(sets) + 2)]  # fmt: skip
+             "the interval excludes 0):", "", "| a - b | " + " | ".join([*sets, "overall", *extra]) + " |",
+             "|" + "---|" * (len(sets) + 2 + len(extra))]  # fmt: skip
     for pair, d in differences.items():
-        cells = [f"{m:+.3f} [{lo:+.3f}, {hi:+.3f}]{' *' if lo > 0 or hi < 0 else ''}"
-                 for m, lo, hi in (d[s] for s in [*sets, "overall"])]  # fmt: skip
+        cells = [f"{d[s][0]:+.3f} [{d[s][1]:+.3f}, {d[s][2]:+.3f}]{' *' if d[s][1] > 0 or d[s][2] < 0 else ''}"
+                 if s in d else "–" for s in [*sets, "overall", *extra]]  # fmt: skip
         lines.append(f"| {pair} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -710,7 +713,7 @@ def main(argv: list[str] | None = None) -> int:
                  **_scalars(quality(real, prompts, protocol, again, clip, extractors, lpips))}  # fmt: skip
     chance_row = {"method": "chance", "family": "reference", **chance(prompts, protocol, real, clip)}
     set_floors = floors(prompts, protocol)
-    rows, details, images, hits = [], {}, {"real renders": real}, {}
+    rows, details, images, hits, spread = [], {}, {"real renders": real}, {}, {}
     bar = tqdm(total=len(cfg["methods"]) * (total + 1), unit="img", desc="evaluate", file=sys.stderr)
     for spec in cfg["methods"]:
         name = spec["name"]
@@ -731,6 +734,8 @@ def main(argv: list[str] | None = None) -> int:
             bar.update(1)
             row.update(_scalars(q))
             hits[name] = q["shapes_hits"]
+            if "diversity_clip_per_prompt" in q:
+                spread[name] = q["diversity_clip_per_prompt"]
             row.update(images_per_sec=n / max(seconds, 1e-9), params_m=parameter_count(model) / 1e6,
                        steps=info.get("steps"), samples_seen=info.get("samples_seen"),
                        train_minutes=(info["train_seconds"] / 60) if info.get("train_seconds") else None)  # fmt: skip
@@ -756,6 +761,9 @@ def main(argv: list[str] | None = None) -> int:
     mark_floors(all_rows, set_floors)
     differences = {f"{a} - {b}": paired(hits[a], hits[b], protocol.seed) for a, b in cfg["paired"]
                    if a in hits and b in hits}  # fmt: skip
+    for a, b in cfg["paired"]:  # and the judge's diversity, per prompt, on the same prompts and seeds
+        if f"{a} - {b}" in differences and a in spread and b in spread:
+            differences[f"{a} - {b}"]["diversity (CLIP)"] = paired_diversity(spread[a], spread[b], protocol.seed)
     plot = os.path.join(out, "quality_vs_speed.png")
     write_plot(rows, plot)
     grids = write_grids(images, prompts, out)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import sys
 import time
 
@@ -37,6 +38,7 @@ from callbacks.slurm import (
     start_rendezvous_watchdog,
 )
 from callbacks.stopping import SaveLastCheckpoint
+from callbacks.timer import TrainingTimer
 from networks.errors import ConfigError
 
 RUN_DIR_ENV = "T2I_RUN_DIR"  # shared with the processes DDP launches, so all ranks agree
@@ -118,6 +120,17 @@ class SaveAndLogConfig(SaveConfigCallback):
             json.dump({**run_identity(config), "command": sys.argv}, f, indent=1)
         for logger in trainer.loggers:
             logger.log_hyperparams({"config": config.as_dict()})
+
+
+def check_train_time(value: str, max_time) -> None:
+    """``--max_train_time``: a DD:HH:MM:SS string, and not given together with a ``max_time``."""
+    if not re.fullmatch(r"\d+:\d{2}:\d{2}:\d{2}", str(value)):
+        raise SetupError(f"--max_train_time {value!r} is not DD:HH:MM:SS (e.g. 00:00:20:00)")
+    if max_time is not None:
+        raise SetupError(
+            f"--max_train_time {value} and --trainer.max_time {max_time} are both set: give one (max_train_time "
+            "counts training alone, max_time counts the validations inside fit too), or --trainer.max_time null"
+        )
 
 
 class SetupError(Exception):
@@ -246,6 +259,11 @@ class TextToImageCLI(LightningCLI):
         parser.add_argument(
             "--run_name", type=str | None, default=None, help="name of the run directory and the W&B run id"
         )
+        parser.add_argument(
+            "--max_train_time", type=str | None, default=None,
+            help="fit: stop after this much training, DD:HH:MM:SS, not counting the validations inside it "
+            "(--trainer.max_time counts them); the budget of the compare configs' runs",
+        )  # fmt: skip
 
     def _parse_ckpt_path(self) -> None:
         """LightningCLI replaces the model options by the checkpoint's hyperparameters when
@@ -312,6 +330,8 @@ class TextToImageCLI(LightningCLI):
                 )
             cfg.ckpt_path = last  # the file itself: Lightning's own lookup would only warn when it finds none
         check_checkpoint(cfg.get("ckpt_path"))  # a resolved 'last' or HPC checkpoint: whole?
+        if cfg.get("max_train_time") is not None:
+            check_train_time(cfg.max_train_time, cfg.trainer.get("max_time"))
         name = os.path.basename(run_dir)
         cfg.trainer.default_root_dir = run_dir
         if self.subcommand == "predict":
@@ -346,6 +366,9 @@ class TextToImageCLI(LightningCLI):
             )
         trainer = super().instantiate_trainer(**kwargs)
         use_atomic_checkpoint_io(trainer.strategy)
+        budget = self.config[self.subcommand].get("max_train_time") if self.subcommand == "fit" else None
+        if budget is not None:  # training time alone (Lightning's max_time counts validation too)
+            trainer.callbacks.append(TrainingTimer(budget))
         if self.subcommand == "fit" and trainer.checkpoint_callbacks:  # (none: checkpointing is off)
             for callback in trainer.checkpoint_callbacks:  # Lightning's default one writes into a logger's
                 if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:  # folder: use the run's

@@ -10,6 +10,7 @@ from .sample_grid import SampleGrid
 from .shapes_score import ShapesScore
 from .stopping import SaveLastCheckpoint, ValidateAtEnd
 from .threads import ThreadBudget
+from .timer import TrainingTimer
 from .wandb_logger import AutoOfflineWandbLogger
 
 SaveOnInterrupt = SaveLastCheckpoint  # its former name: the config.yaml of earlier runs still loads
@@ -27,5 +28,6 @@ __all__ = [
     "ShapesScore",
     "SkippedSamplesLogger",
     "ThreadBudget",
+    "TrainingTimer",
     "ValidateAtEnd",
 ]

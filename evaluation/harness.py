@@ -37,7 +37,15 @@ from datamodules.shapes import (
     vocabulary,
 )
 from evaluation.intervals import bootstrap_interval, bootstrap_mean_of_sets, paired_difference
-from evaluation.metrics import clip_score, diversity, fid_kid, image_features, r_precision_hits, sharpness
+from evaluation.metrics import (
+    clip_score,
+    diversity,
+    embedding_diversity,
+    fid_kid,
+    image_features,
+    r_precision_hits,
+    sharpness,
+)
 from networks.noise import stream_seed
 
 IMAGE_SEED_RULE = "stream_seed(protocol seed, 'image', prompt set index, prompt index, seed index): a 63-bit hash"
@@ -288,6 +296,11 @@ def quality(
         status("diversity")
         values = [diversity(images[n], lpips) for n in prompts]
         row["diversity"], row["diversity_distance"] = float(np.mean([v for v, _ in values])), values[0][1]
+        if clip is not None:  # the judge's view: pairwise 1 - cos between seeds, per prompt
+            per_prompt = {n: embedding_diversity(clip, images[n]) for n in prompts}
+            mean, lo, hi = bootstrap_mean_of_sets([v[:, None] for v in per_prompt.values()], seed=protocol.seed)
+            row["diversity_clip"], row["diversity_clip_low"], row["diversity_clip_high"] = mean, lo, hi
+            row["diversity_clip_per_prompt"] = {n: v.tolist() for n, v in per_prompt.items()}
     return row
 
 
@@ -320,7 +333,8 @@ _WORDS = {"colour": "colours", "shape": "shapes", "size": "sizes", "position": "
 
 
 def ignore_word(attrs: dict, word: str, rng: np.random.Generator, version: int = DATA_VERSION) -> dict:
-    """The scene a generator draws for ``attrs`` when it ignores one ``word`` of the prompt: that
+    """One scene a generator draws for ``attrs`` when it ignores one ``word`` of the prompt (a
+    random stand-in's image; the floors use all of them, ``ignore_word_outcomes``): that
     word's value drawn uniformly (the true one included), for one object chosen at random when the
     prompt names two; ``binding`` swaps the two objects' colours with probability 1/2 (it reads
     every word but not which colour goes with which shape; a one-object scene stays as it is)."""
@@ -351,16 +365,59 @@ def render_ignoring(
                        scene=lambda attrs, rng: ignore_word(attrs, word, rng, protocol.data_version))  # fmt: skip
 
 
+def ignore_word_outcomes(attrs: dict, word: str, version: int = DATA_VERSION) -> list[tuple[float, dict]]:
+    """Every scene ``ignore_word`` can draw for ``attrs``, with its probability: the expectation
+    over these is the stand-in's exact rate, with no draw's luck in it."""
+    v, n = vocabulary(version), len(attrs["objects"])
+
+    def changed(**edit) -> dict:
+        out = {**attrs, "objects": [dict(o) for o in attrs["objects"]]}
+        if "index" in edit:
+            out["objects"][edit.pop("index")].update(edit)
+        else:
+            out.update(edit)
+        return out
+
+    if word in _WORDS:
+        values = getattr(v, _WORDS[word])
+        return [(1 / (n * len(values)), changed(index=i, **{word: x})) for i in range(n) for x in values]
+    if word == "count":
+        return [(1 / len(v.counts), changed(count=c)) for c in v.counts]
+    if word == "relation":
+        return [(1 / len(RELATIONS), changed(relation=r)) for r in RELATIONS]
+    if word == "binding":
+        if n != 2:
+            return [(1.0, attrs)]
+        swapped = changed()
+        a, b = swapped["objects"]
+        a["colour"], b["colour"] = b["colour"], a["colour"]
+        return [(0.5, attrs), (0.5, swapped)]
+    raise ValueError(f"unknown word {word!r}; the words are {', '.join([*_WORDS, 'count', 'relation', 'binding'])}")
+
+
+def floor_rate(items: Sequence[tuple[str, dict]], protocol: Protocol, set_index: int, word: str) -> float:
+    """The exact all-correct rate of the stand-in that ignores ``word`` on these prompts and the
+    protocol's image seeds: every scene it can draw for an image is rendered (placed by that
+    image's seed) and scored, weighted by its probability."""
+    total = 0.0
+    for p, (_, attrs) in enumerate(items):
+        for s in range(protocol.seeds):
+            for weight, drawn in ignore_word_outcomes(attrs, word, protocol.data_version):
+                rng = np.random.default_rng([image_seed(protocol, set_index, p, s), 2])
+                img = render(objects_for(drawn, rng), protocol.resolution)
+                total += weight * float(score(img, attrs)["all"])
+    return total / (len(items) * protocol.seeds)
+
+
 def floors(prompts: dict[str, list[tuple[str, dict]]], protocol: Protocol) -> dict[str, dict[str, float]]:
-    """Each set's conditional floors, from renders: ``{set: {word: all-correct rate of a stand-in
-    that ignores the word, ..., "floor": the highest}}``. A cell that does not clear its set's
-    floor cannot show that the method reads every word the set checks."""
+    """Each set's conditional floors, from renders: ``{set: {word: the exact all-correct rate of a
+    stand-in that ignores the word, ..., "floor": the highest}}``. A cell that does not clear its
+    set's floor cannot show that the method reads every word the set checks."""
     out: dict[str, dict[str, float]] = {name: {} for name in prompts}
-    for word in dict.fromkeys(w for n in prompts for w in IGNORABLE[n]):
-        for name, images in render_ignoring(prompts, protocol, word).items():
-            out[name][word] = shapes_rates(images, prompts[name])["all"]
-    for rates in out.values():
-        rates["floor"] = max(rates.values())
+    for si, (name, items) in enumerate(prompts.items()):
+        for word in IGNORABLE[name]:
+            out[name][word] = floor_rate(items, protocol, si, word)
+        out[name]["floor"] = max(out[name].values())
     return out
 
 
@@ -383,20 +440,27 @@ def paired(a: dict[str, np.ndarray], b: dict[str, np.ndarray], seed: int = 0) ->
     return out
 
 
+def paired_diversity(a: dict[str, list[float]], b: dict[str, list[float]], seed: int = 0) -> tuple[float, float, float]:
+    """Two methods' per-prompt diversity on the same prompts and seeds (``{set: [per prompt]}``) ->
+    the mean over sets of ``a - b`` with its bootstrap 95% interval (each set resampled on its own)."""
+    return bootstrap_mean_of_sets([np.subtract(a[n], b[n])[:, None] for n in a], seed=seed)
+
+
 def parameter_count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
 def training_budget(checkpoint: dict, run_config: dict | None = None) -> dict:
-    """Steps, samples seen and training wall time, as the checkpoint and its run's config record
-    them (None where they do not)."""
+    """Steps, samples seen, training time and (``TrainingTimer`` runs) the validation time that was
+    not charged to it, as the checkpoint and its run's config record them (None where they do not)."""
     steps = int(checkpoint.get("global_step", 0))
     batches = (checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress", {})
                .get("total", {}).get("completed"))  # fmt: skip
-    seconds = None
+    seconds = validation = None  # TrainingTimer: training alone; Lightning's Timer: validation included
     for key, state in checkpoint.get("callbacks", {}).items():
-        if str(key).startswith("Timer") and isinstance(state, dict):
+        if str(key).startswith(("Timer", "TrainingTimer")) and isinstance(state, dict):
             seconds = float(state.get("time_elapsed", {}).get("train", 0.0)) or None
+            validation = state.get("validation_seconds")
     samples = None
     if run_config and batches is not None:
         data = (run_config.get("data") or {}).get("init_args", run_config.get("data") or {})
@@ -405,7 +469,7 @@ def training_budget(checkpoint: dict, run_config: dict | None = None) -> dict:
         devices = devices if isinstance(devices, int) else 1
         if isinstance(data, dict) and isinstance(data.get("batch_size"), int):
             samples = int(batches) * data["batch_size"] * devices * int(trainer.get("num_nodes") or 1)
-    return {"steps": steps, "samples_seen": samples, "train_seconds": seconds}
+    return {"steps": steps, "samples_seen": samples, "train_seconds": seconds, "validation_seconds": validation}
 
 
 def sample_problems(protocol: Protocol, extractors: dict[str, nn.Module]) -> tuple[list[str], list[str]]:

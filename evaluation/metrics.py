@@ -255,3 +255,17 @@ def diversity(images: Tensor, lpips: nn.Module | None = None) -> tuple[float, st
         else:
             total += float(((x - y).abs() / 2).mean())
     return total / len(pairs), "lpips" if lpips is not None else "pixel_l1"
+
+
+@torch.no_grad()
+def embedding_diversity(clip: nn.Module, images: Tensor) -> np.ndarray:
+    """Per prompt, the mean pairwise cosine distance ``1 - cos`` between the CLIP image embeddings
+    of its seeds' images: ``images`` is ``(prompts, seeds, 3, h, w)``. Unlike pixel distance it
+    does not grow with noise the judge ignores, nor with a shift of the same content."""
+    p, s = images.shape[:2]
+    if s < 2:
+        raise ValueError("diversity needs at least two seeds per prompt")
+    e = clip.encode_image(images.flatten(0, 1)).float().reshape(p, s, -1)
+    cos = e @ e.transpose(1, 2)  # (p, s, s)
+    off = ~torch.eye(s, dtype=torch.bool)
+    return (1 - cos[:, off]).mean(1).double().numpy()

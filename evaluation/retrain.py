@@ -12,7 +12,8 @@ autoencoder before the prior)::
 
 Each run lands in ``<train_root>/<name>/`` (its ``checkpoints/last.ckpt`` is what a method's
 ``checkpoint`` names). A run whose ``last.ckpt`` has reached its budget (``max_steps``, or
-``max_time`` of training wall time, as Lightning's Timer counts it; the trainer config's own
+``max_time`` of training time, validation inside fit not counted (``train.py --max_train_time``,
+``callbacks.TrainingTimer``); the trainer config's own
 epochs, steps and time are lifted) is skipped; one that stopped short is continued with
 ``--ckpt_path last``; the others start fresh. Every row is then its run's ``last.ckpt``.
 """
@@ -92,9 +93,11 @@ def last_checkpoint(cfg: dict, name: str) -> str:
 
 
 def progress(path: str) -> tuple[int, float]:
-    """``(global step, training seconds)`` of a checkpoint (Lightning's Timer state)."""
+    """``(global step, training seconds)`` of a checkpoint: its ``TrainingTimer`` state (training
+    alone), else Lightning's ``Timer`` (validation inside fit included)."""
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    timer = (ckpt.get("callbacks") or {}).get("Timer") or {}
+    states = ckpt.get("callbacks") or {}
+    timer = states.get("TrainingTimer") or states.get("Timer") or {}
     return int(ckpt.get("global_step", 0)), float((timer.get("time_elapsed") or {}).get("train", 0.0))
 
 
@@ -120,7 +123,9 @@ def command(cfg: dict, name: str, entry: dict, resume: bool, python: str = sys.e
            "--trainer.default_root_dir", cfg.get("train_root") or "runs"]  # fmt: skip
     # the stated budget is the only limit: the trainer config's own epochs, steps or time are lifted
     cmd += ["--trainer.max_epochs", "-1", "--trainer.max_steps", str(int(entry.get("max_steps", -1))),
-            "--trainer.max_time", str(entry.get("max_time", "null"))]  # fmt: skip
+            "--trainer.max_time", "null"]  # fmt: skip
+    if "max_time" in entry:  # training time alone: the validations inside fit are not charged to it
+        cmd += ["--max_train_time", str(entry["max_time"])]
     for option, value in (entry.get("args") or {}).items():
         cmd += [f"--{option}", _value(value)]
     return cmd + (["--ckpt_path", "last"] if resume else [])

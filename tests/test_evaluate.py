@@ -227,6 +227,10 @@ def test_evaluate_writes_the_table_files_plot_grids_and_wandb_run_offline(tiny_m
         assert diff[key][0] == pytest.approx(rows["gan"][f"shapes_{key}"] - rows["cvae"][f"shapes_{key}"])
         assert diff[key][1] <= diff[key][0] <= diff[key][2]
     assert "| gan - cvae |" in md
+    for r in (rows["gan"], rows["cvae"], rows["real renders"]):  # the judge's diversity between seeds
+        assert r["diversity_clip_low"] <= r["diversity_clip"] <= r["diversity_clip_high"]
+    assert diff["diversity (CLIP)"][0] == pytest.approx(rows["gan"]["diversity_clip"] - rows["cvae"]["diversity_clip"])
+    assert "diversity (CLIP)" in md.split("| gan - cvae |")[0].splitlines()[-2]  # a column of the paired table
     assert not rows["real renders"]["shapes_counting_under_floor"]
     real_line = next(line for line in md.splitlines() if line.startswith("| real renders |"))
     assert "†" not in real_line
@@ -371,6 +375,7 @@ def test_a_judge_that_shares_ancestry_with_a_methods_clip_is_refused_by_name(tin
 
 
 def test_floors_come_from_renders_and_a_generator_that_ignores_colour_does_not_clear_the_binding_floor():
+    from datamodules.shapes import vocabulary
     from evaluation.harness import (
         Protocol,
         floors,
@@ -385,8 +390,13 @@ def test_floors_come_from_renders_and_a_generator_that_ignores_colour_does_not_c
     prompts = prompts_for(protocol)
     set_floors = floors(prompts, protocol)
     single, binding = set_floors["single"], set_floors["colour_binding"]
-    # a word drawn at random is right about 1/6 (colour), 1/2 (size) of the time; binding: half
-    assert 0.05 < single["colour"] < 0.3 and 0.3 < single["size"] < 0.7 and 0.3 < binding["binding"] < 0.7
+    # exact expectations, no draw's luck: a colour of 9 right 1/9 of the time, a size of 3 1/3, binding 1/2
+    v = vocabulary()
+    assert single["colour"] == pytest.approx(1 / len(v.colours)) and single["size"] == pytest.approx(1 / len(v.sizes))
+    assert binding["binding"] == pytest.approx(0.5) and binding["colour"] == pytest.approx(1 / len(v.colours))
+    two = floors(prompts_for(Protocol(prompt_sets=["two_objects"], prompts=8, seeds=2)),
+                 Protocol(prompt_sets=["two_objects"], prompts=8, seeds=2))["two_objects"]  # fmt: skip
+    assert two["shape"] == pytest.approx(1 / len(v.shapes))  # one object's shape of 3: 1/3, as the review said
     assert single["floor"] == max(single[w] for w in ("colour", "shape", "size", "position"))
     rows = {}
     for name, images in {"renders": render_real(prompts, protocol),

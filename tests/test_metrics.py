@@ -7,7 +7,14 @@ import torch
 from scipy import linalg
 from torch import nn
 
-from evaluation.metrics import CLIPImageFeatures, clip_score, diversity, fid_kid, r_precision
+from evaluation.metrics import (
+    CLIPImageFeatures,
+    clip_score,
+    diversity,
+    embedding_diversity,
+    fid_kid,
+    r_precision,
+)
 from networks.errors import MissingFileError
 
 
@@ -87,6 +94,30 @@ def test_diversity_is_zero_for_one_image_per_prompt_and_names_its_distance():
     value, name = diversity(varied)
     assert value > 0.1 and name == "pixel_l1"
     assert diversity(varied, lpips=lambda x, y: (x - y).pow(2).mean((1, 2, 3)))[1] == "lpips"
+
+
+class MeanColourCLIP(nn.Module):
+    """An image embedding that sees only the mean colour (unit length): blind to where things are."""
+
+    def encode_image(self, images):
+        return nn.functional.normalize(images.float().mean((2, 3)) + 2.0, dim=-1)
+
+
+def test_embedding_diversity_is_the_mean_pairwise_cosine_distance_and_ignores_what_the_judge_ignores():
+    clip = MeanColourCLIP()
+    colours = torch.tensor([[1.0, -1, -1], [-1, 1, -1], [-1, -1, 1]])
+    images = colours[:, :, None, None].expand(3, 3, 8, 8)  # one prompt, three seeds: red, green, blue
+    e = clip.encode_image(images)
+    by_hand = np.mean([1 - float(e[i] @ e[j]) for i in range(3) for j in range(3) if i != j])
+    spread = embedding_diversity(clip, images[None])
+    assert spread.shape == (1,) and spread[0] == pytest.approx(by_hand, abs=1e-6) and spread[0] > 0.05
+    pixels = torch.zeros(1, 3, 3, 8, 8)
+    pixels[0, :, :, :, :4] = 1.0
+    pixels = torch.stack([torch.roll(pixels[0, 0], 2 * k, dims=-1) for k in range(3)])[None]
+    assert embedding_diversity(clip, pixels)[0] == pytest.approx(0.0, abs=1e-6)  # same colours, other places
+    assert diversity(pixels)[0] > 0.1  # while the pixel distance sees the shift
+    with pytest.raises(ValueError, match="two seeds"):
+        embedding_diversity(clip, images[None, :1])
 
 
 def test_fid_inception_reads_its_weights_from_a_local_file(tmp_path, monkeypatch):
