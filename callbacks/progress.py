@@ -15,6 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, Timer
 from lightning.pytorch.loggers import WandbLogger
 
 from .stopping import SaveLastCheckpoint, last_checkpoint_path
+from .timer import TrainingTimer
 
 
 def _minutes(seconds: float) -> str:
@@ -149,7 +150,8 @@ class RunSummary(Callback):
         if use and is_clip:  # a CLIP: for reranking, guidance, or as a frozen text encoder
             lines.append(f"use it: --model.init_args.clip {_rel(use)} (configs/clip/rerank.yaml, vqgan_clip.yaml), or "
                          f"as a text encoder: lightning_modules.clip.CLIPTextEncoder with path {_rel(use)}")  # fmt: skip
-        elif use and not generates:  # an autoencoder: the first stage of the methods that build on it
+        elif use and not generates and hasattr(trainer.lightning_module, "encode"):  # an autoencoder: the first
+            # stage of the methods that build on it (not, e.g., unCLIP's prior, which configs/unclip/ joins)
             lines.append(f"build on it: --model.init_args.autoencoder {_rel(use)} (token priors, latent diffusion, CLIP guidance)")
         if use and generates:
             config = os.path.join(run, "config.yaml")
@@ -193,9 +195,8 @@ class RunSummary(Callback):
             timer = next(c for c in trainer.callbacks if isinstance(c, Timer))
             total = int(2 * timer._duration)  # the elapsed time is restored with the run
             days, rest = divmod(total, 86400)
-            return (
-                f" --trainer.max_time {days:02d}:{rest // 3600:02d}:{rest % 3600 // 60:02d}:{rest % 60:02d}"
-            )
+            option = "--max_train_time" if isinstance(timer, TrainingTimer) else "--trainer.max_time"
+            return f" {option} {days:02d}:{rest // 3600:02d}:{rest % 3600 // 60:02d}:{rest % 60:02d}"
         return ""
 
     def on_fit_end(self, trainer, pl_module) -> None:

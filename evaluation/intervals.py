@@ -21,13 +21,19 @@ def _per_prompt(hits) -> np.ndarray:
     return a.mean(axis=1)
 
 
-def bootstrap_interval(hits, level: float = 0.95, draws: int = 4000, seed: int = 0) -> tuple[float, float, float]:
-    """The mean of ``hits`` (prompts, seeds) and its percentile-bootstrap interval over prompts."""
+def bootstrap_interval(hits, level: float = 0.95, draws: int = 4000, seed: int = 0,
+                       exact_at_edges: bool = True) -> tuple[float, float, float]:  # fmt: skip
+    """The mean of ``hits`` (prompts, seeds) and its percentile-bootstrap interval over prompts;
+    when every prompt's rate is 0 (or every one is 1), where the bootstrap has nothing to resample,
+    the exact binomial bound over the prompts: [0, 1 - (tail)^(1/n)] (or [(tail)^(1/n), 1])."""
     per_prompt = _per_prompt(hits)
+    n, tail = len(per_prompt), (1 - level) / 2
+    if exact_at_edges and (np.all(per_prompt == 0) or np.all(per_prompt == 1)):  # every resample is the same: no interval at all;
+        edge = tail ** (1 / n)  # the exact (Clopper-Pearson) bound with the n prompts as the units instead
+        return (0.0, 0.0, float(1 - edge)) if per_prompt[0] == 0 else (1.0, float(edge), 1.0)
     rng = np.random.default_rng(seed)
-    means = per_prompt[rng.integers(0, len(per_prompt), (draws, len(per_prompt)))].mean(axis=1)
-    tail = (1 - level) / 2 * 100
-    lo, hi = np.percentile(means, [tail, 100 - tail])
+    means = per_prompt[rng.integers(0, n, (draws, n))].mean(axis=1)
+    lo, hi = np.percentile(means, [tail * 100, 100 - tail * 100])
     return float(per_prompt.mean()), float(lo), float(hi)
 
 
@@ -37,7 +43,7 @@ def paired_difference(a, b, level: float = 0.95, draws: int = 4000, seed: int = 
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if a.shape != b.shape:
         raise ValueError(f"a paired difference needs the same prompts and seeds: shapes {a.shape} and {b.shape}")
-    return bootstrap_interval(a - b, level, draws, seed)
+    return bootstrap_interval(a - b, level, draws, seed, exact_at_edges=False)  # 0 differences: [0, 0]
 
 
 def bootstrap_mean_of_sets(sets, level: float = 0.95, draws: int = 4000, seed: int = 0) -> tuple[float, float, float]:

@@ -53,3 +53,11 @@ def test_the_mean_of_sets_resamples_each_set_on_its_own():
     mean, lo, hi = bootstrap_mean_of_sets([mixed, always])
     _, mlo, mhi = bootstrap_interval(mixed)
     assert mean == 0.75 and lo == pytest.approx((mlo + 1) / 2, abs=0.02) and hi == pytest.approx((mhi + 1) / 2, abs=0.02)
+
+
+def test_a_rate_of_zero_or_one_gets_the_exact_bound_over_prompts_not_a_zero_width_interval():
+    zeros, ones = np.zeros((32, 4)), np.ones((108, 4))
+    assert bootstrap_interval(zeros) == (0.0, 0.0, pytest.approx(1 - 0.025 ** (1 / 32)))  # 0.109: 32 prompts
+    mean, lo, hi = bootstrap_interval(ones)
+    assert (mean, hi) == (1.0, 1.0) and lo == pytest.approx(0.025 ** (1 / 108)) and 0.96 < lo < 0.97
+    assert paired_difference(zeros, zeros) == (0.0, 0.0, 0.0)  # no difference at all: no interval around it
