@@ -227,6 +227,31 @@ def test_unclip_configs_train_through_the_cli_and_their_checkpoints_generate_tog
     assert out.shape == (2, 3, 32, 32) and torch.isfinite(out).all()
 
 
+def test_the_openmoji_configs_train_a_clip_then_prior_and_decoder_on_it_through_the_cli(tmp_path):
+    """The second dataset: its CLIP (the shapes CLIP config on OpenMoji's data), then unCLIP's
+    prior and decoder on that CLIP, a step each, as their config headers say; both generate."""
+    from test_cli import run_cli
+
+    data = ["--data.init_args.batch_size", "4", "--data.init_args.num_workers", "0",
+            "--data.init_args.root", str(tmp_path / "openmoji32")]  # fmt: skip
+    step = ["--trainer.max_steps", "1", "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false",
+            "--trainer.default_root_dir", str(tmp_path / "runs")]  # fmt: skip
+    run_cli(["fit", "--config", os.path.join(ROOT, "configs", "clip", "clip_shapes.yaml"), "--data",
+             os.path.join(ROOT, "configs", "data", "openmoji32.yaml"), *data, *step, "--run_name", "clip_openmoji"],
+            tmp_path)  # fmt: skip
+    clip = str(tmp_path / "runs" / "clip_openmoji" / "checkpoints" / "last.ckpt")
+    last = {}
+    for name in ("prior", "decoder"):
+        config = os.path.join(ROOT, "configs", "unclip", f"{name}_openmoji.yaml")
+        proc = run_cli(["fit", "--config", config, "--model.init_args.clip", clip, *data, *step, "--run_name", name],
+                       tmp_path)  # fmt: skip
+        assert "max_steps=1` reached" in proc.stdout + proc.stderr
+        last[name] = str(tmp_path / "runs" / name / "checkpoints" / "last.ckpt")
+    model = UnCLIP(last["prior"], last["decoder"], prior_sampling={"steps": 2}, decoder_sampling={"steps": 2})
+    out = model.generate(["grinning face", "улыбающееся лицо"], seed=[0, 1])
+    assert out.shape == (2, 3, 32, 32) and torch.isfinite(out).all()
+
+
 def test_the_predict_config_generates_from_prior_and_decoder_checkpoints(trained, shapes16, tmp_path):
     from test_cli import run_cli
 
