@@ -79,7 +79,7 @@ class TableCLIP(nn.Module):
 def test_r_precision_is_one_for_a_perfect_clip_and_chance_for_noise():
     pool = [f"prompt {i}" for i in range(300)]
     images = torch.arange(200).float().view(200, 1, 1, 1).expand(200, 3, 2, 2)
-    assert r_precision(TableCLIP(pool), images, pool[:200], pool, distractors=99) == (1.0, 1.0, 1.0)
+    assert r_precision(TableCLIP(pool), images, pool[:200], pool, distractors=99) == (1.0, pytest.approx(0.025 ** (1 / 200)), 1.0)  # every hit: the exact bound
     mean, _, _ = r_precision(TableCLIP(pool, perfect=False), images, pool[:200], pool, distractors=99)
     assert mean < 0.05  # chance is 1 / 100
     assert clip_score(TableCLIP(pool), images[:5], pool[:5]) == pytest.approx(100.0)
