@@ -334,25 +334,9 @@ _WORDS = {"colour": "colours", "shape": "shapes", "size": "sizes", "position": "
 
 def ignore_word(attrs: dict, word: str, rng: np.random.Generator, version: int = DATA_VERSION) -> dict:
     """One scene a generator draws for ``attrs`` when it ignores one ``word`` of the prompt (a
-    random stand-in's image; the floors use all of them, ``ignore_word_outcomes``): that
-    word's value drawn uniformly (the true one included), for one object chosen at random when the
-    prompt names two; ``binding`` swaps the two objects' colours with probability 1/2 (it reads
-    every word but not which colour goes with which shape; a one-object scene stays as it is)."""
-    out, v = {**attrs, "objects": [dict(o) for o in attrs["objects"]]}, vocabulary(version)
-    if word in _WORDS:
-        values = getattr(v, _WORDS[word])
-        out["objects"][int(rng.integers(len(out["objects"])))][word] = values[int(rng.integers(len(values)))]
-    elif word == "count":
-        out["count"] = v.counts[int(rng.integers(len(v.counts)))]
-    elif word == "relation":
-        out["relation"] = list(RELATIONS)[int(rng.integers(len(RELATIONS)))]
-    elif word == "binding":  # nothing to swap in a one-object scene
-        if len(out["objects"]) == 2 and rng.random() < 0.5:
-            a, b = out["objects"]
-            a["colour"], b["colour"] = b["colour"], a["colour"]
-    else:
-        raise ValueError(f"unknown word {word!r}; the words are {', '.join([*_WORDS, 'count', 'relation', 'binding'])}")
-    return out
+    random stand-in's image): one of ``ignore_word_outcomes``, drawn uniformly."""
+    outcomes = ignore_word_outcomes(attrs, word, version)
+    return outcomes[int(rng.integers(len(outcomes)))]
 
 
 def render_ignoring(
@@ -365,9 +349,11 @@ def render_ignoring(
                        scene=lambda attrs, rng: ignore_word(attrs, word, rng, protocol.data_version))  # fmt: skip
 
 
-def ignore_word_outcomes(attrs: dict, word: str, version: int = DATA_VERSION) -> list[tuple[float, dict]]:
-    """Every scene ``ignore_word`` can draw for ``attrs``, with its probability: the expectation
-    over these is the stand-in's exact rate, with no draw's luck in it."""
+def ignore_word_outcomes(attrs: dict, word: str, version: int = DATA_VERSION) -> list[dict]:
+    """Every scene a generator that ignores one ``word`` of the prompt can draw for ``attrs``, all
+    equally likely: that word's every value (the true one included) for each object the prompt
+    names; ``binding``: the two objects' colours as they are and swapped (it reads every word but
+    not which colour goes with which shape; a one-object scene stays as it is)."""
     v, n = vocabulary(version), len(attrs["objects"])
 
     def changed(**edit) -> dict:
@@ -379,34 +365,33 @@ def ignore_word_outcomes(attrs: dict, word: str, version: int = DATA_VERSION) ->
         return out
 
     if word in _WORDS:
-        values = getattr(v, _WORDS[word])
-        return [(1 / (n * len(values)), changed(index=i, **{word: x})) for i in range(n) for x in values]
+        return [changed(index=i, **{word: x}) for i in range(n) for x in getattr(v, _WORDS[word])]
     if word == "count":
-        return [(1 / len(v.counts), changed(count=c)) for c in v.counts]
+        return [changed(count=c) for c in v.counts]
     if word == "relation":
-        return [(1 / len(RELATIONS), changed(relation=r)) for r in RELATIONS]
+        return [changed(relation=r) for r in RELATIONS]
     if word == "binding":
         if n != 2:
-            return [(1.0, attrs)]
+            return [attrs]
         swapped = changed()
         a, b = swapped["objects"]
         a["colour"], b["colour"] = b["colour"], a["colour"]
-        return [(0.5, attrs), (0.5, swapped)]
+        return [attrs, swapped]
     raise ValueError(f"unknown word {word!r}; the words are {', '.join([*_WORDS, 'count', 'relation', 'binding'])}")
 
 
-def floor_rate(items: Sequence[tuple[str, dict]], protocol: Protocol, set_index: int, word: str) -> float:
-    """The exact all-correct rate of the stand-in that ignores ``word`` on these prompts and the
-    protocol's image seeds: every scene it can draw for an image is rendered (placed by that
-    image's seed) and scored, weighted by its probability."""
-    total = 0.0
-    for p, (_, attrs) in enumerate(items):
-        for s in range(protocol.seeds):
-            for weight, drawn in ignore_word_outcomes(attrs, word, protocol.data_version):
-                rng = np.random.default_rng([image_seed(protocol, set_index, p, s), 2])
-                img = render(objects_for(drawn, rng), protocol.resolution)
-                total += weight * float(score(img, attrs)["all"])
-    return total / (len(items) * protocol.seeds)
+def floor_rate(prompts: dict[str, list[tuple[str, dict]]], protocol: Protocol, name: str, word: str) -> float:
+    """The exact all-correct rate on set ``name`` of the stand-in that ignores ``word``: every scene
+    it can draw for an image (``ignore_word_outcomes``, equally likely) rendered with that image's
+    seed (``render_real``) and scored; their mean."""
+    items, version = prompts[name], protocol.data_version
+    (count,) = {len(ignore_word_outcomes(attrs, word, version)) for _, attrs in items}  # one per set's kind of scene
+    rates = []
+    for k in range(count):
+        images = render_real(prompts, protocol, draw=2, sets=[name],
+                             scene=lambda attrs, rng, k=k: ignore_word_outcomes(attrs, word, version)[k])  # fmt: skip
+        rates.append(shapes_rates(images[name], items)["all"])
+    return float(np.mean(rates))
 
 
 def floors(prompts: dict[str, list[tuple[str, dict]]], protocol: Protocol) -> dict[str, dict[str, float]]:
@@ -414,9 +399,9 @@ def floors(prompts: dict[str, list[tuple[str, dict]]], protocol: Protocol) -> di
     stand-in that ignores the word, ..., "floor": the highest}}``. A cell that does not clear its
     set's floor cannot show that the method reads every word the set checks."""
     out: dict[str, dict[str, float]] = {name: {} for name in prompts}
-    for si, (name, items) in enumerate(prompts.items()):
+    for name in prompts:
         for word in IGNORABLE[name]:
-            out[name][word] = floor_rate(items, protocol, si, word)
+            out[name][word] = floor_rate(prompts, protocol, name, word)
         out[name]["floor"] = max(out[name].values())
     return out
 

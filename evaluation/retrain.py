@@ -30,6 +30,8 @@ from collections.abc import Callable
 
 import torch
 
+from evaluation.harness import training_budget
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENTRY_KEYS = {
     "config": "the train.py --config file of the run",
@@ -93,12 +95,9 @@ def last_checkpoint(cfg: dict, name: str) -> str:
 
 
 def progress(path: str) -> tuple[int, float]:
-    """``(global step, training seconds)`` of a checkpoint: its ``TrainingTimer`` state (training
-    alone), else Lightning's ``Timer`` (validation inside fit included)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    states = ckpt.get("callbacks") or {}
-    timer = states.get("TrainingTimer") or states.get("Timer") or {}
-    return int(ckpt.get("global_step", 0)), float((timer.get("time_elapsed") or {}).get("train", 0.0))
+    """``(global step, training seconds)`` of a checkpoint, as ``harness.training_budget`` reads them."""
+    budget = training_budget(torch.load(path, map_location="cpu", weights_only=False))
+    return budget["steps"], budget["train_seconds"] or 0.0
 
 
 def _reached(entry: dict, step: int, spent: float) -> bool:
