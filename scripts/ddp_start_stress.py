@@ -85,6 +85,8 @@ def dump_stacks(pgid: int, folder: str, output: str) -> None:
             continue
         dump = subprocess.run([spy, "dump", "--native", "--pid", str(pid)], capture_output=True, text=True, timeout=60)
         lines.append(dump.stdout + dump.stderr)
+    sockets = subprocess.run(["ss", "-tanp"], capture_output=True, text=True) if shutil.which("ss") else None
+    lines.append("===== TCP sockets (ss -tanp)\n" + (sockets.stdout if sockets else "(ss is not installed)"))
     lines.append("===== output of the run so far\n" + output)
     with open(os.path.join(folder, "stacks.txt"), "w") as f:
         f.write("\n".join(lines))

@@ -5,7 +5,7 @@ import glob
 import os
 
 from test_cli import ROOT, run_cli
-from wandb_records import history_keys, records
+from evaluation.wandb_records import history_keys, records
 
 from callbacks.dashboard import experiment_group, run_tags
 

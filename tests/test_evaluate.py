@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 from conftest import BLOCK_CAPTIONS, block_images
-from wandb_records import history_keys
+from evaluation.wandb_records import history_keys
 
 import evaluate
 from datamodules.shapes import PROMPT_SETS, objects_for, prompt_set, render, score
