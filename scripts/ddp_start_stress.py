@@ -2,9 +2,10 @@
 that hang, with the Python stacks of every process of a hung run (py-spy).
 
     python scripts/ddp_start_stress.py --starts 200 --timeout 90 --out runs/ddp_stress
+    python scripts/ddp_start_stress.py --starts 100 --timeout 240 --command "python tests/ddp_random_script.py out.json 0"
 
 Each start is a fresh ``fit`` of a tiny module for a few steps on two processes, as the tests'
-DDP runs are. A start that has not finished after ``--timeout`` seconds is a hang: ``py-spy dump``
+DDP runs are (or, with ``--command``, any command, such as one of the tests' DDP scripts). A start that has not finished after ``--timeout`` seconds is a hang: ``py-spy dump``
 of each of its processes goes to ``<out>/hang_<i>/stacks.txt`` (with their command lines and the
 run's output so far), then the run is killed. Prints the number of starts, hangs, failures and
 the median and slowest start-to-finish times.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import shutil
 import signal
 import statistics
@@ -98,6 +100,8 @@ def main() -> None:
     p.add_argument("--timeout", type=float, default=90.0, help="seconds before a start counts as hung")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--out", default="runs/ddp_stress")
+    p.add_argument("--command", help="start this command line instead (run from a fresh temporary folder; "
+                   "'python' is this interpreter, relative paths are the repository's), e.g. a test's DDP script")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
@@ -106,12 +110,16 @@ def main() -> None:
     os.makedirs(a.out, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
     env.setdefault("OMP_NUM_THREADS", "1")
+    argv = [sys.executable, os.path.abspath(__file__), "--child", "--steps", str(a.steps)]
+    if a.command:
+        argv = shlex.split(a.command)
+        argv[0] = sys.executable if argv[0] in ("python", "python3") else argv[0]
+        argv = [argv[0]] + [os.path.join(ROOT, x) if os.path.exists(os.path.join(ROOT, x)) else x for x in argv[1:]]
     times, hangs, failures = [], [], []
     for i in range(a.starts):
         with tempfile.TemporaryDirectory() as cwd, tempfile.TemporaryFile("w+") as log:
             start = time.perf_counter()
-            proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--child", "--steps", str(a.steps)],
-                                    cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+            proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
             try:
                 code = proc.wait(timeout=a.timeout)
                 times.append(time.perf_counter() - start)
