@@ -15,7 +15,9 @@ diffusion decoder from that embedding (and the caption) to the image.
   image ``variations`` and ``interpolate`` between two images' embeddings.
 
 The CLIP is loaded from its checkpoint path, frozen, kept in eval mode and out of this module's
-checkpoints (which store the path); prior and decoder must use the same one.
+checkpoints, which store the path and the CLIP's lineage (``frozen_clip_lineage``): a checkpoint
+whose path now holds a CLIP of another lineage is refused when loaded. Prior and decoder must use
+the same CLIP; :class:`UnCLIP` then holds one copy of it.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import os
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from networks.diffusion import SAMPLERS, NoiseSchedule, Sampler, Schedule, rescale_guidance
@@ -46,13 +49,51 @@ def _adamw(params):
     return torch.optim.AdamW(params, lr=3e-4, weight_decay=0.0)
 
 
+def describe_lineage(lineage: dict | None) -> str:
+    """A CLIP's lineage in words: ``origin <id>`` and the checkpoints (``origin@step``) it was
+    resumed, fine-tuned or loaded from."""
+    if not lineage or lineage.get("origin") is None:
+        return "no recorded origin (a CLIP from before lineage was recorded)"
+    resumed = lineage.get("resumed") or []
+    return f"origin {lineage['origin']}" + (f" (checkpoints {', '.join(resumed)})" if resumed else "")
+
+
 class FrozenCLIPUser:
     """Mixin of the modules that build on a trained CLIP: loaded frozen from its path, in eval
-    mode whatever mode the module is put in, its weights out of the module's checkpoints."""
+    mode whatever mode the module is put in, its weights out of the module's checkpoints. The
+    checkpoints record the CLIP's lineage (``frozen_clip_lineage``); loading one whose CLIP path
+    now holds a CLIP of another lineage raises a ConfigError (a checkpoint from before the lineage
+    was recorded loads with a warning)."""
 
-    def attach_clip(self, path: str, option: str = "model.init_args.clip") -> CLIP:
-        self.clip = keep_out_of_checkpoints(load_clip(path, option=option))
+    def attach_clip(self, path: str, option: str = "model.init_args.clip", clip: CLIP | None = None) -> CLIP:
+        """The CLIP at ``path`` (or ``clip``, already loaded from it) as ``self.clip``. The path is kept
+        as ``clip_path``: ``hparams`` may not be this module's own when it is built inside another
+        module that the CLI instantiates (``UnCLIP``)."""
+        self.clip = keep_out_of_checkpoints(clip if clip is not None else load_clip(path, option=option))
+        self.clip_path = path
         return self.clip
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["frozen_clip_lineage"] = copy.deepcopy(self.clip.lineage)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        name, path = type(self).__name__, self.clip_path
+        if "frozen_clip_lineage" not in checkpoint:
+            rank_zero_warn(
+                f"this {name} checkpoint predates the recorded CLIP lineage: it cannot be checked that the CLIP "
+                f"at {path} is the one it was trained on"
+            )
+            return
+        recorded = checkpoint["frozen_clip_lineage"]
+        if recorded != self.clip.lineage:
+            raise ConfigError(
+                f"this {name} was trained on the CLIP at {path} of {describe_lineage(recorded)}, but {path} now "
+                f"holds a CLIP of {describe_lineage(self.clip.lineage)}: give the CLIP it was trained on "
+                f"(model.init_args.clip, or load_from_checkpoint(..., clip=<path>)), or train the {name} again "
+                "on this CLIP"
+            )
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -294,7 +335,7 @@ class UnCLIPDecoder(FrozenCLIPUser, TextToImageDiffusion):
         embed_dim = clip_model.encode_text([""]).shape[-1]
         wrapped = ImageEmbeddingConditioned(denoiser, embed_dim, context_dim, image_embed_tokens)
         super().__init__(wrapped, text_encoder, cond_drop_prob=cond_drop_prob, **kwargs)
-        self.clip = keep_out_of_checkpoints(clip_model)
+        self.attach_clip(clip, clip=clip_model)
         self.image_drop_prob = image_drop_prob
 
     def conditioning(self, batch: dict) -> dict:
@@ -343,11 +384,13 @@ class UnCLIP(TextToImageModule):
         self.save_hyperparameters()
         self.prior = _load(UnCLIPPrior, prior, "prior", "candidates", "configs/unclip/prior_shapes.yaml")
         self.decoder = _load(UnCLIPDecoder, decoder, "decoder", "image_embed_tokens", "configs/unclip/decoder_shapes.yaml")
-        if self.prior.clip.lineage != self.decoder.clip.lineage:
+        if not _same_clip(self.prior, self.decoder):
             raise ConfigError(
                 f"the prior ({prior}) and the decoder ({decoder}) were trained on different CLIPs "
-                f"({self.prior.hparams.clip} and {self.decoder.hparams.clip}): train both on the same one"
+                f"({self.prior.clip_path}, {describe_lineage(self.prior.clip.lineage)}; {self.decoder.clip_path}, "
+                f"{describe_lineage(self.decoder.clip.lineage)}): train both on the same one"
             )
+        self.decoder.clip = self.prior.clip  # one CLIP: counted and held once
         self.prior_sampling, self.decoder_sampling = dict(prior_sampling or {}), dict(decoder_sampling or {})
         unknown = set(self.prior_sampling) - {"candidates", "sampler", "steps", "guidance_scale"}
         if unknown:
@@ -392,6 +435,21 @@ class UnCLIP(TextToImageModule):
         return self.decode([prompt] * len(weights), embed, [seed] * len(weights), sampling)
 
 
+def _same_clip(prior: UnCLIPPrior, decoder: UnCLIPDecoder) -> bool:
+    """Whether prior and decoder were built on the same CLIP: the same lineage, and where that has
+    no origin (CLIPs from before lineage was recorded) the same file or the same weights."""
+    a, b = prior.clip, decoder.clip
+    if a.lineage != b.lineage:
+        return False
+    if (a.lineage or {}).get("origin") is not None:
+        return True
+    if os.path.realpath(prior.clip_path) == os.path.realpath(decoder.clip_path):
+        return True
+    ta = dict(a.named_parameters()) | dict(a.named_buffers())  # not state_dict: the CLIP keeps out of those
+    tb = dict(b.named_parameters()) | dict(b.named_buffers())
+    return ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
 def _load(cls, path: str, option: str, key: str, config: str):
     """A trained prior or decoder from its checkpoint, frozen and in eval mode; a clear error for a
     missing file or another model's checkpoint (recognised by a hyperparameter only ``cls`` has)."""
@@ -402,7 +460,11 @@ def _load(cls, path: str, option: str, key: str, config: str):
     if key not in hparams:
         raise ConfigError(f"model.init_args.{option}: {path!r} is not an {cls.__name__} checkpoint "
                           f"({hparams.get('_class_path', 'no model class recorded')}); train one with {config}")  # fmt: skip
-    return cls.load_from_checkpoint(path, map_location="cpu", weights_only=False).requires_grad_(False).eval()
+    try:
+        model = cls.load_from_checkpoint(path, map_location="cpu", weights_only=False)
+    except ConfigError as err:  # its CLIP is not the one it was trained on: say which option
+        raise ConfigError(f"model.init_args.{option}: {path}: {err}") from None
+    return model.requires_grad_(False).eval()
 
 
-__all__ = ["ImageEmbeddingConditioned", "UnCLIP", "UnCLIPDecoder", "UnCLIPPrior", "slerp"]
+__all__ = ["ImageEmbeddingConditioned", "UnCLIP", "UnCLIPDecoder", "UnCLIPPrior", "describe_lineage", "slerp"]

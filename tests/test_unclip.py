@@ -18,17 +18,39 @@ def _prior():
     return DiffusionPrior(embed_dim=8, token_dim=12, width=32, depth=2, heads=4, max_tokens=16).eval()
 
 
-def test_the_causal_mask_keeps_each_position_from_seeing_later_ones():
-    """The noised image embedding sits after the tokens, the text embedding and the timestep:
-    changing it changes the query's output and nothing before it."""
+def _run_blocks(prior, x, mask):
+    for block in prior.blocks:
+        x = block(x, mask)
+    return prior.norm(x)
+
+
+def test_the_causal_mask_keeps_each_position_from_seeing_later_ones_and_the_query_reads_every_real_one():
+    """Each position of the sequence (tokens, text embedding, timestep, noised embedding, query),
+    perturbed alone: nothing before it changes, and the query's output (the prediction, row -1)
+    changes, unless the position is a padding token of the caption."""
     prior = _prior()
     noised, t, tokens, mask, text = _inputs()
+    n = tokens.shape[1]
+    real = torch.cat([mask, torch.ones(2, 4, dtype=torch.bool)], dim=1)  # (b, n + 4): the keys that exist
+    with torch.no_grad():
+        x, attend = prior.sequence(noised, t, tokens, mask, text)
+        base = _run_blocks(prior, x, attend)
+        assert torch.allclose(base, prior.hidden(noised, t, tokens, mask, text))  # the path prior.forward takes
+        for p in range(n + 4):
+            moved = x.clone()
+            moved[:, p] += torch.randn(x.shape[-1], generator=torch.Generator().manual_seed(p))
+            out = _run_blocks(prior, moved, attend)
+            assert torch.allclose(out[:, :p], base[:, :p], atol=1e-6), p  # the future is not seen
+            for i in range(2):
+                changed = not torch.allclose(out[i, -1], base[i, -1], atol=1e-5)
+                assert changed == bool(real[i, p]), (p, i)  # the query reads every real position, no padding
+    # and through the inputs: the noised embedding (after tokens, text embedding and timestep)
+    # changes the query's output and nothing before its own position
     with torch.no_grad():
         a = prior.hidden(noised, t, tokens, mask, text)
         b = prior.hidden(noised + 1.0, t, tokens, mask, text)
-    n = tokens.shape[1]
-    assert torch.allclose(a[:, : n + 2], b[:, : n + 2])  # tokens, text embedding, timestep: unchanged
-    assert not torch.allclose(a[:, n + 2 :], b[:, n + 2 :])  # the noised embedding and the query see it
+    assert torch.allclose(a[:, : n + 2], b[:, : n + 2])
+    assert (a[:, -1] - b[:, -1]).abs().amax(-1).min() > 1e-3
 
 
 def test_padding_tokens_are_not_read_and_an_empty_caption_stays_finite():
@@ -63,7 +85,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 from lightning_modules.unclip import UnCLIP, UnCLIPDecoder, UnCLIPPrior, slerp  # noqa: E402
 from networks.errors import ConfigError, MissingFileError  # noqa: E402
-from networks.text_encoders import TransformerTextEncoder  # noqa: E402
+from networks.text_encoders import TextEncoding, TransformerTextEncoder  # noqa: E402
 from networks.unet import UNet  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -334,3 +356,163 @@ def test_embeddings_pre_computed_into_shards_feed_prior_and_decoder_and_bad_memb
         assert torch.allclose(losses[0], losses[1], atol=1e-3)
         torch.manual_seed(0)  # and the stored one is what is read: another embedding, another loss
         assert not torch.allclose(model.loss({**batch, "clip_image_embed": stored[:4].flip(0)}), losses[0])
+
+
+def test_the_guided_pass_gives_the_unconditional_half_neither_caption_nor_image_embedding(tiny_methods):
+    """Guidance's batched pass: the first half has the caption and the image embedding (its extra
+    tokens attended to, its projection added to the pooled vector), the second half the empty
+    caption and no embedding (``unconditional()``): what reaches the UNet, half by half."""
+    decoder = _tiny_decoder(tiny_methods["clip"], guidance_scale=3.0).eval()
+    prompts = ["a red square", "a blue square"]
+    e = F.normalize(torch.randn(2, decoder.embed_dim, generator=torch.Generator().manual_seed(0)), dim=-1)
+    wrapper = decoder.ema_denoiser  # the network that samples
+    seen = []
+    hooks = [wrapper.register_forward_pre_hook(lambda m, args, kw: seen.append(("keep", kw["image_keep"].clone())),
+                                               with_kwargs=True),
+             wrapper.denoiser.register_forward_pre_hook(lambda m, args: seen.append(("unet", args[2])))]  # fmt: skip
+    decoder.generate(prompts, seed=[0, 1], image_embed=e, steps=2)
+    for h in hooks:
+        h.remove()
+    keeps, texts = [v for k, v in seen if k == "keep"], [v for k, v in seen if k == "unet"]
+    assert len(keeps) == len(texts) >= 2  # every step one doubled batch
+    caption, null = decoder.encode(prompts, ema=True), decoder.encode(["", ""], ema=True)
+    n = caption.tokens.shape[1]
+    added = wrapper.to_pooled(e)
+    for keep, text in zip(keeps, texts):
+        assert keep.tolist() == [True, True, False, False]
+        cond, uncond = (TextEncoding(*(x[i : i + 2] for x in text)) for i in (0, 2))
+        assert torch.equal(cond.tokens[:, :n], caption.tokens) and torch.equal(cond.mask[:, :n], caption.mask)
+        assert cond.mask[:, n:].all()  # the embedding's tokens are read
+        assert torch.allclose(cond.pooled, caption.pooled + added, atol=1e-6)
+        assert torch.equal(uncond.tokens[:, :n], null.tokens) and torch.equal(uncond.mask[:, :n], null.mask)
+        assert not uncond.mask[:, n:].any()  # the embedding's tokens are masked out
+        assert torch.equal(uncond.pooled, null.pooled)  # and nothing added to the pooled vector
+
+
+def test_sampling_uses_the_ema_weights_of_prior_and_decoder(trained):
+    """The live weights can change at will without changing ``generate``; the EMA weights cannot."""
+
+    def model():
+        return UnCLIP(trained["prior"], trained["decoder"], prior_sampling={"steps": 5},
+                      decoder_sampling={"steps": 5, "guidance_scale": 3.0})  # fmt: skip
+
+    def shake(*modules):
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for module in modules:
+                for p in module.parameters():
+                    p.add_(torch.randn(p.shape, generator=g) * 0.1)
+
+    prompts, seeds = list(BLOCK_CAPTIONS), [0, 1, 2, 3]
+    m = model()
+    before = m.generate(prompts, seed=seeds)
+    assert m.decoder.ema_text_encoder is not None  # the trainable caption encoder has an EMA too
+    shake(m.prior.network, m.decoder.denoiser, m.decoder.text_encoder)
+    assert torch.allclose(m.generate(prompts, seed=seeds), before, atol=1e-6)
+    for ema in (lambda m: m.prior.ema_network, lambda m: m.decoder.ema_denoiser,
+                lambda m: m.decoder.ema_text_encoder):  # fmt: skip
+        m = model()
+        shake(ema(m))
+        assert (m.generate(prompts, seed=seeds) - before).abs().amax() > 1e-2
+
+
+def test_the_priors_target_and_text_condition_are_the_clip_embeddings_scaled_to_norm_sqrt_d(tiny_methods, monkeypatch):
+    prior = _tiny_prior(tiny_methods["clip"], cond_drop_prob=0.0)
+    d = prior.embed_dim
+    seen = {}
+    mse = F.mse_loss
+
+    def spy(predicted, target, *args, **kwargs):
+        seen["target"] = target
+        return mse(predicted, target, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "mse_loss", spy)
+    hook = prior.network.register_forward_pre_hook(lambda m, args: seen.update(text_embed=args[4]))
+    batch = {"image": block_images(), "caption": list(BLOCK_CAPTIONS)}
+    prior.loss(batch)
+    hook.remove()
+    target, text_embed = seen["target"], seen["text_embed"]
+    assert torch.allclose(target.norm(dim=-1), torch.full((4,), d**0.5), atol=1e-4)
+    assert torch.allclose(target / d**0.5, prior.clip_image(batch["image"]), atol=1e-6)  # the image embedding
+    assert torch.allclose(text_embed.norm(dim=-1), torch.full((4,), d**0.5), atol=1e-4)
+    assert torch.allclose(text_embed / d**0.5, prior.clip_text(batch["caption"])[1], atol=1e-6)
+
+
+def test_unclip_holds_one_clip_and_counts_its_parameters_once(trained):
+    from evaluation.harness import parameter_count
+
+    m = UnCLIP(trained["prior"], trained["decoder"])
+    assert m.prior.clip is m.decoder.clip is m.clip
+
+    def own(module):  # a module's parameters but its CLIP's
+        return sum(p.numel() for name, p in module.named_parameters() if not name.startswith("clip."))
+
+    clip = parameter_count(m.clip)
+    assert clip > 0 and own(m.prior) > 0 and own(m.decoder) > 0
+    assert parameter_count(m) == own(m.prior) + own(m.decoder) + clip
+    assert len({id(p) for p in m.parameters()}) == len(list(m.parameters()))
+
+
+def _clip_copy(source: str, path, origin: str | None) -> str:
+    """The CLIP checkpoint ``source`` saved at ``path`` with the lineage origin ``origin`` (its own
+    history otherwise); ``None``: as a CLIP from before lineage was recorded."""
+    checkpoint = torch.load(source, weights_only=False)
+    if origin is None:
+        checkpoint.pop("clip_lineage")
+    else:
+        checkpoint["clip_lineage"] = {"origin": origin, "resumed": []}
+    torch.save(checkpoint, path)
+    return str(path)
+
+
+def test_a_checkpoint_whose_clip_path_now_holds_another_clip_is_refused_naming_both_lineages(tiny_methods, tmp_path):
+    import warnings
+
+    clip = _clip_copy(tiny_methods["clip"], tmp_path / "clip.ckpt", "a" * 32)
+    prior = fit_and_save(_tiny_prior(clip), _blocks(1), 1, str(tmp_path / "prior.ckpt"))
+    decoder = fit_and_save(_tiny_decoder(clip), _blocks(1), 1, str(tmp_path / "decoder.ckpt"))
+    recorded = torch.load(prior, weights_only=False)["frozen_clip_lineage"]
+    assert recorded["origin"] == "a" * 32
+    assert recorded == UnCLIPPrior.load_from_checkpoint(prior, weights_only=False).clip.lineage
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*CLIP lineage.*")
+        UnCLIP(prior, decoder)  # the same CLIP: no complaint
+    _clip_copy(tiny_methods["clip"], tmp_path / "clip.ckpt", "b" * 32)  # another CLIP at the same path
+    for cls, path in ((UnCLIPPrior, prior), (UnCLIPDecoder, decoder)):
+        with pytest.raises(ConfigError, match=f"origin {'a' * 32}.*now holds a CLIP of origin {'b' * 32}") as err:
+            cls.load_from_checkpoint(path, weights_only=False)
+        assert "give the CLIP it was trained on" in str(err.value) and "train the" in str(err.value)
+    with pytest.raises(ConfigError, match="model.init_args.prior: .*prior.ckpt: .*now holds a CLIP of origin b"):
+        UnCLIP(prior, decoder)
+    # the way out: the CLIP it was trained on, from another path
+    original = _clip_copy(tiny_methods["clip"], tmp_path / "original.ckpt", "a" * 32)
+    reloaded = UnCLIPPrior.load_from_checkpoint(prior, clip=original, weights_only=False)
+    assert reloaded.clip.lineage["origin"] == "a" * 32
+    # a checkpoint from before the lineage was recorded loads, with a warning
+    old = torch.load(prior, weights_only=False)
+    del old["frozen_clip_lineage"]
+    torch.save(old, tmp_path / "old_prior.ckpt")
+    with pytest.warns(UserWarning, match="predates the recorded CLIP lineage"):
+        UnCLIPPrior.load_from_checkpoint(str(tmp_path / "old_prior.ckpt"), weights_only=False)
+    # prior and decoder on two different CLIPs, each where it was trained
+    prior_a = fit_and_save(_tiny_prior(original), _blocks(1), 1, str(tmp_path / "prior_a.ckpt"))
+    decoder_b = fit_and_save(_tiny_decoder(clip), _blocks(1), 1, str(tmp_path / "decoder_b.ckpt"))
+    with pytest.raises(ConfigError, match=f"trained on different CLIPs.*origin {'a' * 32}.*origin {'b' * 32}"):
+        UnCLIP(prior_a, decoder_b)
+
+
+def test_the_variations_benchmark_refuses_a_judge_of_unclips_lineage_and_notes_one_without(trained, tmp_path,
+                                                                                          monkeypatch):  # fmt: skip
+    """``benchmarks/unclip_variations.py`` applies ``evaluate.py``'s rule to its judge."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    from unclip_variations import judge_check
+
+    clip = trained["clip"]
+    with pytest.raises(SystemExit, match="shares its ancestry"):
+        judge_check(clip, trained["prior"], trained["decoder"])  # unCLIP's own CLIP
+    origin = torch.load(clip, weights_only=False)["clip_lineage"]["origin"]
+    with pytest.raises(SystemExit, match="shares its ancestry"):  # another file of the same origin
+        judge_check(_clip_copy(clip, tmp_path / "resumed.ckpt", origin), trained["prior"], trained["decoder"])
+    notes = judge_check(_clip_copy(clip, tmp_path / "old.ckpt", None), trained["prior"], trained["decoder"])
+    assert len(notes) == 1 and "before lineage was recorded" in notes[0]
+    assert judge_check(_clip_copy(clip, tmp_path / "own.ckpt", "c" * 32), trained["prior"], trained["decoder"]) == []
