@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+from typing import Literal
 
 from lightning.pytorch.utilities import rank_zero_info
 
 from .prepare import read_manifest
+from .recaption import Recaptioner
 from .shapes import DATA_VERSION, heldout_prompts, vocabulary, write_shapes_shards
 from .text_image import TextImageDataModule
 
@@ -29,6 +31,15 @@ class ShapesDataModule(TextImageDataModule):
             of training, with validation and test parts; 1 (single objects only) stays readable.
             It is saved in every checkpoint, and ``evaluate.py`` refuses a checkpoint of another
             version than its protocol's.
+        captions: the caption each sample is trained on: ``terse`` (the default) the shard's own
+            captions, ``exhaustive`` the scene's ``recaption.exhaustive_caption`` (every object's
+            count, size, colour, shape, position and relation), ``mix`` the exhaustive one with
+            probability ``exhaustive_fraction`` and the shard's otherwise (DALL-E 3 trained on 95%
+            descriptive captions). The choice is made when a sample is loaded, not when shards are
+            written: the shards, their manifest and the data version stay the same whatever the
+            mode (a checkpoint's data is the same data), the default stream is the one it was,
+            and the fraction can change between runs without rendering anything again.
+        exhaustive_fraction: the share of exhaustive captions under ``captions: mix``.
         **kwargs: the TextImageDataModule arguments (batch size, workers, epoch length, ...).
     """
 
@@ -44,9 +55,12 @@ class ShapesDataModule(TextImageDataModule):
         val_samples: int | None = None,
         prepare_timeout: float = 3600.0,
         version: int = DATA_VERSION,
+        captions: Literal["terse", "exhaustive", "mix"] = "terse",
+        exhaustive_fraction: float = 0.95,
         **kwargs,
     ):
         vocabulary(version)  # an unknown version fails before any work
+        recaptioner = Recaptioner(captions, exhaustive_fraction, data_seed, version)  # a bad mode fails here
         super().__init__(
             train_shards=os.path.join(root, "train"),
             val_shards=os.path.join(root, "val"),
@@ -55,6 +69,7 @@ class ShapesDataModule(TextImageDataModule):
             **kwargs,
         )
         self.root, self.resolution, self.prepare_timeout, self.version = root, resolution, prepare_timeout, version
+        self.recaptioner = recaptioner
         self.num_train, self.num_val, self.data_seed, self.shard_size = (
             num_train,
             num_val,
@@ -85,6 +100,10 @@ class ShapesDataModule(TextImageDataModule):
         if stage in (None, "fit", "validate", "test"):
             self._render()
         super().setup(stage)
+        if self.recaptioner.captions != "terse":
+            for stream in (getattr(self, "train_stream", None), getattr(self, "val_stream", None)):
+                if stream is not None:
+                    stream.recaption = self.recaptioner
 
     def check_sources(self, stage: str = "fit") -> None:
         """Nothing to check: the shards are rendered by ``prepare_data`` when they are missing."""

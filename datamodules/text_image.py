@@ -104,6 +104,9 @@ class ShardStream(IterableDataset):
         self.val_samples, self.shuffle_buffer = val_samples, shuffle_buffer
         self.max_pixels, self.image_size = max_pixels, image_size
         self.start_step = 0  # set by the datamodule so a resumed run continues on a fresh stream
+        # (key, meta, caption, rng) -> the caption to train on, set by a datamodule that rewrites
+        # captions at load time (the shapes set's exhaustive captions); None keeps the shard's
+        self.recaption = None
 
     def _worker(self) -> tuple[int, int]:
         info = get_worker_info()
@@ -133,6 +136,8 @@ class ShardStream(IterableDataset):
             skips.add(err.reason)
             return None
         caption = rng.choice(captions) if self.mode == "train" else captions[0]
+        if self.recaption is not None:
+            caption = self.recaption(key, meta, caption, rng)
         sample = {"image": self.transform(image, rng), "caption": caption, "key": key, "meta": meta}
         if tokens is not None:
             sample["tokens"] = tokens
