@@ -28,6 +28,7 @@ from .shapes import (
     COLOURS,
     COUNT_EXTENT,
     COUNT_WORDS,
+    DATA_VERSION,
     POSITION_PHRASES,
     POSITIONS,
     RELATION_EXTENT,
@@ -36,6 +37,7 @@ from .shapes import (
     SIZES,
     SPLITS,
     ShapeObject,
+    heldout_units,
     objects_for,
     sample_attrs,
 )
@@ -76,13 +78,32 @@ def _relation_positions(relation: str) -> tuple[str, str]:
             "above": ("top", "bottom"), "below": ("bottom", "top")}[relation]  # fmt: skip
 
 
-def scene_facts(attrs: dict, objects: Sequence[ShapeObject] | None = None) -> dict:
-    """What a scene shows: ``{"count", "objects": [{size, colour, shape, position?}], "relation"?}``.
+def scene_facts(
+    attrs: dict, objects: Sequence[ShapeObject] | None = None, withhold: frozenset = frozenset()
+) -> dict:
+    """What a scene shows: ``{"count", "objects": [{size?, colour, shape, position?}], "relation"?}``.
 
     With the renderer's ``objects`` every object has a size and a position read from its box; without
     them only what the attributes fix is there: a relation scene's positions follow its relation,
-    a count scene's positions and a two-object prompt's placement are left out.
+    a count scene's positions and a two-object prompt's placement are left out. An object of a
+    scene with several objects whose ``(colour, shape, size, position)`` is in ``withhold`` (the
+    held-out single objects) loses its size, so that no caption of a training scene names a
+    held-out combination; a count scene's objects share one size word, and lose it together.
     """
+    facts = _facts(attrs, objects)
+    objs = facts["objects"]
+
+    def held(o: dict) -> bool:
+        return (o["colour"], o["shape"], o["size"], o.get("position")) in withhold
+
+    if facts["count"] > 1 and any(held(o) for o in objs):
+        drop = objs if attrs["kind"] == "count" else [o for o in objs if held(o)]
+        for o in drop:
+            del o["size"]
+    return facts
+
+
+def _facts(attrs: dict, objects: Sequence[ShapeObject] | None) -> dict:
     kind, named = attrs["kind"], attrs["objects"]
     if kind == "single":
         return {"count": 1, "objects": [dict(named[0])]}
@@ -105,31 +126,37 @@ def scene_facts(attrs: dict, objects: Sequence[ShapeObject] | None = None) -> di
     return {"count": 2, "objects": out}
 
 
-def exhaustive_caption(attrs: dict, objects: Sequence[ShapeObject] | None = None) -> str:
-    """A caption that names every attribute of the scene and nothing else (see ``scene_facts``):
+def exhaustive_caption(
+    attrs: dict, objects: Sequence[ShapeObject] | None = None, withhold: frozenset = frozenset()
+) -> str:
+    """A caption that names every attribute of the scene and nothing else (see ``scene_facts``,
+    and ``withhold`` there):
 
     - ``one small red circle on the left``;
     - ``two objects: a small red circle on the left and a small blue square on the right; the red
       circle is to the left of the blue square``;
     - ``three small green triangles: one at the top left, one in the center and one at the bottom``.
     """
-    facts = scene_facts(attrs, objects)
+    facts = scene_facts(attrs, objects, withhold)
     objs, n = facts["objects"], facts["count"]
 
     def where(o: dict) -> str:
         return f" {POSITION_PHRASES[o['position']]}" if "position" in o else ""
 
+    def what(o: dict) -> str:
+        return f"{o['size']} {o['colour']} {o['shape']}" if "size" in o else f"{o['colour']} {o['shape']}"
+
     if n == 1:
         o = objs[0]
-        return f"one {o['size']} {o['colour']} {o['shape']}{where(o)}"
+        return f"one {what(o)}{where(o)}"
     if attrs["kind"] == "count":
         o = objs[0]
-        head = f"{COUNT_WORDS[n]} {o['size']} {o['colour']} {o['shape']}s"
+        head = f"{COUNT_WORDS[n]} {what(o)}s"
         if "position" not in o:
             return head
         places = [f"one {POSITION_PHRASES[p['position']]}" for p in objs]
         return f"{head}: {', '.join(places[:-1])} and {places[-1]}"
-    a, b = (f"{_article(o['size'])} {o['size']} {o['colour']} {o['shape']}{where(o)}" for o in objs)
+    a, b = (f"{_article(what(o))} {what(o)}{where(o)}" for o in objs)
     text = f"two objects: {a} and {b}"
     if "relation" in facts:
         (o1, o2), rel = objs, RELATIONS[facts["relation"]]
@@ -148,14 +175,16 @@ _NUMBER = _alt(COUNT_WORDS.values())
 _PHRASE_POSITION = {v: k for k, v in POSITION_PHRASES.items()}
 _PHRASE_RELATION = {v: k for k, v in RELATIONS.items()}
 _NUMBER_COUNT = {v: k for k, v in COUNT_WORDS.items()}
-_OBJ = f"{_SIZE} {_COLOUR} {_SHAPE}"
+_OBJ = f"(?:{_SIZE} )?{_COLOUR} {_SHAPE}"  # an exhaustive caption may withhold a size
+_SIZED = f"{_SIZE} {_COLOUR} {_SHAPE}"
 
 
 def parse_exhaustive(text: str) -> dict | None:
     """``exhaustive_caption``'s text back to its facts (``scene_facts``' form), None if it is not one."""
 
     def obj(size, colour, shape, phrase=None) -> dict:
-        o = {"size": size, "colour": colour, "shape": shape}
+        o = {"size": size} if size else {}
+        o |= {"colour": colour, "shape": shape}
         return o | ({"position": _PHRASE_POSITION[phrase]} if phrase else {})
 
     if m := re.fullmatch(f"one {_OBJ}(?: {_POS})?", text):
@@ -187,9 +216,9 @@ def parse_caption(text: str) -> dict | None:
     """A terse caption (``shapes.caption``'s templates) back to the prompt's attributes, None if it
     is not one. "A and B" reads as ``colour_binding`` (each shape in its colour), the stricter of
     the two prompt sets that share the template."""
-    if m := re.fullmatch(f"an? {_OBJ} {_POS}", text):
+    if m := re.fullmatch(f"an? {_SIZED} {_POS}", text):
         size, colour, shape, phrase = m.groups()
-    elif m := re.fullmatch(f"{_POS}, an? {_OBJ}", text):
+    elif m := re.fullmatch(f"{_POS}, an? {_SIZED}", text):
         phrase, size, colour, shape = m.groups()
     else:
         phrase = None
@@ -294,23 +323,30 @@ class Recaptioner:
 
     The scene's objects are replayed from the sample's key with the data's ``seed`` and ``version``;
     a sample whose replayed attributes differ from its ``.json`` (shards written otherwise) is
-    described from its attributes alone (``scene_facts``)."""
+    described from its attributes alone (``scene_facts``). The held-out single objects of the
+    version (both parts) are withheld: an object of a two-object or count scene that is one of
+    them is named without its size, so the training captions name no held-out combination."""
 
     def __init__(
-        self, captions: str = "terse", exhaustive_fraction: float = 0.95, seed: int = 0, version: int = 2
+        self,
+        captions: str = "terse",
+        exhaustive_fraction: float = 0.95,
+        seed: int = 0,
+        version: int = DATA_VERSION,
     ):
         if captions not in ("terse", "exhaustive", "mix"):
             raise ValueError(f"unknown caption mode {captions!r}; choose terse, exhaustive or mix")
         if not 0.0 <= exhaustive_fraction <= 1.0:
             raise ValueError(f"exhaustive_fraction must lie in [0, 1], got {exhaustive_fraction}")
         self.captions, self.fraction, self.seed, self.version = captions, exhaustive_fraction, seed, version
+        self.withhold = frozenset().union(*heldout_units(version)["single"].values())
 
     def describe(self, key: str, meta: dict) -> str:
         try:
             attrs, objects = replay_scene(key, self.seed, self.version)
         except ValueError:
             attrs, objects = meta, None
-        return exhaustive_caption(meta, objects if attrs == meta else None)
+        return exhaustive_caption(meta, objects if attrs == meta else None, self.withhold)
 
     def __call__(self, key: str, meta: dict, caption: str, rng: random.Random) -> str:
         if self.captions == "terse" or not meta:

@@ -35,10 +35,13 @@ class ShapesDataModule(TextImageDataModule):
             captions, ``exhaustive`` the scene's ``recaption.exhaustive_caption`` (every object's
             count, size, colour, shape, position and relation), ``mix`` the exhaustive one with
             probability ``exhaustive_fraction`` and the shard's otherwise (DALL-E 3 trained on 95%
-            descriptive captions). The choice is made when a sample is loaded, not when shards are
-            written: the shards, their manifest and the data version stay the same whatever the
-            mode (a checkpoint's data is the same data), the default stream is the one it was,
-            and the fraction can change between runs without rendering anything again.
+            descriptive captions). An object that is a held-out single object is named without its
+            size (``recaption.Recaptioner``), so no training caption names a held-out combination.
+            The choice is made when a sample is loaded, not when shards are written: the shards,
+            their manifest and the data version stay the same whatever the mode (a checkpoint's
+            data is the same data), the default stream is the one it was, and the fraction can
+            change between runs without rendering anything again. Validation samples follow the
+            same mode.
         exhaustive_fraction: the share of exhaustive captions under ``captions: mix``.
         **kwargs: the TextImageDataModule arguments (batch size, workers, epoch length, ...).
     """

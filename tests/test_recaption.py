@@ -85,6 +85,29 @@ def test_exhaustive_captions_state_what_the_scorer_reads_in_the_render_and_nothi
     assert kinds == {"single", "relation", "count", "two_objects", "colour_binding"}
 
 
+def test_training_captions_name_no_held_out_single_object():
+    policy = R.Recaptioner("exhaustive")
+    held = frozenset().union(*S.heldout_units()["single"].values())
+    assert policy.withhold == held
+    withheld = 0
+    for i in range(600):
+        key = f"train{i:08d}"
+        attrs, objects = R.replay_scene(key, 0, S.DATA_VERSION)
+        facts = R.parse_exhaustive(policy.describe(key, attrs))
+        named = [(o["colour"], o["shape"], o.get("size"), o.get("position")) for o in facts["objects"]]
+        assert not set(named) & held, named
+        full = R.scene_facts(attrs, objects)
+        if (
+            facts != full
+        ):  # only sizes are withheld, and only where the full caption would name a held-out object
+            withheld += 1
+            assert any((o["colour"], o["shape"], o["size"], o["position"]) in held for o in full["objects"])
+            assert [{k: v for k, v in o.items() if k != "size"} for o in full["objects"]] == [
+                {k: v for k, v in o.items() if k != "size"} for o in facts["objects"]
+            ]
+    assert withheld > 0  # the rule is needed: relation and count scenes hold such objects
+
+
 def test_terse_captions_read_back_into_their_attributes():
     for attrs, _ in _scenes(300, seed=1):
         for text in S.caption(attrs):
@@ -232,15 +255,16 @@ def test_the_datamodule_recaptions_at_load_time_and_by_default_not_at_all(tmp_pa
         assert t["caption"] in S.caption(t["meta"])
     plain = _stream_samples(ShapesDataModule(**common, captions="terse", exhaustive_fraction=0.1), 60)
     assert [s["caption"] for s in plain] == [s["caption"] for s in terse]
+    held = frozenset().union(*S.heldout_units()["single"].values())
     mixed = _stream_samples(ShapesDataModule(**common, captions="mix", exhaustive_fraction=0.5), 200)
     full = _stream_samples(ShapesDataModule(**common, captions="exhaustive"), 60)
     for s in mixed + full:
         attrs, objects = R.replay_scene(s["key"], 0, S.DATA_VERSION)
         assert attrs == s["meta"]
-        assert s["caption"] in (*S.caption(s["meta"]), R.exhaustive_caption(attrs, objects))
+        assert s["caption"] in (*S.caption(s["meta"]), R.exhaustive_caption(attrs, objects, held))
     n_exhaustive = sum(s["caption"] not in S.caption(s["meta"]) for s in mixed)
     assert 100 - 4 * 7.1 < n_exhaustive < 100 + 4 * 7.1
-    assert all(s["caption"] == R.exhaustive_caption(*R.replay_scene(s["key"], 0, 2)) for s in full)
+    assert all(s["caption"] == R.exhaustive_caption(*R.replay_scene(s["key"], 0, 2), held) for s in full)
     after = sorted(p.read_bytes() for p in (tmp_path / "d").rglob("*") if p.is_file())
     assert after == before  # the same shards, manifest and all, for every mode
     with pytest.raises(ValueError, match="caption mode"):
