@@ -196,6 +196,30 @@ def _full(t: int, x: Tensor) -> Tensor:
     return torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
 
 
+def step_grid(schedule: NoiseSchedule, steps: int) -> list[tuple[int, int, float, float]]:
+    """``(t, prev, abar_t, abar_prev)`` of every step of a ``steps``-step trailing grid; ``prev = -1``
+    (the clean image, ``abar = 1``) after the last."""
+    host = _HostSchedule(schedule, steps)
+    return [(t, prev, host.abar(t), host.abar(prev)) for t, prev in host.steps()]
+
+
+def ddim_step(x0: Tensor, eps: Tensor, abar_t: float, abar_prev: float, eta: float) -> tuple[Tensor, float]:
+    """One DDIM step from ``x_t`` as a Gaussian: ``x_prev ~ N(mean, sigma^2 I)``; returns
+    ``(mean, sigma)``. ``sigma`` is ``eta`` times DDPM's posterior standard deviation, 0 at the last
+    step (``abar_prev = 1``) whatever ``eta``: that step is deterministic."""
+    sigma = eta * ((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)) ** 0.5
+    mean = abar_prev**0.5 * x0 + max(1 - abar_prev - sigma**2, 0.0) ** 0.5 * eps
+    return mean, sigma
+
+
+def ddim_log_prob(x_prev: Tensor, mean: Tensor, sigma: float) -> Tensor:
+    """Log-density of the step taken, ``log N(x_prev; mean, sigma^2 I)`` (b,), averaged over the
+    elements of a sample rather than summed (DDPO's convention), so that a policy ratio does not
+    scale with the image size. Needs ``sigma > 0``."""
+    log_density = -((x_prev - mean) ** 2) / (2 * sigma**2) - math.log(sigma) - 0.5 * math.log(2 * math.pi)
+    return log_density.flatten(1).mean(1)
+
+
 @torch.no_grad()
 def sample_ddpm(
     denoise: DenoiseFn, schedule: NoiseSchedule, noise: Tensor, steps: int | None = None, generator=None, **_
@@ -228,13 +252,10 @@ def sample_ddim(
     **_,
 ) -> Tensor:
     """DDIM (Song et al. 2021); ``eta = 0`` is deterministic, ``eta = 1`` is DDPM-like."""
-    host = _HostSchedule(schedule, steps)
     x = noise
-    for t, prev in host.steps():
+    for t, _, abar_t, abar_prev in step_grid(schedule, steps):
         x0, eps = denoise(x, _full(t, x))
-        abar_t, abar_prev = host.abar(t), host.abar(prev)
-        sigma = eta * ((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)) ** 0.5
-        x = abar_prev**0.5 * x0 + max(1 - abar_prev - sigma**2, 0.0) ** 0.5 * eps
+        x, sigma = ddim_step(x0, eps, abar_t, abar_prev, eta)
         if eta > 0:
             x = x + sigma * _randn(x, generator)
     return x
