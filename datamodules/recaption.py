@@ -41,6 +41,7 @@ from .shapes import (
     objects_for,
     sample_attrs,
 )
+from .shards import SampleError
 
 LARGE_ABOVE = 0.35  # the scorer's size threshold (extent as a fraction of the image side)
 # Where the renderer puts two objects (``_objects_relation``): the middles of its draws of the
@@ -354,3 +355,22 @@ class Recaptioner:
         if self.captions == "mix" and rng.random() >= self.fraction:
             return caption
         return self.describe(key, meta)
+
+
+class SceneLayouts:
+    """The layout of a shapes sample: ``{"layout": true_boxes(objects)}``, its objects replayed from
+    the sample's key with the data's ``seed`` and ``version`` (a ``ShardStream.annotate`` hook). A
+    sample whose replayed attributes differ from its ``.json`` (shards written otherwise), or whose
+    key is not a shapes key, is skipped and counted as ``no_layout``: a wrong layout is worse than none."""
+
+    def __init__(self, seed: int = 0, version: int = DATA_VERSION):
+        self.seed, self.version = seed, version
+
+    def __call__(self, key: str, meta: dict) -> dict:
+        try:
+            attrs, objects = replay_scene(key, self.seed, self.version)
+        except ValueError:
+            raise SampleError("no_layout") from None
+        if attrs != meta:
+            raise SampleError("no_layout")
+        return {"layout": true_boxes(objects)}

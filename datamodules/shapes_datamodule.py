@@ -8,7 +8,7 @@ from typing import Literal
 from lightning.pytorch.utilities import rank_zero_info
 
 from .prepare import read_manifest
-from .recaption import Recaptioner
+from .recaption import Recaptioner, SceneLayouts
 from .shapes import DATA_VERSION, heldout_prompts, vocabulary, write_shapes_shards
 from .text_image import TextImageDataModule
 
@@ -43,6 +43,11 @@ class ShapesDataModule(TextImageDataModule):
             change between runs without rendering anything again. Validation samples follow the
             same mode.
         exhaustive_fraction: the share of exhaustive captions under ``captions: mix``.
+        layouts: give every batch the scenes' true layouts (``recaption.true_boxes`` of the replayed
+            objects): ``boxes`` (b, m, 4) in [0, 1], ``box_phrases`` and ``box_mask`` (b, m), padded
+            to the batch's largest number of objects; for a layout-conditioned method. Made at
+            load time like the captions (the shards stay the same); off by default. The boxes
+            belong to the uncropped, unflipped image: ``crop: random`` and ``hflip`` are refused.
         **kwargs: the TextImageDataModule arguments (batch size, workers, epoch length, ...).
     """
 
@@ -60,10 +65,18 @@ class ShapesDataModule(TextImageDataModule):
         version: int = DATA_VERSION,
         captions: Literal["terse", "exhaustive", "mix"] = "terse",
         exhaustive_fraction: float = 0.95,
+        layouts: bool = False,
         **kwargs,
     ):
         vocabulary(version)  # an unknown version fails before any work
         recaptioner = Recaptioner(captions, exhaustive_fraction, data_seed, version)  # a bad mode fails here
+        if not isinstance(layouts, bool):
+            raise ValueError(f"data.init_args.layouts is true or false, got {layouts!r}")
+        if layouts and (kwargs.get("crop", "center") != "center" or kwargs.get("hflip", False)):
+            raise ValueError(
+                "data.init_args.layouts gives the boxes of the whole, unflipped image: set crop: center and "
+                "hflip: false, or layouts: false"
+            )
         super().__init__(
             train_shards=os.path.join(root, "train"),
             val_shards=os.path.join(root, "val"),
@@ -73,6 +86,7 @@ class ShapesDataModule(TextImageDataModule):
         )
         self.root, self.resolution, self.prepare_timeout, self.version = root, resolution, prepare_timeout, version
         self.recaptioner = recaptioner
+        self.layouts = SceneLayouts(data_seed, version) if layouts else None
         self.num_train, self.num_val, self.data_seed, self.shard_size = (
             num_train,
             num_val,
@@ -107,6 +121,10 @@ class ShapesDataModule(TextImageDataModule):
             for stream in (getattr(self, "train_stream", None), getattr(self, "val_stream", None)):
                 if stream is not None:
                     stream.recaption = self.recaptioner
+        if self.layouts is not None:
+            for stream in (getattr(self, "train_stream", None), getattr(self, "val_stream", None)):
+                if stream is not None:
+                    stream.annotate = self.layouts
 
     def check_sources(self, stage: str = "fit") -> None:
         """Nothing to check: the shards are rendered by ``prepare_data`` when they are missing."""

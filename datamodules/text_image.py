@@ -1,7 +1,9 @@
 """The text-image datamodule shared by every method.
 
 Batches are dicts: ``image`` (b, 3, h, w) float in [-1, 1], ``caption`` list[str],
-``key`` list[str], ``meta`` list[dict].
+``key`` list[str], ``meta`` list[dict]; with layouts (``ShardStream.annotate`` giving samples a
+``layout``), also ``boxes`` (b, m, 4), ``box_phrases`` (b lists of m str) and ``box_mask`` (b, m)
+bool, padded to the batch's largest number of objects ``m`` (``pad_layouts``).
 
 Training reads an endless stream: the shard list is split explicitly by rank and by
 worker, each worker reshuffles its shards every pass, and the loader hands out exactly
@@ -107,6 +109,9 @@ class ShardStream(IterableDataset):
         # (key, meta, caption, rng) -> the caption to train on, set by a datamodule that rewrites
         # captions at load time (the shapes set's exhaustive captions); None keeps the shard's
         self.recaption = None
+        # (key, meta) -> extra sample fields (the shapes set's ``layout``), set by a datamodule that
+        # annotates samples at load time; it may raise ``SampleError`` to skip and count a sample
+        self.annotate = None
 
     def _worker(self) -> tuple[int, int]:
         info = get_worker_info()
@@ -132,13 +137,14 @@ class ShardStream(IterableDataset):
             embed = (
                 decode_embedding(members.get(CLIP_MEMBER), self.clip_embed_dim) if self.clip_embed_dim else None
             )
+            extra = self.annotate(key, meta) if self.annotate is not None else {}
         except SampleError as err:
             skips.add(err.reason)
             return None
         caption = rng.choice(captions) if self.mode == "train" else captions[0]
         if self.recaption is not None:
             caption = self.recaption(key, meta, caption, rng)
-        sample = {"image": self.transform(image, rng), "caption": caption, "key": key, "meta": meta}
+        sample = {"image": self.transform(image, rng), "caption": caption, "key": key, "meta": meta, **extra}
         if tokens is not None:
             sample["tokens"] = tokens
         if embed is not None:
@@ -271,6 +277,22 @@ def _ignore_ctrl_c(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+def pad_layouts(layouts: list[list[tuple[str, tuple[float, float, float, float]]]]):
+    """One ``[(phrase, (x0, y0, x1, y1)), ...]`` per sample -> boxes (b, m, 4) float, phrases
+    (b lists of m str, "" where padded) and a mask (b, m) bool of the real objects, ``m`` the
+    largest number of objects."""
+    m = max((len(layout) for layout in layouts), default=0)
+    boxes = torch.zeros(len(layouts), m, 4)
+    mask = torch.zeros(len(layouts), m, dtype=torch.bool)
+    phrases = []
+    for i, layout in enumerate(layouts):
+        phrases.append([phrase for phrase, _ in layout] + [""] * (m - len(layout)))
+        if layout:
+            boxes[i, : len(layout)] = torch.tensor([list(box) for _, box in layout], dtype=torch.float32)
+            mask[i, : len(layout)] = True
+    return boxes, phrases, mask
+
+
 def collate(samples: list[dict]) -> dict:
     batch = {
         "image": torch.stack([s["image"] for s in samples]),
@@ -282,6 +304,8 @@ def collate(samples: list[dict]) -> dict:
         batch["tokens"] = torch.stack([s["tokens"] for s in samples])
     if "clip_image_embed" in samples[0]:
         batch["clip_image_embed"] = torch.stack([s["clip_image_embed"] for s in samples])
+    if "layout" in samples[0]:
+        batch["boxes"], batch["box_phrases"], batch["box_mask"] = pad_layouts([s["layout"] for s in samples])
     if SKIPS_KEY in samples[-1]:
         batch[SKIPS_KEY] = samples[-1][SKIPS_KEY]
     return batch

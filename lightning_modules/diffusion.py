@@ -1,5 +1,6 @@
 """Text-conditional diffusion: DDPM training with classifier-free guidance, EMA, fast samplers,
-Imagen-style frozen text encoders, and a super-resolution stage for cascades."""
+Imagen-style frozen text encoders, optional layout conditioning (GLIGEN's boxes and phrases), and
+a super-resolution stage for cascades."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from datamodules.text_image import pad_layouts
 from networks.diffusion import (
     SAMPLERS,
     NoiseSchedule,
@@ -79,6 +81,17 @@ class TextToImageDiffusion(FrozenAutoencoderUser, TextToImageModule):
         latent_scale: the latents' scale factor; None estimates it on the first training batch.
         latent_sample: train on draws from a KL autoencoder's posterior instead of its mean
             (CompVis's latent diffusion); validation encodes the mean.
+        layout_drop_prob: with a layout-conditioned denoiser (``UNet(layout=...)``), the
+            probability of training a sample without its layout (so that ``generate`` without one
+            still works); a sample whose caption is dropped loses its layout too, so guidance's
+            unconditional branch (no caption, no layout) is trained at ``cond_drop_prob``.
+
+    Layouts: a layout-conditioned denoiser needs batches with ``boxes`` (b, m, 4) in [0, 1],
+    ``box_phrases`` (b lists of m phrases, "" where padded) and ``box_mask`` (b, m) bool
+    (``ShapesDataModule(layouts=True)``); each phrase becomes the pooled output of the model's own
+    text encoder. ``generate(prompts, layout=...)`` takes one ``[(phrase, box), ...]`` per prompt,
+    or ``"plan"`` (``recaption.plan_layout`` of each shapes caption); without it the model samples
+    from the caption alone, as a layout-free model does.
     """
 
     def __init__(
@@ -104,9 +117,13 @@ class TextToImageDiffusion(FrozenAutoencoderUser, TextToImageModule):
         autoencoder: str | None = None,
         latent_scale: float | None = None,
         latent_sample: bool = False,
+        layout_drop_prob: float = 0.1,
     ):
         super().__init__()
         self.save_hyperparameters()
+        if not 0.0 <= layout_drop_prob <= 1.0:
+            raise ConfigError(f"model.init_args.layout_drop_prob must lie in [0, 1], got {layout_drop_prob}")
+        self.layout, self.layout_drop_prob = getattr(denoiser, "layout", None), layout_drop_prob
         # the well-conditioned pair of each space unless chosen (a checkpoint keeps None and
         # resolves it the same way): v on a zero-terminal-SNR cosine schedule for pixels, eps on
         # the scaled-linear schedule for latents
@@ -262,10 +279,43 @@ class TextToImageDiffusion(FrozenAutoencoderUser, TextToImageModule):
         text = self.encode(captions, ema=use_ema)
         x_t = self.schedule.add_noise(x0, noise, t)
         denoiser = self.ema_denoiser if use_ema else self.denoiser
-        output = denoiser(x_t, t, text, **self.conditioning(batch))
+        cond = self.conditioning(batch)
+        if self.layout is not None:
+            cond |= self.batch_layout(batch, drop, cond_drop_prob, use_ema)
+        output = denoiser(x_t, t, text, **cond)
         target = self.schedule.target(self.prediction, x0, noise, t)
         per_sample = (output.float() - target.float()).pow(2).flatten(1).mean(1)
         return (per_sample * self.schedule.loss_weight(self.prediction, t, self.min_snr_gamma)).mean()
+
+    def layout_inputs(self, boxes: Tensor, phrases: list[list[str]], mask: Tensor, ema: bool = False) -> dict:
+        """The denoiser's layout inputs: boxes (b, m, 4), each phrase's pooled text embedding
+        (b, m, d) and the mask (b, m) of real objects."""
+        b, m = mask.shape
+        flat = [p for row in phrases for p in row] if m else []
+        embeds = (
+            self.encode(flat, ema=ema).pooled.reshape(b, m, -1)
+            if flat
+            else boxes.new_zeros(b, m, self.text_encoder.dim)
+        )
+        return {"boxes": boxes.to(self.device, torch.float32), "box_embeds": embeds,
+                "box_mask": mask.to(self.device, torch.bool)}  # fmt: skip
+
+    def batch_layout(
+        self, batch: dict, caption_drop: list[bool], cond_drop_prob: float | None, ema: bool
+    ) -> dict:
+        """A training batch's layout inputs, each sample's layout dropped with its caption and
+        otherwise with ``layout_drop_prob`` (none dropped when ``cond_drop_prob`` is 0, as in
+        validation)."""
+        if "boxes" not in batch:
+            raise ConfigError(
+                f"the denoiser is layout-conditioned (layout: {self.layout}) and the batch has no boxes: "
+                "set data.init_args.layouts true (ShapesDataModule), or the denoiser's layout null"
+            )
+        p = 0.0 if cond_drop_prob == 0 else self.layout_drop_prob
+        # from the global RNG, as training_draws
+        drop = torch.tensor(caption_drop) | (torch.rand(len(caption_drop)) < p)
+        mask = batch["box_mask"].bool() & ~drop.to(batch["box_mask"].device)[:, None]
+        return self.layout_inputs(batch["boxes"], batch["box_phrases"], mask, ema)
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         loss = self.loss(batch)
@@ -311,9 +361,35 @@ class TextToImageDiffusion(FrozenAutoencoderUser, TextToImageModule):
         return {}
 
     def unconditional(self, cond: dict) -> dict:
-        """The extra denoiser inputs of guidance's unconditional branch (the same here; the unCLIP
-        decoder drops its image embedding)."""
+        """The extra denoiser inputs of guidance's unconditional branch: the same, without the
+        layout (the unCLIP decoder drops its image embedding)."""
+        if "box_mask" in cond:
+            return {**cond, "box_mask": torch.zeros_like(cond["box_mask"])}
         return cond
+
+    def generation_layout(self, prompts: list[str], layout, ema: bool) -> dict:
+        """``generate``'s ``layout`` (None, ``"plan"`` or one ``[(phrase, box), ...]`` per prompt)
+        -> the denoiser's layout inputs (none for None)."""
+        if layout is None:
+            return {}
+        if self.layout is None:
+            raise ValueError(
+                "generate(layout=...) needs a layout-conditioned denoiser (UNet layout: tokens or gated)"
+            )
+        if isinstance(layout, str):
+            if layout != "plan":
+                raise ValueError(
+                    f"generate's layout is None, 'plan' or one [(phrase, box), ...] per prompt, got {layout!r}"
+                )
+            from datamodules.recaption import plan_layout  # the shapes planner, only when asked for
+
+            layout = [plan_layout(p) for p in prompts]
+        if len(layout) != len(prompts):
+            raise ValueError(
+                f"generate's layout has {len(layout)} entries for {len(prompts)} prompts: give one per prompt"
+            )
+        boxes, phrases, mask = pad_layouts(layout)
+        return self.layout_inputs(boxes, phrases, mask, ema)
 
     def denoise_fn(
         self, prompts: list[str], guidance_scale: float, threshold: float | None, use_ema: bool, cond: dict,
@@ -357,6 +433,7 @@ class TextToImageDiffusion(FrozenAutoencoderUser, TextToImageModule):
         dynamic_threshold: float | None = None,
         clip_denoised: bool | None = None,
         use_ema: bool = True,
+        layout: list | str | None = None,
         **unknown,
     ) -> Tensor:
         """Sample images for ``prompts``: (b, 3, image_size, image_size) in [-1, 1].
@@ -365,8 +442,12 @@ class TextToImageDiffusion(FrozenAutoencoderUser, TextToImageModule):
         initial noise and every sampler's noise, so the same seed gives the same images. Options
         of subclasses (a super-resolution stage's ``low_res``) arrive in ``unknown`` and become
         extra denoiser inputs through :meth:`denoiser_inputs`; anything else is a TypeError.
+        ``layout`` (a layout-conditioned denoiser): one ``[(phrase, (x0, y0, x1, y1)), ...]`` per
+        prompt, boxes in [0, 1], or ``"plan"`` for ``recaption.plan_layout`` of each caption;
+        guidance's unconditional branch has no layout.
         """
         cond = self.denoiser_inputs(len(prompts), seed, unknown)
+        cond |= self.generation_layout(list(prompts), layout, use_ema)
         d = self.sampling_defaults
         sampler = sampler or d["sampler"]
         if sampler not in SAMPLERS:
