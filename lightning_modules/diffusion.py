@@ -295,7 +295,7 @@ class TextToImageDiffusion(FrozenAutoencoderUser, TextToImageModule):
         embeds = (
             self.encode(flat, ema=ema).pooled.reshape(b, m, -1)
             if flat
-            else boxes.new_zeros(b, m, self.text_encoder.dim)
+            else torch.zeros(b, m, self.text_encoder.dim, device=self.device)
         )
         return {"boxes": boxes.to(self.device, torch.float32), "box_embeds": embeds,
                 "box_mask": mask.to(self.device, torch.bool)}  # fmt: skip

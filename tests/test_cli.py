@@ -153,6 +153,7 @@ SLOW = pytest.mark.slow  # the 16 px StackGAN config runs by default (the main j
 
 @pytest.mark.parametrize("config", [pytest.param("diffusion/shapes.yaml", marks=SLOW),  # the main job runs in test_first_hour
                                     pytest.param("diffusion/shapes32.yaml", marks=SLOW),
+                                    pytest.param("diffusion/layout_shapes32.yaml", marks=SLOW),
                                     pytest.param("diffusion/shapes_sr.yaml", marks=SLOW),
                                     pytest.param("diffusion/shards_gpu.yaml", marks=SLOW),
                                     pytest.param("diffusion/shards_gpu_sr256.yaml", marks=SLOW), "gan/stackgan1_shapes.yaml",
