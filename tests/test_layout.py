@@ -235,3 +235,23 @@ def test_a_trained_model_draws_its_object_where_the_box_is():
     assert torch.all(dist.diagonal() < 0.5 * torch.dist(images[0], images[1])), (
         dist
     )  # near its own target only
+
+
+def test_a_layout_model_trains_in_the_trainer_and_its_checkpoint_round_trips(tmp_path):
+    model = tiny("gated", perturb=False, ema_decay=0.5)
+    batch = {**_batch([LAYOUT_A, LAYOUT_B[:1]]), "key": ["a", "b"], "meta": [{}, {}]}
+    trainer = Trainer(max_steps=2, logger=False, enable_progress_bar=False, enable_checkpointing=False,
+                      default_root_dir=tmp_path, accelerator="cpu")  # fmt: skip
+    trainer.fit(model, train_dataloaders=DataLoader([batch] * 2, batch_size=None))
+    gates = [p for n, p in model.denoiser.named_parameters() if n.endswith("gate")]
+    assert gates and all(g != 0 for g in gates)  # the gates opened: they learn from the first step
+    path = os.path.join(tmp_path, "layout.ckpt")
+    trainer.save_checkpoint(path)
+    loaded = TextToImageDiffusion.load_from_checkpoint(path, weights_only=False).eval()
+    assert loaded.layout == "gated"
+    model.eval()
+    for layout in ([LAYOUT_A], None):
+        assert torch.equal(
+            model.generate(["two objects"], seed=2, steps=3, layout=layout),
+            loaded.generate(["two objects"], seed=2, steps=3, layout=layout),
+        )
