@@ -79,6 +79,11 @@ def test_accuracy_claims_follow_the_floors():
     assert verdict(claims, "text mismatch") == "supported"
     mismatch = next(c for c in claims if c.claim.startswith("text mismatch"))
     assert "('latent diffusion', 'two_objects')" in mismatch.result
+    t = table()  # two diffusion rows clearing one set each: no row is accurate on two
+    for r in t["rows"]:
+        if r["method"] in ("diffusion", "latent diffusion"):
+            r[f"shapes_{'two_objects' if r['method'] == 'diffusion' else 'position'}_under_floor"] = False
+    assert verdict(sc.claims(t, None, {}), "accurate on complex") == "contradicted"
 
 
 def test_vae_claims():
