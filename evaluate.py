@@ -58,6 +58,8 @@ from evaluation.harness import (
 from evaluation.lineage import judge_problems, read_checkpoint
 
 TOP_KEYS = {
+    "dataset": "the data the protocol measures: shapes (default) or openmoji",
+    "data_root": "openmoji: the folder of the methods' rendered data (its held-out designs are the prompts)",
     "output": "folder for results.md/csv/json, the plot, the grids and the W&B run",
     "seed": "protocol seed: prompts and every image's seed",
     "resolution": "images are compared at this side (a method's own size is resized to it)",

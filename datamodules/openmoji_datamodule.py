@@ -22,12 +22,14 @@ class OpenMojiDataModule(TextImageDataModule):
         shard_size: designs per shard.
         image_size: training image side; None means ``resolution``.
         prepare_timeout: seconds a process waits for another one's rendering.
+        hold_out: False puts every design, the held-out ones too, in training: for a judge CLIP
+            that must know the test names, never for a method that is judged.
         **kwargs: the TextImageDataModule arguments (batch size, workers, epoch length, ...).
     """
 
     def __init__(self, root: str = "data/openmoji64", resolution: int = 64, split_seed: int = 0,
                  shard_size: int = 1000, image_size: int | None = None, prepare_timeout: float = 3600.0,
-                 **kwargs):  # fmt: skip
+                 hold_out: bool = True, **kwargs):  # fmt: skip
         kwargs.setdefault("val_samples", 181)
         super().__init__(
             train_shards=os.path.join(root, "train"),
@@ -36,13 +38,13 @@ class OpenMojiDataModule(TextImageDataModule):
             **kwargs,
         )
         self.root, self.resolution, self.split_seed = root, resolution, split_seed
-        self.shard_size, self.prepare_timeout = shard_size, prepare_timeout
+        self.shard_size, self.prepare_timeout, self.hold_out = shard_size, prepare_timeout, hold_out
 
     def _render(self) -> dict:
         from .openmoji import write_openmoji_shards
 
         return write_openmoji_shards(self.root, self.resolution, self.split_seed, self.shard_size,
-                                     wait_timeout=self.prepare_timeout)  # fmt: skip
+                                     wait_timeout=self.prepare_timeout, hold_out=self.hold_out)  # fmt: skip
 
     def prepare_data(self) -> None:
         """Render the designs on first use (once, whatever the number of processes and nodes)."""
