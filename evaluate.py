@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from datamodules.shapes import DATA_VERSION, HELDOUT_PARTS, PROMPT_SETS, SCORER_VERSION
 from datamodules.shapes_datamodule import checkpoint_data_version
+from evaluation import openmoji_protocol as OM
 from evaluation import retrain
 from evaluation.harness import (
     IMAGE_SEED_RULE,
@@ -89,6 +90,9 @@ COLUMNS = [  # (key, header, format)
     ("family", "family", "{}"),
     *[(f"shapes_{s}", s, "{:.3f}") for s in PROMPT_SETS],
     ("shapes_overall", "overall", "{:.3f}"),
+    *[(f"openmoji_{s}", f"{s} (reader)", "{:.3f}") for s in OM.ANALYTIC],
+    ("openmoji_overall", "overall (reader)", "{:.3f}"),
+    *[(f"r_precision_{s}", f"R-prec. {s}", "{:.3f}") for s in OM.SETS],
     ("fid_clip", "FID (CLIP)", "{:.3f}"),
     ("kid_clip", "KID (CLIP)", "{:.4f}"),
     ("fid_inception", "FID (Inception)", "{:.2f}"),
@@ -129,7 +133,15 @@ def load_config(path: str, overrides: argparse.Namespace) -> dict:
             raise ConfigProblem(
                 f"{path}: unknown key {key!r}{_suggest(key, TOP_KEYS)}; the keys are {', '.join(TOP_KEYS)}"
             )
-    cfg.setdefault("prompt_sets", list(PROMPT_SETS))
+    cfg.setdefault("dataset", "shapes")
+    if cfg["dataset"] not in ("shapes", "openmoji"):
+        raise ConfigProblem(f"{path}: dataset {cfg['dataset']!r}: choose shapes or openmoji")
+    if cfg["dataset"] == "openmoji":
+        if not cfg.get("data_root"):
+            raise ConfigProblem(f"{path}: dataset openmoji needs data_root, the folder of the methods' OpenMoji data")
+        if "data_version" in cfg:
+            raise ConfigProblem(f"{path}: data_version is the shapes data's; OpenMoji's prompts come from data_root")
+    cfg.setdefault("prompt_sets", list(PROMPT_SETS) if cfg["dataset"] == "shapes" else list(OM.SETS))
     cfg.setdefault("prompts_per_set", None)
     cfg.setdefault("seeds", 4)
     cfg.setdefault("num_samples", None)
@@ -209,7 +221,8 @@ def protocol_of(cfg: dict) -> Protocol:
                         data_version=int(cfg["data_version"]), part=str(cfg["part"]),
                         seed=int(cfg["seed"]), resolution=int(cfg["resolution"]), batch_size=int(cfg["batch_size"]),
                         distractors=int(rp.get("distractors", 99)), fid_bootstrap=int(fid.get("bootstrap", 50)),
-                        fid_infinity=bool(fid.get("infinity", False)))  # fmt: skip
+                        fid_infinity=bool(fid.get("infinity", False)), dataset=cfg.get("dataset", "shapes"),
+                        data_root=cfg.get("data_root"))  # fmt: skip
     if cfg.get("num_samples") is not None:
         largest = max(len(v) for v in prompts_for(protocol).values())
         protocol.seeds = max(1, -(-int(cfg["num_samples"]) // largest))
@@ -392,6 +405,33 @@ def data_version_problems(cfg: dict) -> list[str]:
     return errors
 
 
+def openmoji_data_problems(cfg: dict) -> list[str]:
+    """On OpenMoji, every method's checkpoint must come from a run on the protocol's data (its
+    held-out designs are the prompts) with the designs held out; a run whose config says
+    otherwise is refused by name. A checkpoint without its run's config.yaml cannot tell and passes."""
+    if cfg.get("dataset") != "openmoji":
+        return []
+    errors, root = [], os.path.realpath(cfg["data_root"])
+    for spec in cfg["methods"]:
+        for path in _checkpoints_of(spec):
+            run = _run_config(path) if os.path.isfile(path) else None
+            data = (run or {}).get("data")
+            if not isinstance(data, dict):
+                continue
+            args = data.get("init_args") or {}
+            who = f"methods[{spec['name']}]: {path}"
+            if not str(data.get("class_path", "")).endswith("OpenMojiDataModule"):
+                errors.append(f"{who} was trained on {data.get('class_path')}, not on the OpenMoji data this protocol "
+                              f"measures: train it with --data configs/data/openmoji32.yaml")  # fmt: skip
+            elif args.get("hold_out") is False:
+                errors.append(f"{who} was trained with hold_out: false, so on the held-out designs this table "
+                              "reports: that data is for a judge, never for a method")  # fmt: skip
+            elif os.path.realpath(str(args.get("root", ""))) != root:
+                errors.append(f"{who} was trained on {args.get('root')!r}, and this protocol's prompts are the held-out "
+                              f"designs of {cfg['data_root']!r}: set data_root to the run's data, or retrain on it")  # fmt: skip
+    return errors
+
+
 def judge_note(spec: dict) -> str | None:
     """The config's own note for a method."""
     return spec.get("note") or None
@@ -434,6 +474,13 @@ FLOOR_NOTE = (
     "(the highest of its words): that cell cannot show that the method reads every word the set checks."
 )
 
+OPENMOJI_FLOOR_NOTE = (
+    "Floors: the reader's rate for a stand-in that draws the prompt's design in a random variant (every "
+    "skin tone, or every colour of the object, equally likely), computed exactly from the renders of every "
+    "variant. † marks a cell whose 95% interval does not clear its set's floor: that cell cannot show that "
+    "the method reads the tone or colour word."
+)
+
 
 def paired_table(differences: dict[str, dict], sets: list[str]) -> str:
     """``a - b`` per set and overall, with the 95% interval of the difference; ``*`` where the
@@ -449,13 +496,20 @@ def paired_table(differences: dict[str, dict], sets: list[str]) -> str:
     return "\n".join(lines)
 
 
-def floors_table(set_floors: dict[str, dict[str, float]]) -> str:
+def analytic_sets(protocol: Protocol) -> list[str]:
+    """The sets whose images something other than a learned model reads."""
+    return [s for s in protocol.prompt_sets if protocol.dataset == "shapes" or s in OM.ANALYTIC]
+
+
+def floors_table(set_floors: dict[str, dict[str, float]], dataset: str = "shapes") -> str:
+    if not set_floors:
+        return ""
     words = list(dict.fromkeys(w for rates in set_floors.values() for w in rates if w != "floor"))
     lines = ["| set | " + " | ".join(f"ignores {w}" for w in words) + " | floor |", "|" + "---|" * (len(words) + 2)]
     for name, rates in set_floors.items():
         cells = [f"{rates[w]:.3f}" if w in rates else "" for w in words]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | **{rates['floor']:.3f}** |")
-    return FLOOR_NOTE + "\n\n" + "\n".join(lines)
+    return (FLOOR_NOTE if dataset == "shapes" else OPENMOJI_FLOOR_NOTE) + "\n\n" + "\n".join(lines)
 
 
 def package_versions() -> dict:
@@ -611,7 +665,8 @@ def main(argv: list[str] | None = None) -> int:
             lpips = PerceptualLoss(cfg["lpips"], option="lpips")
         errors, notes = sample_problems(protocol, extractors)
         judge_errors, judge_notes = judge_problems(cfg)
-        errors = errors + judge_errors + selection_problems(cfg) + data_version_problems(cfg)
+        errors = errors + judge_errors + selection_problems(cfg)
+        errors += data_version_problems(cfg) if cfg["dataset"] == "shapes" else openmoji_data_problems(cfg)
         notes = notes + judge_notes
         if errors:
             raise ConfigProblem("; ".join(errors))
@@ -679,9 +734,9 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
     bar.close()
     all_rows = [*rows, reference, chance_row]
-    mark_floors(all_rows, set_floors)
+    mark_floors(all_rows, set_floors, protocol.prefix)
     differences = {f"{a} - {b}": paired(hits[a], hits[b], protocol.seed) for a, b in cfg["paired"]
-                   if a in hits and b in hits}  # fmt: skip
+                   if hits.get(a) and hits.get(b)}  # fmt: skip
     for a, b in cfg["paired"]:  # and the judge's diversity, per prompt, on the same prompts and seeds
         if f"{a} - {b}" in differences and a in spread and b in spread:
             differences[f"{a} - {b}"]["diversity (CLIP)"] = paired_diversity(spread[a], spread[b], protocol.seed)
@@ -691,9 +746,9 @@ def main(argv: list[str] | None = None) -> int:
     write_files(out, cfg, protocol, command, all_rows, details, clip is not None, machine(args.device), set_floors,
                 differences)  # fmt: skip
     mode = log_wandb(cfg, all_rows, plot, grids, out)
-    print(markdown_table(all_rows) + "\n\n" + floors_table(set_floors))
+    print(markdown_table(all_rows) + "\n\n" + floors_table(set_floors, protocol.dataset))
     if differences:
-        print("\n" + paired_table(differences, protocol.prompt_sets))
+        print("\n" + paired_table(differences, analytic_sets(protocol)))
     print(
         f"\nwritten to {out}/ (results.md, results.csv, results.json, quality_vs_speed.png, grid_*.png"
         + (f", W&B {mode} run)" if mode else ")")
@@ -726,19 +781,29 @@ def write_files(out: str, cfg: dict, protocol: Protocol, command: str, rows: lis
               "time": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(record, f, indent=1, default=str)
+    openmoji = protocol.dataset == "openmoji"
     lines = [
-        "# Comparison on the shapes prompt sets",
+        f"# Comparison on the {protocol.dataset} prompt sets",
         "",
         f"Command: `{command}`",
         "",
+        (f"Protocol: the `{protocol.part}` part of the held-out designs of the OpenMoji data in `{protocol.data_root}` "
+         "(no training caption names them: `heldout.jsonl`); prompts per set: "
+         + ", ".join(f"{n} {len(v)}" for n, v in prompts_for(protocol).items())
+         + f"; {protocol.seeds} image(s) per prompt, each with its own seed, protocol seed {protocol.seed}, "
+         f"compared at {protocol.resolution} px, {protocol.batch_size} prompts per `generate` call." if openmoji else
         f"Protocol: the `{protocol.part}` part of the held-out prompts of shapes data version {protocol.data_version} "
         f"(no training scene contains them); prompts per set: "
         + ", ".join(f"{n} {len(v)}" for n, v in prompts_for(protocol).items())
         + f"; {protocol.seeds} image(s) per prompt, each with its own seed, protocol seed {protocol.seed}, "
-        f"compared at {protocol.resolution} px, {protocol.batch_size} prompts per `generate` call.",
+        f"compared at {protocol.resolution} px, {protocol.batch_size} prompts per `generate` call."),
         "",
+        ("The `(reader)` columns are the variant reader's rate (no learned model: each image is compared with the "
+         "renders of every skin tone or colour of its design, and the nearest names it) on the tone and colour sets; "
+         "`overall (reader)` is their mean. The gender and design sets have no analytic reading: their column is the "
+         "judge's R-precision among the names of every design in the prompt's language. " if openmoji else
         f"The shapes columns are the analytic scorer's (version {SCORER_VERSION}) all-correct rate per prompt set "
-        "(no learned model judges them: the primary columns); `overall` is their mean. "
+        "(no learned model judges them: the primary columns); `overall` is their mean. ")
         + (
             "CLIP score, R-precision and fid_clip/kid_clip use the CLIP "
             + f"`{cfg.get('clip')}`; R-precision "
@@ -747,9 +812,12 @@ def write_files(out: str, cfg: dict, protocol: Protocol, command: str, rows: lis
             if has_clip
             else ""
         )
-        + "The `real renders` row is the renderer's own images of the same prompts (the ceiling; its FID is "
-        "against a second independent draw), `chance` judges those renders against another prompt of their set. "
-        f"img/s is measured on this machine ({where}) and varies between runs; every other number is fixed by "
+        + ("The `real renders` row is each design's one drawing (the ceiling; a design has one image, so its FID "
+           "against itself is 0 by construction), `chance` judges those renders against another prompt of their set. "
+           if openmoji else
+           "The `real renders` row is the renderer's own images of the same prompts (the ceiling; its FID is "
+           "against a second independent draw), `chance` judges those renders against another prompt of their set. ")
+        + f"img/s is measured on this machine ({where}) and varies between runs; every other number is fixed by "
         "the seed. "
         + (f"FID comes with its bootstrap 95% interval over images ({protocol.fid_bootstrap} rounds): the spread "
            "of FID at this N, not an interval for FID at infinite N; it does not rank methods whose intervals "
@@ -758,7 +826,7 @@ def write_files(out: str, cfg: dict, protocol: Protocol, command: str, rows: lis
            "them; the real set stays at N, so the part of FID's bias that comes from it remains). "
            if protocol.fid_infinity else ""),
         "",
-        "Prompt sets: " + "; ".join(f"`{s}`: {PROMPT_SETS[s]}" for s in protocol.prompt_sets) + ".",
+        "Prompt sets: " + "; ".join(f"`{s}`: {(OM.SETS if openmoji else PROMPT_SETS)[s]}" for s in protocol.prompt_sets) + ".",
         "",
         f"Image seeds: {IMAGE_SEED_RULE}. Diversity: mean pairwise "
         + ("LPIPS (VGG)" if cfg.get("lpips") else "absolute pixel difference on a [0, 1] scale")
@@ -766,8 +834,8 @@ def write_files(out: str, cfg: dict, protocol: Protocol, command: str, rows: lis
         "",
         markdown_table(rows),
         "",
-        *([floors_table(set_floors), ""] if set_floors else []),
-        *([paired_table(differences, protocol.prompt_sets), ""] if differences else []),
+        *([floors_table(set_floors, protocol.dataset), ""] if set_floors else []),
+        *([paired_table(differences, analytic_sets(protocol)), ""] if differences else []),
         *(["Trained by `--train` (each run's budget as stated; the table's steps, samples seen and minutes are "
            "read from the checkpoints):", "", *retrain.budget_lines(cfg), ""] if cfg.get("train") else []),
         "Reproduce: the resolved config, the seeds, the package versions and each checkpoint's sha256 are in "

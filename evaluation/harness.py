@@ -54,7 +54,9 @@ IMAGE_SEED_RULE = "stream_seed(protocol seed, 'image', prompt set index, prompt 
 @dataclass
 class Protocol:
     """What every method is measured on: the held-out prompts of ``part`` of shapes data
-    ``data_version`` (at most ``prompts`` per set; None: all of them), ``seeds`` images each."""
+    ``data_version`` (at most ``prompts`` per set; None: all of them), ``seeds`` images each; or,
+    with ``dataset="openmoji"``, the held-out designs of the OpenMoji data in ``data_root``
+    (``evaluation/openmoji_protocol.py``)."""
 
     prompt_sets: list[str] = field(default_factory=lambda: list(PROMPT_SETS))
     prompts: int | None = None
@@ -67,8 +69,25 @@ class Protocol:
     distractors: int = 99
     fid_bootstrap: int = 50  # rounds of FID's bootstrap interval over images (0: none)
     fid_infinity: bool = False  # also FID extrapolated to infinitely many images
+    dataset: str = "shapes"  # or "openmoji"
+    data_root: str | None = None  # openmoji: the methods' data (its heldout.jsonl names the prompts)
 
     def __post_init__(self):
+        if self.dataset == "openmoji":
+            from evaluation import openmoji_protocol as OM
+
+            if not self.data_root:
+                raise ValueError("dataset openmoji needs data_root: the folder of the methods' OpenMoji data")
+            unknown = [s for s in self.prompt_sets if s not in OM.SETS]
+            if unknown:
+                raise ValueError(f"prompt_sets: unknown {unknown}; the OpenMoji sets are {', '.join(OM.SETS)}")
+            if self.part not in OM.PARTS:
+                raise ValueError(f"part {self.part!r}: choose one of {', '.join(OM.PARTS)} (report on test, tune on val)")
+            if (self.prompts is not None and self.prompts < 2) or self.seeds < 1:
+                raise ValueError("prompts must be at least 2 (or None: all) and seeds at least 1")
+            return
+        if self.dataset != "shapes":
+            raise ValueError(f"dataset {self.dataset!r}: choose shapes or openmoji")
         unknown = [s for s in self.prompt_sets if s not in PROMPT_SETS]
         if unknown:
             raise ValueError(f"prompt_sets: unknown {unknown}; the sets are {', '.join(PROMPT_SETS)}")
@@ -80,6 +99,11 @@ class Protocol:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def prefix(self) -> str:
+        """The analytic columns' prefix: ``shapes_<set>`` or ``openmoji_<set>``."""
+        return self.dataset
 
 
 def image_seed(protocol: Protocol, set_index: int, prompt: int, seed_index: int) -> int:
@@ -93,6 +117,10 @@ def prompts_for(protocol: Protocol) -> dict[str, list[tuple[str, dict]]]:
     """``{set name: [(caption, attrs), ...]}``: the held-out prompts of each set in the
     protocol's part (at most ``protocol.prompts``), in an order fixed by the protocol's seed."""
     p = protocol
+    if p.dataset == "openmoji":
+        from evaluation import openmoji_protocol as OM
+
+        return OM.prompt_sets(p.data_root, p.prompt_sets, p.part, p.prompts, p.seed)
     return {name: prompt_set(name, p.prompts, p.seed, part=p.part, version=p.data_version) for name in p.prompt_sets}
 
 
@@ -173,7 +201,12 @@ def render_real(
 ) -> dict[str, Tensor]:
     """The renderer's own images of the same prompts and seeds (``draw`` 1 gives an independent
     second set, for the real-against-real FID), for ``sets`` (default: all); ``scene`` changes
-    each prompt's scene before it is drawn (a stand-in generator, ``render_ignoring``)."""
+    each prompt's scene before it is drawn (a stand-in generator, ``render_ignoring``). OpenMoji:
+    each design's one render, the same at every seed and draw."""
+    if protocol.dataset == "openmoji":
+        from evaluation import openmoji_protocol as OM
+
+        return OM.render_real(prompts, protocol.seeds, protocol.resolution, sets)
     out = {}
     for si, (name, items) in enumerate(prompts.items()):
         if sets is not None and name not in sets:
@@ -187,6 +220,31 @@ def render_real(
                 images[p, s] = torch.from_numpy(img).permute(2, 0, 1) / 127.5 - 1
         out[name] = images
     return out
+
+
+def analytic_hits(images: dict[str, Tensor], prompts: dict[str, list[tuple[str, dict]]],
+                  protocol: Protocol) -> dict[str, np.ndarray]:
+    """The analytic verdict per image of every set that has one, ``{set: (prompts, seeds)}`` of 0/1:
+    the shapes scorer's all-correct, or OpenMoji's variant reader (its tone and colour sets)."""
+    if protocol.dataset == "openmoji":
+        from evaluation import openmoji_protocol as OM
+
+        out = {name: OM.hits(images[name], items, name) for name, items in prompts.items()}
+        return {name: h for name, h in out.items() if h is not None}
+    return {name: shapes_hits(images[name], items) for name, items in prompts.items()}
+
+
+def r_precision_pool(name: str, items: Sequence[tuple[str, dict]],
+                     protocol: Protocol) -> tuple[list[str], Callable[[str, str], bool] | None]:  # fmt: skip
+    """R-precision's candidate captions for a set and the rule that keeps true ones out: shapes'
+    ``distractor_pool`` and ``same_scene``; OpenMoji: the name of every design in the set's language
+    (the prompt's own is never a distractor)."""
+    if protocol.dataset == "openmoji":
+        from evaluation import openmoji_protocol as OM
+
+        return list(OM.name_pool(OM.language(name))), None
+    pool = distractor_pool(name, protocol.seed, protocol.data_version)
+    return [c for c, _ in pool], same_scene(items, pool)
 
 
 def shapes_rates(images: Tensor, items: Sequence[tuple[str, dict]]) -> dict[str, float]:
@@ -227,6 +285,8 @@ class RealFeatures:
         dataset = {"renderer": "shapes", "sets": p.prompt_sets, "prompts": p.prompts, "seeds": p.seeds,
                    "seed": p.seed, "resolution": p.resolution, "draw": self.draw,
                    "data_version": p.data_version, "part": p.part}  # fmt: skip
+        if p.dataset != "shapes":  # (the shapes key is unchanged: its cached features stay valid)
+            dataset.update(renderer=p.dataset, data_root=os.path.abspath(p.data_root or ""))
         key = json.dumps([dataset, name, self.identities.get(name, "")], sort_keys=True)
         return os.path.join(self.directory, f"real_{name}_{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt")
 
@@ -258,17 +318,17 @@ def quality(
     ``status`` hears the name of each metric as it starts (for a progress bar)."""
     row: dict = {}
     detail: dict = {}
-    status("shapes scorer")
-    hits = {}
-    for name, items in prompts.items():
-        rates = shapes_rates(images[name], items)
-        row[f"shapes_{name}"] = rates["all"]
-        detail[name] = rates
-        hits[name] = shapes_hits(images[name], items)  # prompt-level bootstrap 95% interval
-        _, row[f"shapes_{name}_low"], row[f"shapes_{name}_high"] = bootstrap_interval(hits[name], seed=protocol.seed)
-    row["shapes_overall"] = float(np.mean([row[f"shapes_{n}"] for n in prompts]))
-    _, row["shapes_overall_low"], row["shapes_overall_high"] = bootstrap_mean_of_sets(list(hits.values()),
-                                                                                     seed=protocol.seed)  # fmt: skip
+    status("shapes scorer" if protocol.dataset == "shapes" else "variant reader")
+    hits = analytic_hits(images, prompts, protocol)
+    pre = protocol.prefix
+    for name, set_hits in hits.items():
+        detail[name] = shapes_rates(images[name], prompts[name]) if pre == "shapes" else {"all": float(set_hits.mean())}
+        row[f"{pre}_{name}"] = detail[name]["all"]  # with its prompt-level bootstrap 95% interval
+        _, row[f"{pre}_{name}_low"], row[f"{pre}_{name}_high"] = bootstrap_interval(set_hits, seed=protocol.seed)
+    if hits:
+        row[f"{pre}_overall"] = float(np.mean([row[f"{pre}_{n}"] for n in hits]))
+        _, row[f"{pre}_overall_low"], row[f"{pre}_overall_high"] = bootstrap_mean_of_sets(list(hits.values()),
+                                                                                        seed=protocol.seed)  # fmt: skip
     row["shapes_detail"] = detail
     row["shapes_hits"] = hits  # (prompts, seeds) per set: for paired comparisons
     flat = _flat(images)
@@ -285,11 +345,14 @@ def quality(
         row["clip_score"] = clip_score(clip, flat, _captions(prompts, protocol.seeds))
         hits = []  # (prompts, seeds) per set
         for name, items in prompts.items():
-            pool = distractor_pool(name, protocol.seed)
+            pool, same = r_precision_pool(name, items, protocol)
             g = torch.Generator().manual_seed(protocol.seed)
             set_hits = r_precision_hits(clip, images[name].flatten(0, 1), _captions({name: items}, protocol.seeds),
-                                        [c for c, _ in pool], protocol.distractors, g, same_scene(items, pool))  # fmt: skip
+                                        pool, protocol.distractors, g, same)  # fmt: skip
             hits.append(np.asarray(set_hits).reshape(len(items), protocol.seeds))
+            if protocol.dataset != "shapes":  # per set too: the judge is all that reads gender and design
+                key = f"r_precision_{name}"
+                row[key], row[f"{key}_low"], row[f"{key}_high"] = bootstrap_interval(hits[-1], seed=protocol.seed)
         mean, lo, hi = bootstrap_interval(np.concatenate(hits), seed=protocol.seed)  # over prompts
         row["r_precision"], row["r_precision_low"], row["r_precision_high"] = mean, lo, hi
     if protocol.seeds >= 2:
@@ -310,12 +373,13 @@ def chance(prompts: dict[str, list[tuple[str, dict]]], protocol: Protocol, real:
     prompts shifted by one), and R-precision's 1 / (distractors + 1)."""
     shifted = {n: items[1:] + items[:1] for n, items in prompts.items()}
     row: dict = {}
-    for name in prompts:
-        row[f"shapes_{name}"] = shapes_rates(real[name], shifted[name])["all"]
-    row["shapes_overall"] = float(np.mean([row[f"shapes_{n}"] for n in prompts]))
+    if protocol.dataset == "shapes":  # (OpenMoji's analytic reference is its floor: a design in a random variant)
+        for name in prompts:
+            row[f"shapes_{name}"] = shapes_rates(real[name], shifted[name])["all"]
+        row["shapes_overall"] = float(np.mean([row[f"shapes_{n}"] for n in prompts]))
     if clip is not None:
         row["clip_score"] = clip_score(clip, _flat(real), _captions(shifted, protocol.seeds))
-        pools = [distractor_pool(n, protocol.seed, protocol.data_version) for n in prompts]
+        pools = [r_precision_pool(n, items, protocol)[0] for n, items in prompts.items()]
         row["r_precision"] = float(np.mean([1 / (min(protocol.distractors, len(p) - 1) + 1) for p in pools]))
     return row
 
@@ -397,7 +461,12 @@ def floor_rate(prompts: dict[str, list[tuple[str, dict]]], protocol: Protocol, n
 def floors(prompts: dict[str, list[tuple[str, dict]]], protocol: Protocol) -> dict[str, dict[str, float]]:
     """Each set's conditional floors, from renders: ``{set: {word: the exact all-correct rate of a
     stand-in that ignores the word, ..., "floor": the highest}}``. A cell that does not clear its
-    set's floor cannot show that the method reads every word the set checks."""
+    set's floor cannot show that the method reads every word the set checks. OpenMoji: its tone and
+    colour sets, a stand-in that draws the design in a random variant."""
+    if protocol.dataset == "openmoji":
+        from evaluation import openmoji_protocol as OM
+
+        return OM.floors(prompts, protocol.resolution)
     out: dict[str, dict[str, float]] = {name: {} for name in prompts}
     for name in prompts:
         for word in IGNORABLE[name]:
@@ -406,14 +475,14 @@ def floors(prompts: dict[str, list[tuple[str, dict]]], protocol: Protocol) -> di
     return out
 
 
-def mark_floors(rows: list[dict], set_floors: dict[str, dict[str, float]]) -> None:
-    """Set ``shapes_<set>_under_floor`` on every row: whether the cell's 95% interval fails to
+def mark_floors(rows: list[dict], set_floors: dict[str, dict[str, float]], prefix: str = "shapes") -> None:
+    """Set ``<prefix>_<set>_under_floor`` on every row: whether the cell's 95% interval fails to
     clear its set's floor (its low end at or under the floor; the value itself without one)."""
     for row in rows:
         for name, rates in set_floors.items():
-            low = row.get(f"shapes_{name}_low", row.get(f"shapes_{name}"))
+            low = row.get(f"{prefix}_{name}_low", row.get(f"{prefix}_{name}"))
             if low is not None:
-                row[f"shapes_{name}_under_floor"] = bool(low <= rates["floor"])
+                row[f"{prefix}_{name}_under_floor"] = bool(low <= rates["floor"])
 
 
 def paired(a: dict[str, np.ndarray], b: dict[str, np.ndarray], seed: int = 0) -> dict[str, tuple[float, float, float]]:
