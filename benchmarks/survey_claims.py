@@ -107,6 +107,34 @@ def compositional_claim(family: str, claim: str, who: str, rows: list[dict]) -> 
     )  # fmt: skip
 
 
+def photorealism(gan: dict, others: list[dict]) -> Claim:
+    best_other = min(others, key=lambda r: r["fid_clip"])
+    if gan["fid_clip_low"] > max(r["fid_clip_high"] for r in others):
+        verdict = "contradicted"
+    elif gan["fid_clip_high"] < best_other["fid_clip_low"]:
+        verdict = "supported"
+    else:
+        verdict = "not separable"
+    return Claim(
+        "GAN", "high image quality and photorealism", "FID and KID in the judge CLIP's features (N images, bootstrap interval)",
+        f"StackGAN {ci(gan, 'fid_clip')}, KID {gan['kid_clip']:.4f}; best other: {best_other['method']} "
+        f"{ci(best_other, 'fid_clip')}; worst other {max(r['fid_clip'] for r in others):.3f}",
+        verdict, "supported if the GAN's FID interval is below the best other family's; contradicted if above every other's",
+    )  # fmt: skip
+
+
+def diverse(table: dict, cvae: dict, renders: dict) -> Claim:
+    diffs = {m: paired(table, "cvae", m, "diversity (CLIP)") for m in ("diffusion", "latent diffusion")}
+    signs = [sign(p) for p in diffs.values() if p is not None]
+    verdict = "contradicted" if -1 in signs else "supported" if signs and all(x > 0 for x in signs) else "not separable"
+    return Claim(
+        "VAE", "diverse results for one description", "diversity (CLIP): mean pairwise 1-cos of the judge's embeddings between seeds of one prompt",
+        f"CVAE {ci(cvae, 'diversity_clip')}, renders {ci(renders, 'diversity_clip')}; paired CVAE minus "
+        + ", ".join(f"{m} {fmt_pair(p)}" for m, p in diffs.items()),
+        verdict, "supported if the CVAE is more diverse than both diffusion rows (paired); contradicted if less than either",
+    )  # fmt: skip
+
+
 def minutes_to(curve: list[tuple[float, float]], threshold: float) -> float | None:
     """The first logged minute at which the held-out score reached ``threshold`` (None: never)."""
     return next((minute for minute, score in curve if score >= threshold), None)
@@ -148,19 +176,7 @@ def claims(table: dict, survey: dict | None, score_curves: dict, threshold: floa
 
     # GANs
     gan, others = t["stackgan"], [t[m] for fam, ms in FAMILY_ROWS.items() if fam != "GAN" for m in ms]
-    best_other = min(others, key=lambda r: r["fid_clip"])
-    if gan["fid_clip_low"] > max(r["fid_clip_high"] for r in others):
-        verdict = "contradicted"
-    elif gan["fid_clip_high"] < best_other["fid_clip_low"]:
-        verdict = "supported"
-    else:
-        verdict = "not separable"
-    out.append(Claim(
-        "GAN", "high image quality and photorealism", "FID and KID in the judge CLIP's features (N images, bootstrap interval)",
-        f"StackGAN {ci(gan, 'fid_clip')}, KID {gan['kid_clip']:.4f}; best other: {best_other['method']} "
-        f"{ci(best_other, 'fid_clip')}; worst other {max(r['fid_clip'] for r in others):.3f}",
-        verdict, "supported if the GAN's FID interval is below the best other family's; contradicted if above every other's",
-    ))  # fmt: skip
+    out.append(photorealism(gan, others))
 
     seeds = [gan] + [s[m] for m in ("stackgan seed 1", "stackgan seed 2") if m in s]
     diff_seeds = [t["diffusion"]] + [s[m] for m in ("diffusion seed 1", "diffusion seed 2") if m in s]
@@ -250,15 +266,7 @@ def claims(table: dict, survey: dict | None, score_curves: dict, threshold: floa
         verdict, "supported if the CVAE reaches the score before the GAN and both token priors (never reaching counts as later)",
     ))  # fmt: skip
 
-    diffs = {m: paired(table, "cvae", m, "diversity (CLIP)") for m in ("diffusion", "latent diffusion")}
-    signs = [sign(p) for p in diffs.values() if p is not None]
-    verdict = "contradicted" if -1 in signs else "supported" if signs and all(x > 0 for x in signs) else "not separable"
-    out.append(Claim(
-        "VAE", "diverse results for one description", "diversity (CLIP): mean pairwise 1-cos of the judge's embeddings between seeds of one prompt",
-        f"CVAE {ci(cvae, 'diversity_clip')}, renders {ci(renders, 'diversity_clip')}; paired CVAE minus "
-        + ", ".join(f"{m} {fmt_pair(p)}" for m, p in diffs.items()),
-        verdict, "supported if the CVAE is more diverse than both diffusion rows (paired); contradicted if less than either",
-    ))  # fmt: skip
+    out.append(diverse(table, cvae, renders))
     out.append(Claim(
         "VAE", "blurry, with low detail", "sharpness (renders 1.0)",
         f"CVAE {cvae['sharpness']:.2f}; StackGAN {gan['sharpness']:.2f}, pixel diffusion {t['diffusion']['sharpness']:.2f}",
@@ -283,9 +291,118 @@ def claims(table: dict, survey: dict | None, score_curves: dict, threshold: floa
     return out
 
 
-def markdown(rows: list[Claim], dataset: str) -> str:
-    lines = [f"| family | claim | measured by | {dataset} | verdict | rule |", "|---|---|---|---|---|---|"]
-    lines += [f"| {c.family} | {c.claim} | {c.measure} | {c.result} | **{c.verdict}** | {c.rule} |" for c in rows]
+OM_COMPOSITIONAL = ("tone", "colour", "gender")  # OpenMoji's held-out combinations (English names)
+OM_ROWS = {"GAN": ["stackgan"], "diffusion": ["diffusion", "latent diffusion"], "transformer": ["vqgan+maskgit"],
+           "VAE": ["cvae"]}  # fmt: skip
+
+
+def om_clears(row: dict, prompt_set: str, chance: float) -> bool:
+    """An OpenMoji cell clears its floor: the reader's interval above the random-variant floor (tone,
+    colour), or, for a set only the judge reads (gender), R-precision's interval above chance."""
+    if f"openmoji_{prompt_set}" in row:
+        return not row.get(f"openmoji_{prompt_set}_under_floor", True)
+    low = row.get(f"r_precision_{prompt_set}_low")
+    return low is not None and low > chance
+
+
+def om_cells(row: dict, chance: float) -> str:
+    out = []
+    for p in OM_COMPOSITIONAL:
+        key = f"openmoji_{p}" if f"openmoji_{p}" in row else f"r_precision_{p}"
+        out.append(f"{p} {ci(row, key)}{'' if om_clears(row, p, chance) else ' †'}")
+    return ", ".join(out)
+
+
+def openmoji_claims(table: dict) -> list[Claim]:
+    """The same claims on the OpenMoji table (``configs/compare/openmoji.yaml``): one seed per family,
+    so the seed and data claims are not measured there; the compositional sets are the held-out
+    tone, colour (the variant reader against its floor) and gender (the judge's R-precision against
+    chance) splits."""
+    t = rows_by_method(table)
+    have = {fam: [t[m] for m in ms if m in t and "error" not in t[m]] for fam, ms in OM_ROWS.items()}
+    chance = t["chance"]["r_precision"] if "chance" in t else 0.01
+    gan, others = have["GAN"][0], [r for fam, rs in have.items() if fam != "GAN" for r in rs]
+    out = [photorealism(gan, others)]
+    out.append(Claim("GAN", "hard to train, needs much data and compute", "", "not measured: one seed and one data "
+                     "fraction per family on OpenMoji (measured on shapes)", "not measured", ""))  # fmt: skip
+    under = [p for p in OM_COMPOSITIONAL if not om_clears(gan, p, chance)]
+    anyone = [(r["method"], p) for r in others for p in OM_COMPOSITIONAL if om_clears(r, p, chance)]
+    out.append(Claim(
+        "GAN", "text mismatch on complex descriptions", "", f"StackGAN: {om_cells(gan, chance)}; "
+        + (f"other families clearing a floor: {anyone}" if anyone else "no other family clears one either"),
+        ("supported" if len(under) == len(OM_COMPOSITIONAL) else "contradicted") + ("" if anyone else " (not specific to GANs)"),
+        "supported if none of the GAN's held-out tone, colour and gender cells clears its floor",
+    ))  # fmt: skip
+
+    def accurate(family: str, claim: str) -> Claim:
+        rows = have[family]
+        best = max(sum(om_clears(r, p, chance) for p in OM_COMPOSITIONAL) for r in rows)
+        return Claim(family, claim, "", "; ".join(f"{r['method']}: {om_cells(r, chance)}" for r in rows),
+                     "supported" if best >= 2 else "contradicted",
+                     "supported if one row clears the floor on at least two of tone, colour and gender")  # fmt: skip
+
+    out.append(accurate("diffusion", "accurate on complex descriptions"))
+    fastest = max((r for r in others + [gan] if r.get("images_per_sec")), key=lambda r: r["images_per_sec"])
+    slow = max(have["diffusion"], key=lambda r: r["images_per_sec"])
+    ratio = fastest["images_per_sec"] / slow["images_per_sec"]
+    out.append(Claim(
+        "diffusion", "costly generation", "", ", ".join(f"{r['method']} {1 / r['images_per_sec']:.3f} s" for r in have["diffusion"])
+        + f"; {fastest['method']} {1 / fastest['images_per_sec']:.4f} s ({ratio:.0f}x faster than the faster diffusion)",
+        "supported" if ratio >= 10 else "contradicted", "supported if another family generates at least 10x faster",
+    ))  # fmt: skip
+    out.append(accurate("transformer", "excellent on complex, multi-part descriptions"))
+    priors = have["transformer"]
+    out.append(Claim(
+        "transformer", "details blurry without extra stages", "",
+        ", ".join(f"{r['method']} {r['sharpness']:.2f}" for r in priors) + f"; pixel diffusion {t['diffusion']['sharpness']:.2f}",
+        "supported" if all(r["sharpness"] < BLUR for r in priors) else "contradicted", f"every token-prior row under {BLUR:g}",
+    ))  # fmt: skip
+    cvae = have["VAE"][0]
+    rivals = [gan, *priors]
+    above = all(cvae["r_precision_low"] > r["r_precision_high"] for r in rivals)
+    below = any(cvae["r_precision_high"] < r["r_precision_low"] for r in rivals)
+    out.append(Claim(
+        "VAE", "less compute than GANs and transformers", "",
+        "R-precision (all sets) after the same 10 minutes of one core: "
+        + ", ".join(f"{r['method']} {ci(r, 'r_precision')}" for r in [cvae, *rivals])
+        + f"; parameters: " + ", ".join(f"{r['method']} {r['params_m']:.1f} M" for r in [cvae, *rivals]),
+        "supported" if above else "contradicted" if below else "not separable",
+        "at equal training time: supported if the CVAE's R-precision interval is above the GAN's and the token "
+        "prior's, contradicted if below either (no held-out curve is logged on OpenMoji)",
+    ))  # fmt: skip
+    out.append(diverse(table, cvae, t.get("real renders", {})))
+    out.append(Claim("VAE", "blurry, with low detail", "",
+                     f"CVAE {cvae['sharpness']:.2f}; StackGAN {gan['sharpness']:.2f}, pixel diffusion {t['diffusion']['sharpness']:.2f}",
+                     "supported" if cvae["sharpness"] < BLUR else "contradicted", f"under {BLUR:g}"))  # fmt: skip
+    rows = [r for rs in have.values() for r in rs]
+    best_fid = min(rows, key=lambda r: r["fid_clip"])
+    best = max(rows, key=lambda r: r["r_precision"])
+    tie = [r["method"] for r in rows if r is not best and r["r_precision_high"] >= best["r_precision_low"]]
+    realism, accuracy = best_fid["method"] in OM_ROWS["GAN"], best["method"] in OM_ROWS["diffusion"] and not tie
+    out.append(Claim(
+        "all", "photorealism: GAN; accuracy: diffusion", "",
+        f"lowest FID {best_fid['method']} {ci(best_fid, 'fid_clip')} (StackGAN {gan['fid_clip']:.3f}); highest R-precision "
+        f"{best['method']} {ci(best, 'r_precision')}" + (f", intervals overlapping {', '.join(tie)}" if tie else ""),
+        "supported" if realism and accuracy else "contradicted" if not realism and not accuracy else "half supported",
+        "the GAN has the lowest FID; a diffusion row has the highest R-precision, its interval clear of every other's",
+    ))  # fmt: skip
+    return out
+
+
+def markdown(rows: list[Claim], dataset: str, second: list[Claim] | None = None, second_name: str = "") -> str:
+    """The claims table; with ``second``, a result and a verdict column for the second dataset too
+    (matched by family and claim)."""
+    if second is None:
+        lines = [f"| family | claim | measured by | {dataset} | verdict | rule |", "|---|---|---|---|---|---|"]
+        lines += [f"| {c.family} | {c.claim} | {c.measure} | {c.result} | **{c.verdict}** | {c.rule} |" for c in rows]
+        return "\n".join(lines)
+    other = {(c.family, c.claim): c for c in second}
+    lines = [f"| family | claim | measured by | {dataset} | verdict | {second_name} | verdict |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for c in rows:
+        o = other.get((c.family, c.claim))
+        tail = f"{o.result} | **{o.verdict}**" + (f" ({o.rule})" if o.rule and o.rule != c.rule else "") if o else "– | –"
+        lines.append(f"| {c.family} | {c.claim} | {c.measure}; rule: {c.rule} | {c.result} | **{c.verdict}** | {tail} |")
     return "\n".join(lines)
 
 
@@ -296,6 +413,8 @@ def main() -> None:
                    help="results.json of configs/compare/survey_shapes.yaml (seeds and data fraction)")  # fmt: skip
     p.add_argument("--train-root", default="runs/compare/train", help="the table's runs (their W&B files)")
     p.add_argument("--threshold", type=float, default=0.25, help="the held-out score for 'minutes to a score'")
+    p.add_argument("--openmoji", default="runs/compare/openmoji/results.json",
+                   help="results.json of configs/compare/openmoji.yaml: the OpenMoji columns (left out when absent)")  # fmt: skip
     p.add_argument("--out", help="also write the table here (markdown)")
     a = p.parse_args()
     for path in (a.table,):
@@ -311,7 +430,13 @@ def main() -> None:
         print(f"note: {a.survey} not found: the seed and data claims read 'not measured' "
               "(python evaluate.py --config configs/compare/survey_shapes.yaml --train)")  # fmt: skip
     found = curves(a.train_root)
-    text = markdown(claims(table, survey, found, a.threshold), "shapes 32 px (test part)")
+    second = None
+    if os.path.isfile(a.openmoji):
+        with open(a.openmoji) as f:
+            second = openmoji_claims(json.load(f))
+    else:
+        print(f"note: {a.openmoji} not found: no OpenMoji columns (python evaluate.py --config configs/compare/openmoji.yaml --train)")
+    text = markdown(claims(table, survey, found, a.threshold), "shapes 32 px (test part)", second, "OpenMoji 32 px (test part)")
     print(text)
     if found:
         print("\nheld-out score curves read: " + ", ".join(f"{m} ({len(c)} points)" for m, c in found.items()))

@@ -113,3 +113,48 @@ def test_costly_generation(ips, expected):
         if r["method"] in ("diffusion", "latent diffusion"):
             r["images_per_sec"] = ips
     assert verdict(sc.claims(t, None, {}), "costly generation") == expected
+
+
+def om_row(method, rp=0.05, fid=0.1, sharp=0.3, ips=100.0, div=0.1, tone_under=True, gender_low=0.0):
+    r = {"method": method, "fid_clip": fid, "fid_clip_low": fid - 0.01, "fid_clip_high": fid + 0.01, "kid_clip": 0.001,
+         "sharpness": sharp, "images_per_sec": ips, "params_m": 10.0, "diversity_clip": div,
+         "r_precision": rp, "r_precision_low": rp - 0.01, "r_precision_high": rp + 0.01,
+         "r_precision_gender": gender_low + 0.01, "r_precision_gender_low": gender_low, "r_precision_gender_high": gender_low + 0.02}  # fmt: skip
+    for s in ("tone", "colour"):
+        r.update({f"openmoji_{s}": 0.3, f"openmoji_{s}_low": 0.2, f"openmoji_{s}_high": 0.4,
+                  f"openmoji_{s}_under_floor": tone_under})  # fmt: skip
+    return r
+
+
+def om_table():
+    rows = [om_row("stackgan", fid=0.3, ips=400), om_row("diffusion", ips=3), om_row("latent diffusion", ips=12),
+            om_row("vqgan+maskgit", sharp=0.2), om_row("cvae", rp=0.2, ips=380, sharp=0.6),
+            om_row("real renders", rp=1.0, fid=0.0, sharp=1.0), {"method": "chance", "r_precision": 0.01}]  # fmt: skip
+    return {"rows": rows, "paired": {"cvae - diffusion": {"diversity (CLIP)": [0.01, 0.005, 0.02]},
+                                     "cvae - latent diffusion": {"diversity (CLIP)": [0.01, 0.005, 0.02]}}}
+
+
+def test_openmoji_claims_follow_their_rules_and_sit_beside_the_shapes_ones():
+    t = om_table()
+    claims = sc.openmoji_claims(t)
+    assert verdict(claims, "high image quality") == "contradicted"
+    assert verdict(claims, "hard to train") == "not measured"
+    assert verdict(claims, "text mismatch") == "supported (not specific to GANs)"
+    assert verdict(claims, "accurate on complex") == "contradicted"
+    assert verdict(claims, "costly generation") == "supported"
+    assert verdict(claims, "details blurry") == "supported"
+    assert verdict(claims, "less compute") == "supported"  # the CVAE's R-precision above the GAN's and the prior's
+    assert verdict(claims, "diverse results") == "supported"
+    assert verdict(claims, "blurry, with low detail") == "contradicted"
+    assert verdict(claims, "photorealism: GAN") == "contradicted"
+    # a diffusion row that clears the tone and colour floors and beats chance on gender is accurate
+    for r in t["rows"]:
+        if r["method"] == "latent diffusion":
+            r.update(openmoji_tone_under_floor=False, r_precision_gender_low=0.05)
+    claims = sc.openmoji_claims(t)
+    assert verdict(claims, "accurate on complex") == "supported"
+    assert verdict(claims, "text mismatch") == "supported"
+    text = sc.markdown(sc.claims(table(), None, {}), "shapes", claims, "OpenMoji")
+    header, _, *lines = text.splitlines()
+    assert header.count("verdict") == 2 and len(lines) == len(sc.claims(table(), None, {}))
+    assert all(line.count("**") == 4 for line in lines)  # a verdict in both columns of every claim
