@@ -58,6 +58,10 @@ class ByteTokenizer:
             out[i, : len(ids)] = torch.tensor(ids)
         return out
 
+    def decode(self, ids: Tensor) -> str:
+        """One row of ``__call__``'s output back to text (start, end and padding dropped)."""
+        return bytes(int(i) - 3 for i in ids.tolist() if i >= 3).decode("utf-8", errors="replace")
+
 
 class BPETokenizer:
     """open_clip's bundled BPE vocabulary (49,408 tokens), read from the installed package."""
@@ -77,6 +81,35 @@ class BPETokenizer:
             ids = [self.sot] + e[: max_length - 2] + [self.eot]
             out[i, : len(ids)] = torch.tensor(ids)
         return out
+
+    def decode(self, ids: Tensor) -> str:
+        """One row of ``__call__``'s output back to text (start, end and padding dropped). The BPE
+        lower-cases and normalises whitespace (it puts a space before punctuation), so compare
+        with ``same_text``."""
+        return self.tok.decode([int(i) for i in ids.tolist() if int(i) not in (0, self.sot, self.eot)])
+
+
+_QUOTES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u201c": '"', "\u201d": '"'})
+
+
+def same_text(a: str, b: str) -> bool:
+    """Equal up to case, whitespace and typographic quotes (open_clip's BPE writes ’ as '): what a
+    tokenizer round trip may change without loss."""
+    return "".join(a.lower().translate(_QUOTES).split()) == "".join(b.lower().translate(_QUOTES).split())
+
+
+def roundtrip_problems(tokenizer, texts: list[str], max_length: int, name: str = "") -> list[str]:
+    """Each text that ``tokenizer`` does not give back (decoded, ``same_text``) within ``max_length``
+    tokens, named with the tokenizer and what came back: truncation and unknown characters are
+    losses. Empty when every text survives."""
+    ids = tokenizer(texts, max_length)
+    out = []
+    for text, row in zip(texts, ids):
+        back = tokenizer.decode(row)
+        if not same_text(back, text):
+            out.append(f"the {name or type(tokenizer).__name__} tokenizer does not keep {text!r} in {max_length} tokens "
+                       f"(it gives back {back!r}): raise max_length, or use a tokenizer that covers the script")  # fmt: skip
+    return out
 
 
 class TransformerBlock(nn.Module):
