@@ -182,13 +182,12 @@ def test_fid_infinity_removes_most_of_the_small_sample_bias():
     assert biased > 0.2 and abs(fid_infinity(real, fake, repeats=5)) < biased / 3
 
 
-def test_sharpness_falls_monotonically_with_blur_on_renders_and_rises_with_noise():
-    """Sharpness: the renders' own high-frequency energy is 1; a Gaussian blur of growing width
-    lowers it step by step; added noise raises it."""
-    from torchvision.transforms.functional import gaussian_blur
+def _renders(dataset: str) -> torch.Tensor:
+    if dataset == "openmoji":
+        from evaluation import openmoji_protocol as OM
 
+        return torch.stack([OM.render_design(d, 32) for d in list(OM.designs().values())[::150]])
     from datamodules.shapes import objects_for, prompt_set, render
-    from evaluation.metrics import sharpness
 
     rng = np.random.default_rng(0)
     renders = []
@@ -196,7 +195,18 @@ def test_sharpness_falls_monotonically_with_blur_on_renders_and_rises_with_noise
         for _, scene in prompt_set(name, n=8, part="any"):
             image = np.asarray(render(objects_for(scene, rng), 32), dtype=np.float32) / 127.5 - 1
             renders.append(torch.from_numpy(image).permute(2, 0, 1))
-    renders = torch.stack(renders)
+    return torch.stack(renders)
+
+
+@pytest.mark.parametrize("dataset", ["shapes", "openmoji"])
+def test_sharpness_falls_monotonically_with_blur_on_renders_and_rises_with_noise(dataset):
+    """Sharpness: the renders' own high-frequency energy is 1; a Gaussian blur of growing width
+    lowers it step by step; added noise raises it (flat shapes and OpenMoji's designs)."""
+    from torchvision.transforms.functional import gaussian_blur
+
+    from evaluation.metrics import sharpness
+
+    renders = _renders(dataset)
     assert sharpness(renders, renders) == pytest.approx(1.0)
     values = [sharpness(gaussian_blur(renders, 9, sigma), renders) for sigma in (0.5, 0.75, 1.0, 1.5, 2.0)]
     assert all(a > b for a, b in zip(values, values[1:])) and values[0] < 1.0 and values[-1] < 0.1, values
