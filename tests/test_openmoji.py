@@ -74,6 +74,8 @@ def test_the_converter_writes_shards_license_and_held_out_prompts_and_skips_a_fa
         image = np.asarray(Image.open(tar.extractfile(f"{key}.png")))
     assert attrs["part"] == "train" and attrs["en"] in text and attrs["ru"] in text
     assert image.shape == (16, 16, 3) and image.min() < 200  # a design, not a blank page
+    chroma = image.astype(int).max(axis=2) - image.astype(int).min(axis=2)
+    assert chroma.max() > 60 and len({tuple(p) for p in image.reshape(-1, 3)}) > 8  # in colour, not one flat colour
     train_keys = set()
     for shard in (tmp_path / "train").glob("*.tar"):
         with tarfile.open(shard) as tar:
@@ -137,3 +139,11 @@ def test_the_variant_reader_reads_tones_and_colours_sharp_or_soft_and_noise_as_c
     assert reader.attribute(apple) is None
     with pytest.raises(ValueError, match="no skin tone or colour variants"):
         reader.read(image, apple)
+
+
+def test_a_judges_data_holds_every_design_in_training_and_keeps_the_held_out_parts_for_validation(tmp_path):
+    O.write_openmoji_shards(str(tmp_path / "judge"), resolution=16, limit=300, shard_size=100, hold_out=False)
+    O.write_openmoji_shards(str(tmp_path / "methods"), resolution=16, limit=300, shard_size=100)
+    judge, methods = O.counts(str(tmp_path / "judge")), O.counts(str(tmp_path / "methods"))
+    assert judge["train"] == 300 == methods["train"] + methods["val"] + methods["test"]
+    assert (judge["val"], judge["test"]) == (methods["val"], methods["test"]) and methods["test"] > 0
