@@ -195,12 +195,17 @@ def r_precision_hits(clip: nn.Module, images: Tensor, prompts: list[str], pool: 
     distractor is never the true prompt, nor a caption that ``same(prompt, caption)`` says is true
     of the same images (the two objects of "A and B" in the other order)."""
     image = clip.encode_image(images)
-    hits = []
-    for i, prompt in enumerate(prompts):
+    candidates = []  # per image: its prompt, then its distractors
+    for prompt in prompts:
         others = sorted({p for p in pool if p != prompt and not (same and same(prompt, p))})
         picks = torch.randperm(len(others), generator=generator)[:distractors].tolist()
-        texts = clip.encode_text([prompt] + [others[j] for j in picks])
-        sims = texts @ image[i]
+        candidates.append([prompt] + [others[j] for j in picks])
+    unique = sorted({t for c in candidates for t in c})  # each caption encoded once, not once per image
+    row = {t: i for i, t in enumerate(unique)}
+    texts = torch.cat([clip.encode_text(unique[i : i + 256]) for i in range(0, len(unique), 256)])
+    hits = []
+    for i, names in enumerate(candidates):
+        sims = texts[[row[t] for t in names]] @ image[i]
         beaten, tied = bool((sims[1:] > sims[0]).any()), int((sims[1:] == sims[0]).sum())
         hits.append(0.0 if beaten else 1.0 / (tied + 1))
     return hits
