@@ -47,6 +47,11 @@ class ShapesScore(Callback):
         self.last: dict[str, float] = {}
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        dataset = getattr(getattr(trainer, "datamodule", None), "dataset_name", "shapes")
+        if dataset != "shapes":  # shapes prompts mean nothing to a model of other data
+            rank_zero_warn(f"ShapesScore is off: the datamodule holds {dataset} data, not shapes")
+            self.enabled = False
+            return
         data_version = getattr(getattr(trainer, "datamodule", None), "version", None)
         if self.version is None and data_version is not None:  # the prompts held out of this data
             self.prompts = heldout_prompts(self.part, data_version)

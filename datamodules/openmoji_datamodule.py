@@ -27,6 +27,8 @@ class OpenMojiDataModule(TextImageDataModule):
         **kwargs: the TextImageDataModule arguments (batch size, workers, epoch length, ...).
     """
 
+    dataset_name = "openmoji"  # callbacks.ShapesScore stays off on it
+
     def __init__(self, root: str = "data/openmoji64", resolution: int = 64, split_seed: int = 0,
                  shard_size: int = 1000, image_size: int | None = None, prepare_timeout: float = 3600.0,
                  hold_out: bool = True, **kwargs):  # fmt: skip

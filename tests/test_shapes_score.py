@@ -109,3 +109,24 @@ def test_a_run_resumes_only_on_the_data_version_it_began_with(tmp_path):
         ShapesDataModule(root=str(tmp_path / "b")).load_state_dict({"skipped_train": {}})
     with pytest.raises(ValueError, match="unknown shapes data version 7"):
         ShapesDataModule(root=str(tmp_path / "c"), version=7)
+
+
+def test_shapes_score_is_off_on_openmoji_data_and_generates_nothing(tmp_path):
+    from types import SimpleNamespace
+
+    import pytest
+
+    from datamodules import OpenMojiDataModule
+
+    class Trainer:
+        sanity_checking, global_rank, world_size = False, 0, 1
+        datamodule = OpenMojiDataModule(root=str(tmp_path / "om"), resolution=16)
+
+    callback, method = ShapesScore(), Renderer()
+    with pytest.warns(UserWarning, match="holds openmoji data, not shapes"):
+        callback.setup(Trainer(), method, "fit")
+    callback.on_validation_epoch_end(Trainer(), method)
+    assert not callback.enabled and method.calls == [] and callback.last == {}
+    shapes = ShapesScore()
+    shapes.setup(SimpleNamespace(datamodule=None), method, "fit")
+    assert shapes.enabled
