@@ -292,7 +292,7 @@ def claims(table: dict, survey: dict | None, score_curves: dict, threshold: floa
 
 
 OM_COMPOSITIONAL = ("tone", "colour", "gender")  # OpenMoji's held-out combinations (English names)
-OM_ROWS = {"GAN": ["stackgan"], "diffusion": ["diffusion", "latent diffusion"], "transformer": ["vqgan+maskgit"],
+OM_ROWS = {"GAN": ["stackgan"], "diffusion": ["diffusion", "latent diffusion"], "transformer": ["vqgan+ar", "vqgan+maskgit"],
            "VAE": ["cvae"]}  # fmt: skip
 
 
