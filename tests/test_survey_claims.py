@@ -139,6 +139,17 @@ def test_openmoji_claims_follow_their_rules_and_sit_beside_the_shapes_ones():
     claims = sc.openmoji_claims(t)
     assert verdict(claims, "high image quality") == "contradicted"
     assert verdict(claims, "hard to train") == "not measured"
+    quarter = [dict(om_row("stackgan seed 1", fid=0.3), openmoji_overall=0.1), dict(om_row("stackgan seed 2", fid=0.4),
+               openmoji_overall=0.1), dict(om_row("stackgan data 25%", fid=0.3), openmoji_overall=0.1)]  # fmt: skip
+    survey = {"rows": quarter, "paired": {"stackgan data 25% - stackgan seed 1": {"overall": [0.0, -0.02, 0.02]}}}
+    for r in t["rows"]:
+        r.setdefault("openmoji_overall", 0.1)
+    assert verdict(sc.openmoji_claims(t, survey), "hard to train") == "not separable"
+    survey["paired"]["stackgan data 25% - stackgan seed 1"]["overall"] = [-0.05, -0.08, -0.02]  # less data, fewer right
+    assert verdict(sc.openmoji_claims(t, survey), "hard to train") == "supported"
+    survey["paired"]["stackgan data 25% - stackgan seed 1"]["overall"] = [0.0, -0.02, 0.02]
+    quarter[1]["diversity_clip"] = 0.001  # a collapsed seed (pixel diffusion's diversity is 0.1)
+    assert verdict(sc.openmoji_claims(t, survey), "hard to train") == "supported"
     assert verdict(claims, "text mismatch") == "supported (not specific to GANs)"
     assert verdict(claims, "accurate on complex") == "contradicted"
     assert verdict(claims, "costly generation") == "supported"
