@@ -279,16 +279,23 @@ def claims(table: dict, survey: dict | None, score_curves: dict, threshold: floa
     best_overall = max((r for rs in families.values() for r in rs), key=lambda r: r["shapes_overall"])
     tie = [m for m in ("cvae", "latent diffusion", "diffusion") if m != best_overall["method"]
            and sign(paired(table, best_overall["method"], m, "overall")) == 0]  # fmt: skip
-    realism = best_fid["method"] in FAMILY_ROWS["GAN"]
-    accuracy = best_overall["method"] in FAMILY_ROWS["diffusion"] and not tie
-    out.append(Claim(
-        "all", "photorealism: GAN; accuracy: diffusion", "the lowest FID (CLIP) and the highest overall all-correct rate",
-        f"lowest FID {best_fid['method']} {ci(best_fid, 'fid_clip')} (StackGAN {gan['fid_clip']:.3f}); highest overall "
-        f"{best_overall['method']} {ci(best_overall, 'shapes_overall')}" + (f", tied (paired) with {', '.join(tie)}" if tie else ""),
-        "supported" if realism and accuracy else "contradicted" if not realism and not accuracy else "half supported",
-        "each half: the GAN has the lowest FID; a diffusion row has the highest overall rate, with no paired tie",
-    ))  # fmt: skip
+    out.append(conclusion(best_fid, gan, best_overall, "shapes_overall", tie, "the highest overall all-correct rate",
+                          "overall rate", "tied (paired) with", "with no paired tie"))  # fmt: skip
     return out
+
+
+def conclusion(best_fid: dict, gan: dict, best: dict, key: str, tie: list[str], measure: str, name: str,
+               tie_words: str, tie_rule: str) -> Claim:  # fmt: skip
+    """"Photorealism: GAN; accuracy: diffusion", each half on its own."""
+    realism = best_fid["method"] in FAMILY_ROWS["GAN"]
+    accuracy = best["method"] in FAMILY_ROWS["diffusion"] and not tie
+    return Claim(
+        "all", "photorealism: GAN; accuracy: diffusion", f"the lowest FID (CLIP) and {measure}",
+        f"lowest FID {best_fid['method']} {ci(best_fid, 'fid_clip')} (StackGAN {gan['fid_clip']:.3f}); highest {name} "
+        f"{best['method']} {ci(best, key)}" + (f", {tie_words} {', '.join(tie)}" if tie else ""),
+        "supported" if realism and accuracy else "contradicted" if not realism and not accuracy else "half supported",
+        f"each half: the GAN has the lowest FID; a diffusion row has the highest {name}, {tie_rule}",
+    )  # fmt: skip
 
 
 OM_COMPOSITIONAL = ("tone", "colour", "gender")  # OpenMoji's held-out combinations (English names)
@@ -401,14 +408,8 @@ def openmoji_claims(table: dict, survey: dict | None = None) -> list[Claim]:
     best_fid = min(rows, key=lambda r: r["fid_clip"])
     best = max(rows, key=lambda r: r["r_precision"])
     tie = [r["method"] for r in rows if r is not best and r["r_precision_high"] >= best["r_precision_low"]]
-    realism, accuracy = best_fid["method"] in OM_ROWS["GAN"], best["method"] in OM_ROWS["diffusion"] and not tie
-    out.append(Claim(
-        "all", "photorealism: GAN; accuracy: diffusion", "",
-        f"lowest FID {best_fid['method']} {ci(best_fid, 'fid_clip')} (StackGAN {gan['fid_clip']:.3f}); highest R-precision "
-        f"{best['method']} {ci(best, 'r_precision')}" + (f", intervals overlapping {', '.join(tie)}" if tie else ""),
-        "supported" if realism and accuracy else "contradicted" if not realism and not accuracy else "half supported",
-        "the GAN has the lowest FID; a diffusion row has the highest R-precision, its interval clear of every other's",
-    ))  # fmt: skip
+    out.append(conclusion(best_fid, gan, best, "r_precision", tie, "the highest R-precision", "R-precision",
+                          "intervals overlapping", "its interval clear of every other's"))  # fmt: skip
     return out
 
 
