@@ -430,6 +430,13 @@ def markdown(rows: list[Claim], dataset: str, second: list[Claim] | None = None,
     return "\n".join(lines)
 
 
+def openmoji_markdown(rows: list[Claim]) -> str:
+    """The OpenMoji claims as a table of their own (each with its rule: several differ from shapes')."""
+    lines = ["| family | claim | OpenMoji 32 px (test part) | verdict | rule |", "|---|---|---|---|---|"]
+    lines += [f"| {c.family} | {c.claim} | {c.result} | **{c.verdict}** | {c.rule} |" for c in rows]
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--table", default="docs/compare_v2/results.json", help="the family table's results.json")
@@ -442,7 +449,25 @@ def main() -> None:
     p.add_argument("--survey-openmoji", dest="survey_openmoji", default="runs/compare/survey_openmoji/results.json",
                    help="results.json of configs/compare/survey_openmoji.yaml (StackGAN seeds and data fraction)")  # fmt: skip
     p.add_argument("--out", help="also write the table here (markdown)")
+    p.add_argument("--openmoji-only", dest="openmoji_only", action="store_true",
+                   help="the OpenMoji claims alone (family, claim, result, verdict, rule): for when the shapes "
+                        "survey runs and their W&B curves are not on this machine")  # fmt: skip
     a = p.parse_args()
+    if a.openmoji_only:
+        if not os.path.isfile(a.openmoji):
+            sys.exit(f"error: {a.openmoji} not found; make it with python evaluate.py --config configs/compare/openmoji.yaml --train")
+        with open(a.openmoji) as f:
+            om = json.load(f)
+        om_survey = None
+        if os.path.isfile(a.survey_openmoji):
+            with open(a.survey_openmoji) as f:
+                om_survey = json.load(f)
+        text = openmoji_markdown(openmoji_claims(om, om_survey))
+        print(text)
+        if a.out:
+            with open(a.out, "w") as f:
+                f.write(text + "\n")
+        return
     for path in (a.table,):
         if not os.path.isfile(path):
             sys.exit(f"error: {path} not found; make it with python evaluate.py --config configs/compare/shapes.yaml")

@@ -169,3 +169,11 @@ def test_openmoji_claims_follow_their_rules_and_sit_beside_the_shapes_ones():
     header, _, *lines = text.splitlines()
     assert header.count("verdict") == 2 and len(lines) == len(sc.claims(table(), None, {}))
     assert all(line.count("**") == 4 for line in lines)  # a verdict in both columns of every claim
+
+
+def test_openmoji_claims_alone_keep_each_rule_and_verdict():
+    claims = sc.openmoji_claims(om_table())
+    header, _, *lines = sc.openmoji_markdown(claims).splitlines()
+    assert header.count("verdict") == 1 and len(lines) == len(claims)
+    for c, line in zip(claims, lines, strict=True):
+        assert f"**{c.verdict}**" in line and line.rstrip(" |").endswith(c.rule.rstrip())
