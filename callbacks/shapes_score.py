@@ -51,12 +51,23 @@ class ShapesScore(Callback):
         if dataset != "shapes":  # shapes prompts mean nothing to a model of other data
             rank_zero_warn(f"ShapesScore is off: the datamodule holds {dataset} data, not shapes")
             self.enabled = False
+            self.release_checkpoints(trainer)
             return
         data_version = getattr(getattr(trainer, "datamodule", None), "version", None)
         if self.version is None and data_version is not None:  # the prompts held out of this data
             self.prompts = heldout_prompts(self.part, data_version)
         if hasattr(pl_module, "check_sampling"):  # a wrong option fails before any training
             pl_module.check_sampling(self.sampling)
+
+    def release_checkpoints(self, trainer: Trainer) -> None:
+        """A checkpoint callback that keeps the best by this score would fail at the first validation
+        with the score off (its key is never logged): it keeps ``last.ckpt`` alone instead, and says so."""
+        logged = {"val/shapes_all_correct" if k == "all" else f"val/shapes_{k}" for k in self.keys()}
+        for callback in getattr(trainer, "checkpoint_callbacks", []):
+            if getattr(callback, "monitor", None) in logged and callback.save_top_k != 0:
+                rank_zero_warn(f"ModelCheckpoint(monitor={callback.monitor!r}) keeps no best checkpoint: ShapesScore "
+                               "is off on this data; last.ckpt is saved as always")  # fmt: skip
+                callback.save_top_k = 0
 
     @staticmethod
     def keys() -> list[str]:
@@ -109,6 +120,7 @@ class ShapesScore(Callback):
         except NotImplementedError as err:  # e.g. a super-resolution stage cannot start from text alone
             rank_zero_warn(f"ShapesScore disabled: {err}")
             self.enabled = False
+            self.release_checkpoints(trainer)
             return
         if trainer.world_size > 1:
             rows = pl_module.all_gather(rows.to(pl_module.device)).cpu()  # (world, n, keys)

@@ -118,15 +118,24 @@ def test_shapes_score_is_off_on_openmoji_data_and_generates_nothing(tmp_path):
 
     from datamodules import OpenMojiDataModule
 
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    by_score = ModelCheckpoint(monitor="val/shapes_all_correct", mode="max", save_top_k=1)
+    by_loss = ModelCheckpoint(monitor="val/loss", save_top_k=1)
+
     class Trainer:
         sanity_checking, global_rank, world_size = False, 0, 1
         datamodule = OpenMojiDataModule(root=str(tmp_path / "om"), resolution=16)
+        checkpoint_callbacks = [by_score, by_loss]
 
     callback, method = ShapesScore(), Renderer()
     with pytest.warns(UserWarning, match="holds openmoji data, not shapes"):
         callback.setup(Trainer(), method, "fit")
     callback.on_validation_epoch_end(Trainer(), method)
     assert not callback.enabled and method.calls == [] and callback.last == {}
+    # the best-by-score checkpoint, which would fail at the first validation (its key is never
+    # logged), keeps last.ckpt alone; another monitor is left as it was
+    assert by_score.save_top_k == 0 and by_loss.save_top_k == 1
     shapes = ShapesScore()
     shapes.setup(SimpleNamespace(datamodule=None), method, "fit")
     assert shapes.enabled
