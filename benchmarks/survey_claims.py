@@ -437,6 +437,17 @@ def openmoji_markdown(rows: list[Claim]) -> str:
     return "\n".join(lines)
 
 
+def load_openmoji(table_path: str, survey_path: str) -> list[Claim]:
+    """The OpenMoji claims from the table's results.json and, where it exists, the survey runs'."""
+    with open(table_path) as f:
+        table = json.load(f)
+    survey = None
+    if os.path.isfile(survey_path):
+        with open(survey_path) as f:
+            survey = json.load(f)
+    return openmoji_claims(table, survey)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--table", default="docs/compare_v2/results.json", help="the family table's results.json")
@@ -456,13 +467,7 @@ def main() -> None:
     if a.openmoji_only:
         if not os.path.isfile(a.openmoji):
             sys.exit(f"error: {a.openmoji} not found; make it with python evaluate.py --config configs/compare/openmoji.yaml --train")
-        with open(a.openmoji) as f:
-            om = json.load(f)
-        om_survey = None
-        if os.path.isfile(a.survey_openmoji):
-            with open(a.survey_openmoji) as f:
-                om_survey = json.load(f)
-        text = openmoji_markdown(openmoji_claims(om, om_survey))
+        text = openmoji_markdown(load_openmoji(a.openmoji, a.survey_openmoji))
         print(text)
         if a.out:
             with open(a.out, "w") as f:
@@ -483,13 +488,7 @@ def main() -> None:
     found = curves(a.train_root)
     second = None
     if os.path.isfile(a.openmoji):
-        with open(a.openmoji) as f:
-            om = json.load(f)
-        om_survey = None
-        if os.path.isfile(a.survey_openmoji):
-            with open(a.survey_openmoji) as f:
-                om_survey = json.load(f)
-        second = openmoji_claims(om, om_survey)
+        second = load_openmoji(a.openmoji, a.survey_openmoji)
     else:
         print(f"note: {a.openmoji} not found: no OpenMoji columns (python evaluate.py --config configs/compare/openmoji.yaml --train)")
     text = markdown(claims(table, survey, found, a.threshold), "shapes 32 px (test part)", second, "OpenMoji 32 px (test part)")

@@ -157,3 +157,30 @@ def test_a_quarter_of_the_training_designs_keeps_the_same_held_out_parts(tmp_pat
     assert (tmp_path / "all" / "heldout.jsonl").read_text() == (tmp_path / "quarter" / "heldout.jsonl").read_text()
     with pytest.raises(ValueError, match="train_fraction 0"):
         O.write_openmoji_shards(str(tmp_path / "none"), resolution=16, limit=400, train_fraction=0)
+
+
+def test_a_config_that_keeps_the_best_by_shapes_score_trains_on_openmoji_and_keeps_last_ckpt(tmp_path):
+    """The CVAE's config (its trainer keeps the best checkpoint by the held-out shapes score) on the
+    OpenMoji data config, through the real entry point, validating after every step: the score is
+    off on this data, the best-by-score checkpoint steps aside instead of failing at the first
+    validation, and the run ends with a resumable last.ckpt."""
+    import glob
+    import os
+
+    import torch
+    from test_cli import ROOT, run_cli
+
+    proc = run_cli(["fit", "--config", os.path.join(ROOT, "configs", "vae", "cvae_shapes.yaml"),
+                    "--data", os.path.join(ROOT, "configs", "data", "openmoji32.yaml"),
+                    "--data.init_args.root", str(tmp_path / "om"), "--data.init_args.batch_size", "2",
+                    "--data.init_args.num_workers", "0", "--data.init_args.val_samples", "4",
+                    "--model.init_args.text_encoder.init_args.max_length", "96",
+                    "--trainer.default_root_dir", str(tmp_path / "runs"), "--trainer.enable_progress_bar", "false",
+                    "--trainer.max_steps", "2", "--trainer.max_time", "null", "--trainer.val_check_interval", "1",
+                    "--trainer.limit_val_batches", "1", "--run_name", "om"], tmp_path)  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert "ShapesScore is off" in out and "keeps no best checkpoint" in out
+    checkpoints = tmp_path / "runs" / "om" / "checkpoints"
+    assert (checkpoints / "last.ckpt").is_file() and not glob.glob(str(checkpoints / "best-*.ckpt"))
+    state = torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=False)
+    assert state["global_step"] == 2
