@@ -78,6 +78,9 @@ class SampleGrid(PeriodicGrid):
         seed: sampling seed, so that grids of different steps are comparable.
         columns: grid columns.
         sampling: keyword arguments passed to ``generate`` (steps, guidance scale, ...).
+        dataset: the data the prompts are written for. On other data (a datamodule whose
+            ``dataset_name`` differs and that offers ``sample_prompts``, e.g. OpenMoji under a
+            shapes config) the grid shows that datamodule's prompts instead, and says so.
     """
 
     def __init__(
@@ -87,14 +90,21 @@ class SampleGrid(PeriodicGrid):
         seed: int = 0,
         columns: int = 4,
         sampling: dict | None = None,
+        dataset: str = "shapes",
     ):
         super().__init__(every_n_steps)
         self.prompts, self.seed = prompts, seed
-        self.columns, self.sampling = columns, sampling or {}
+        self.columns, self.sampling, self.dataset = columns, sampling or {}, dataset
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if hasattr(pl_module, "check_sampling"):  # a wrong option fails before any training
             pl_module.check_sampling(self.sampling)
+        datamodule = getattr(trainer, "datamodule", None)
+        other = getattr(datamodule, "dataset_name", self.dataset)
+        if other != self.dataset and hasattr(datamodule, "sample_prompts") and self.prompts:
+            self.prompts = datamodule.sample_prompts(len(self.prompts))
+            rank_zero_warn(f"SampleGrid: the prompts are written for {self.dataset} data; showing {other}'s "
+                           f"held-out validation prompts instead: {self.prompts}")  # fmt: skip
 
     def make_grid(self, trainer: Trainer, pl_module: LightningModule) -> tuple[Image.Image, str] | None:
         if not self.prompts:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import json
 import os
 
 from lightning.pytorch.utilities import rank_zero_info
@@ -61,6 +63,22 @@ class OpenMojiDataModule(TextImageDataModule):
         if stage in (None, "fit", "validate", "test"):
             self._render()
         super().setup(stage)
+
+    def sample_prompts(self, n: int = 4) -> list[str]:
+        """``n`` English captions of held-out validation designs, one per split in turn (tone, gender,
+        colour, design): what ``callbacks.SampleGrid`` shows on this data instead of prompts
+        written for another dataset."""
+        path = os.path.join(self.root, "heldout.jsonl")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} is missing: the prompts come from the rendered data (prepare_data makes it)")
+        by_split: dict[str, list[str]] = {s: [] for s in ("tone", "gender", "colour", "design")}
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                row = json.loads(line)
+                if row["part"] == "val":
+                    by_split.setdefault(row["splits"][0], []).append(row["caption"])
+        prompts = [c for group in itertools.zip_longest(*by_split.values()) for c in group if c]
+        return prompts[:n]
 
     def check_sources(self, stage: str = "fit") -> None:
         """Nothing to check: the shards are rendered by ``prepare_data`` when they are missing."""

@@ -184,3 +184,15 @@ def test_a_config_that_keeps_the_best_by_shapes_score_trains_on_openmoji_and_kee
     assert (checkpoints / "last.ckpt").is_file() and not glob.glob(str(checkpoints / "best-*.ckpt"))
     state = torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=False)
     assert state["global_step"] == 2
+    # the sample grid shows held-out OpenMoji prompts, one of each split, not the config's shapes ones
+    from datamodules import OpenMojiDataModule
+
+    prompts = OpenMojiDataModule(root=str(tmp_path / "om"), resolution=32).sample_prompts(4)
+    held = {}
+    for line in (tmp_path / "om" / "heldout.jsonl").read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        if row["part"] == "val":
+            held[row["caption"]] = row["splits"][0]
+    assert [held[p] for p in prompts] == ["tone", "gender", "colour", "design"]
+    assert f"showing openmoji's held-out validation prompts instead: {str(prompts)[:-1]}" in out  # (the config has 6)
+    assert glob.glob(str(tmp_path / "runs" / "om" / "samples" / "step_*.png"))
