@@ -405,6 +405,22 @@ def data_version_problems(cfg: dict) -> list[str]:
     return errors
 
 
+def same_held_out(run_root: str, root: str) -> bool:
+    """Whether a run's OpenMoji data holds out exactly the protocol data's designs at its resolution
+    (e.g. a ``train_fraction`` of the same training designs): the same ``heldout.jsonl`` and, in the
+    manifests, everything but the training share and the shard size."""
+
+    def read(path: str) -> bytes | None:
+        return open(path, "rb").read() if os.path.isfile(path) else None
+
+    held = [read(os.path.join(r, "heldout.jsonl")) for r in (run_root, root)]
+    manifests = [read(os.path.join(r, "manifest.json")) for r in (run_root, root)]
+    if None in held or None in manifests or held[0] != held[1]:
+        return False
+    a, b = ({k: v for k, v in json.loads(m).items() if k not in ("train_fraction", "shard_size")} for m in manifests)
+    return a == b
+
+
 def openmoji_data_problems(cfg: dict) -> list[str]:
     """On OpenMoji, every method's checkpoint must come from a run on the protocol's data (its
     held-out designs are the prompts) with the designs held out; a run whose config says
@@ -426,7 +442,7 @@ def openmoji_data_problems(cfg: dict) -> list[str]:
             elif args.get("hold_out") is False:
                 errors.append(f"{who} was trained with hold_out: false, so on the held-out designs this table "
                               "reports: that data is for a judge, never for a method")  # fmt: skip
-            elif os.path.realpath(str(args.get("root", ""))) != root:
+            elif os.path.realpath(str(args.get("root", ""))) != root and not same_held_out(str(args.get("root", "")), root):
                 errors.append(f"{who} was trained on {args.get('root')!r}, and this protocol's prompts are the held-out "
                               f"designs of {cfg['data_root']!r}: set data_root to the run's data, or retrain on it")  # fmt: skip
     return errors

@@ -175,20 +175,34 @@ def test_evaluate_makes_the_openmoji_table_with_reader_cells_floors_and_daggers(
 
 
 def test_an_openmoji_config_refuses_a_method_trained_on_other_data_or_on_the_held_out_designs(data, tmp_path, capsys):
+    import json
+
+    # a quarter of the training designs, the same held-out ones (passes), and a root that holds out others
+    held = open(os.path.join(data, "heldout.jsonl"), encoding="utf-8").read()
+    manifest = json.load(open(os.path.join(data, "manifest.json")))
+    for name, text in (("quarter", held), ("other_split", "".join(held.splitlines(True)[1:]))):
+        os.makedirs(tmp_path / name)
+        (tmp_path / name / "heldout.jsonl").write_text(text, encoding="utf-8")
+        (tmp_path / name / "manifest.json").write_text(json.dumps({**manifest, "train_fraction": 0.25}))
     runs = {}
     for name, dm in {"shapes": {"class_path": "datamodules.ShapesDataModule", "init_args": {}},
                      "judge_data": {"class_path": "datamodules.OpenMojiDataModule",
                                     "init_args": {"root": data, "hold_out": False}},
                      "other_root": {"class_path": "datamodules.OpenMojiDataModule",
-                                    "init_args": {"root": str(tmp_path / "elsewhere")}}}.items():  # fmt: skip
+                                    "init_args": {"root": str(tmp_path / "elsewhere")}},
+                     "quarter_run": {"class_path": "datamodules.OpenMojiDataModule",
+                                     "init_args": {"root": str(tmp_path / "quarter"), "train_fraction": 0.25}},
+                     "other_split_run": {"class_path": "datamodules.OpenMojiDataModule",
+                                         "init_args": {"root": str(tmp_path / "other_split")}}}.items():  # fmt: skip
         os.makedirs(tmp_path / name / "checkpoints")
         (tmp_path / name / "checkpoints" / "last.ckpt").write_bytes(b"")
         (tmp_path / name / "config.yaml").write_text(yaml.safe_dump({"data": dm}))
         runs[name] = str(tmp_path / name / "checkpoints" / "last.ckpt")
     cfg = {"dataset": "openmoji", "data_root": data, "methods": [{"name": n, "checkpoint": p} for n, p in runs.items()]}
     errors = evaluate.openmoji_data_problems(cfg)
-    assert len(errors) == 3
+    assert len(errors) == 4
     assert "ShapesDataModule" in errors[0] and "hold_out: false" in errors[1] and "elsewhere" in errors[2]
+    assert "other_split" in errors[3]
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"dataset": "openmoji", "methods": [{"name": "x", "checkpoint": runs["shapes"]}]}))
     assert evaluate.main(["--config", str(bad)]) == 2
