@@ -395,7 +395,7 @@ def openmoji_claims(table: dict, survey: dict | None = None) -> list[Claim]:
         "VAE", "less compute than GANs and transformers", "",
         "R-precision (all sets) after the same 10 minutes of one core: "
         + ", ".join(f"{r['method']} {ci(r, 'r_precision')}" for r in [cvae, *rivals])
-        + f"; parameters: " + ", ".join(f"{r['method']} {r['params_m']:.1f} M" for r in [cvae, *rivals]),
+        + "; parameters: " + ", ".join(f"{r['method']} {r['params_m']:.1f} M" for r in [cvae, *rivals]),
         "supported" if above else "contradicted" if below else "not separable",
         "at equal training time: supported if the CVAE's R-precision interval is above the GAN's and the token "
         "prior's, contradicted if below either (no held-out curve is logged on OpenMoji)",

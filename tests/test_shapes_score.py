@@ -115,10 +115,9 @@ def test_shapes_score_is_off_on_openmoji_data_and_generates_nothing(tmp_path):
     from types import SimpleNamespace
 
     import pytest
+    from lightning.pytorch.callbacks import ModelCheckpoint
 
     from datamodules import OpenMojiDataModule
-
-    from lightning.pytorch.callbacks import ModelCheckpoint
 
     by_score = ModelCheckpoint(monitor="val/shapes_all_correct", mode="max", save_top_k=1)
     by_loss = ModelCheckpoint(monitor="val/loss", save_top_k=1)
