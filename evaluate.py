@@ -411,7 +411,10 @@ def same_held_out(run_root: str, root: str) -> bool:
     manifests, everything but the training share and the shard size."""
 
     def read(path: str) -> bytes | None:
-        return open(path, "rb").read() if os.path.isfile(path) else None
+        if not os.path.isfile(path):
+            return None
+        with open(path, "rb") as f:
+            return f.read()
 
     held = [read(os.path.join(r, "heldout.jsonl")) for r in (run_root, root)]
     manifests = [read(os.path.join(r, "manifest.json")) for r in (run_root, root)]
@@ -803,16 +806,13 @@ def write_files(out: str, cfg: dict, protocol: Protocol, command: str, rows: lis
         "",
         f"Command: `{command}`",
         "",
-        (f"Protocol: the `{protocol.part}` part of the held-out designs of the OpenMoji data in `{protocol.data_root}` "
-         "(no training caption names them: `heldout.jsonl`); prompts per set: "
-         + ", ".join(f"{n} {len(v)}" for n, v in prompts_for(protocol).items())
-         + f"; {protocol.seeds} image(s) per prompt, each with its own seed, protocol seed {protocol.seed}, "
-         f"compared at {protocol.resolution} px, {protocol.batch_size} prompts per `generate` call." if openmoji else
-        f"Protocol: the `{protocol.part}` part of the held-out prompts of shapes data version {protocol.data_version} "
-        f"(no training scene contains them); prompts per set: "
+        f"Protocol: the `{protocol.part}` part of the held-out "
+        + (f"designs of the OpenMoji data in `{protocol.data_root}` (no training caption names them: `heldout.jsonl`)"
+           if openmoji else f"prompts of shapes data version {protocol.data_version} (no training scene contains them)")
+        + "; prompts per set: "
         + ", ".join(f"{n} {len(v)}" for n, v in prompts_for(protocol).items())
         + f"; {protocol.seeds} image(s) per prompt, each with its own seed, protocol seed {protocol.seed}, "
-        f"compared at {protocol.resolution} px, {protocol.batch_size} prompts per `generate` call."),
+        f"compared at {protocol.resolution} px, {protocol.batch_size} prompts per `generate` call.",
         "",
         ("The `(reader)` columns are the variant reader's rate (no learned model: each image is compared with the "
          "renders of every skin tone or colour of its design, and the nearest names it) on the tone and colour sets; "
