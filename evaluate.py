@@ -451,6 +451,36 @@ def openmoji_data_problems(cfg: dict) -> list[str]:
     return errors
 
 
+def judge_independence_problems(cfg: dict) -> tuple[list[str], list[str]]:
+    """The judge's run must be its own: trained with a seed that no run of a method (or of a
+    checkpoint a method names, its CLIP included) was trained with, and, on OpenMoji, on other
+    drawings of the designs (``render_seed``) than the centred ones every method trains on.
+    Errors name the fix; a judge or method without its run's config.yaml gives a note."""
+    from evaluation.lineage import clips_used
+
+    judge = cfg.get("clip")
+    if not judge or not os.path.isfile(judge):
+        return [], []
+    run = _run_config(judge)
+    if run is None:
+        return [], [f"the judge {judge} has no run config.yaml beside it: its seed and data cannot be checked"]
+    errors, notes, seed = [], [], run.get("seed_everything")
+    for spec in cfg["methods"]:
+        for path in dict.fromkeys(_checkpoints_of(spec) + list(clips_used(spec))):
+            theirs = _run_config(path) if os.path.isfile(path) else None
+            if theirs is None:
+                notes.append(f"methods[{spec['name']}]: {path} has no run config.yaml: its seed cannot be checked against the judge's")
+            elif seed is not None and theirs.get("seed_everything") == seed:
+                errors.append(f"the judge {judge} was trained with seed_everything {seed}, as methods[{spec['name']}]'s "
+                              f"{path} was: a judge's seed must be one no method uses; retrain the judge with another")  # fmt: skip
+    data = run.get("data") if isinstance(run.get("data"), dict) else {}
+    if cfg.get("dataset") == "openmoji" and (data.get("init_args") or {}).get("render_seed") is None:
+        errors.append(f"the judge {judge} was trained on the centred drawings the methods train on: train it on "
+                      "other drawings of the designs (data.init_args.render_seed: N, renders: K; "
+                      "configs/compare/openmoji.yaml's openmoji_clip_judge)")  # fmt: skip
+    return errors, notes
+
+
 def judge_note(spec: dict) -> str | None:
     """The config's own note for a method."""
     return spec.get("note") or None
@@ -684,9 +714,10 @@ def main(argv: list[str] | None = None) -> int:
             lpips = PerceptualLoss(cfg["lpips"], option="lpips")
         errors, notes = sample_problems(protocol, extractors)
         judge_errors, judge_notes = judge_problems(cfg)
-        errors = errors + judge_errors + selection_problems(cfg)
+        own_errors, own_notes = judge_independence_problems(cfg)
+        errors = errors + judge_errors + own_errors + selection_problems(cfg)
         errors += data_version_problems(cfg) if cfg["dataset"] == "shapes" else openmoji_data_problems(cfg)
-        notes = notes + judge_notes
+        notes = notes + judge_notes + own_notes
         if errors:
             raise ConfigProblem("; ".join(errors))
         for note in notes:

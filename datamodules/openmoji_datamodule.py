@@ -27,6 +27,9 @@ class OpenMojiDataModule(TextImageDataModule):
         hold_out: False puts every design, the held-out ones too, in training: for a judge CLIP
             that must know the test names, never for a method that is judged.
         train_fraction: train on this share of the training designs (the same held-out parts).
+        render_seed: draw the designs jittered (random scale, angle and place) by this seed instead
+            of centred: other pixels of the same designs, for a judge CLIP (None: centred).
+        renders: jittered drawings of each design (with ``render_seed``).
         **kwargs: the TextImageDataModule arguments (batch size, workers, epoch length, ...).
     """
 
@@ -34,7 +37,8 @@ class OpenMojiDataModule(TextImageDataModule):
 
     def __init__(self, root: str = "data/openmoji64", resolution: int = 64, split_seed: int = 0,
                  shard_size: int = 1000, image_size: int | None = None, prepare_timeout: float = 3600.0,
-                 hold_out: bool = True, train_fraction: float = 1.0, **kwargs):  # fmt: skip
+                 hold_out: bool = True, train_fraction: float = 1.0, render_seed: int | None = None,
+                 renders: int = 1, **kwargs):  # fmt: skip
         kwargs.setdefault("val_samples", 181)
         super().__init__(
             train_shards=os.path.join(root, "train"),
@@ -44,14 +48,15 @@ class OpenMojiDataModule(TextImageDataModule):
         )
         self.root, self.resolution, self.split_seed = root, resolution, split_seed
         self.shard_size, self.prepare_timeout, self.hold_out = shard_size, prepare_timeout, hold_out
-        self.train_fraction = train_fraction
+        self.train_fraction, self.render_seed, self.renders = train_fraction, render_seed, renders
 
     def _render(self) -> dict:
         from .openmoji import write_openmoji_shards
 
         return write_openmoji_shards(self.root, self.resolution, self.split_seed, self.shard_size,
                                      wait_timeout=self.prepare_timeout, hold_out=self.hold_out,
-                                     train_fraction=self.train_fraction)  # fmt: skip
+                                     train_fraction=self.train_fraction, render_seed=self.render_seed,
+                                     renders=self.renders)  # fmt: skip
 
     def prepare_data(self) -> None:
         """Render the designs on first use (once, whatever the number of processes and nodes)."""
