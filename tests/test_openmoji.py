@@ -50,10 +50,10 @@ def test_held_out_parts_are_disjoint_and_training_keeps_every_word(designs):
 def test_the_converter_writes_shards_license_and_held_out_prompts_and_skips_a_failing_design(tmp_path, monkeypatch):
     real, broken = O.render, O.catalogue()[3].en
 
-    def render(design, resolution, font):  # one design fails to render: skipped and counted
+    def render(design, resolution, font, jitter=None):  # one design fails to render: skipped and counted
         if design.en == broken:
             raise ValueError("broken glyph")
-        return real(design, resolution, font)
+        return real(design, resolution, font, jitter)
 
     monkeypatch.setattr(O, "render", render)
     O.write_openmoji_shards(str(tmp_path), resolution=16, limit=400, shard_size=100)
@@ -108,6 +108,10 @@ def test_make_shards_builds_openmoji_from_the_command_line(tmp_path, monkeypatch
     out = capsys.readouterr().out
     assert "OpenMoji ready" in out and "--data.init_args.train_shards" in out
     assert (tmp_path / "om" / "manifest.json").exists()
+    convert.main(["openmoji", str(tmp_path / "judge"), "--resolution", "16", "--judge", "--render-seed", "2", "--renders", "3"])
+    manifest = json.loads((tmp_path / "judge" / "manifest.json").read_text())
+    assert (manifest["hold_out"], manifest["render_seed"], manifest["renders"]) == (False, 2, 3)
+    assert O.counts(str(tmp_path / "judge"))["train"] == 3 * 60
 
 
 @pytest.mark.parametrize("resolution", [32, 64])
@@ -196,3 +200,44 @@ def test_a_config_that_keeps_the_best_by_shapes_score_trains_on_openmoji_and_kee
     assert [held[p] for p in prompts] == ["tone", "gender", "colour", "design"]
     assert f"showing openmoji's held-out validation prompts instead: {str(prompts)[:-1]}" in out  # (the config has 6)
     assert glob.glob(str(tmp_path / "runs" / "om" / "samples" / "step_*.png"))
+
+
+def test_a_jittered_drawing_is_other_pixels_of_the_whole_design_fixed_by_its_seed(designs):
+    font = O.ImageFont.truetype(O.font_path(), int(32 * O.SUPERSAMPLE * (1 - 2 * O.PADDING) * 0.85))
+    picked = [d for d in designs if d.colour == "red" and d.object == "heart"][:1] + [d for d in designs if d.tone][:2]
+
+    def ink(image):  # the pixels the design covers, and their mean colour
+        x = np.asarray(image, dtype=np.float32)
+        covered = (x < 235).any(axis=-1)
+        return covered.sum(), x[covered].mean(axis=0)
+
+    for design in picked:
+        centred = O.render(design, 32, font)
+        first = O.render(design, 32, font, O._jitter(7, design, 0))
+        assert np.array_equal(first, O.render(design, 32, font, O._jitter(7, design, 0)))  # the seed fixes it
+        others = [first, O.render(design, 32, font, O._jitter(7, design, 1)), O.render(design, 32, font, O._jitter(8, design, 0))]
+        for a in range(3):  # other drawings, of one another and of the centred one
+            assert np.abs(np.asarray(others[a], np.float32) - np.asarray(centred, np.float32)).mean() > 2
+            for b in range(a + 1, 3):
+                assert not np.array_equal(others[a], others[b])
+        area, colour = ink(centred)
+        for drawing in others:  # the whole design (scaled 0.75-1), in its own colours: nothing cut off
+            their_area, their_colour = ink(drawing)
+            assert 0.75**2 * 0.7 * area < their_area < 1.15 * area
+            assert np.abs(their_colour - colour).max() < 30
+
+
+def test_a_judges_jittered_data_draws_the_same_designs_k_times_and_says_so_in_its_manifest(tmp_path):
+    O.write_openmoji_shards(str(tmp_path / "centred"), resolution=16, limit=80, shard_size=100, hold_out=False)
+    O.write_openmoji_shards(str(tmp_path / "jitter"), resolution=16, limit=80, shard_size=1000, hold_out=False,
+                            render_seed=3, renders=2)  # fmt: skip
+    centred, jitter = O.counts(str(tmp_path / "centred")), O.counts(str(tmp_path / "jitter"))
+    assert [jitter[s] for s in ("train", "val", "test")] == [2 * centred[s] for s in ("train", "val", "test")]
+    assert (tmp_path / "centred" / "heldout.jsonl").read_text() == (tmp_path / "jitter" / "heldout.jsonl").read_text()
+    manifest = json.loads((tmp_path / "jitter" / "manifest.json").read_text())
+    assert (manifest["render_seed"], manifest["renders"]) == (3, 2)
+    with tarfile.open(next((tmp_path / "jitter" / "train").glob("*.tar"))) as tar:
+        names = tar.getnames()
+    assert any(n.endswith("-r1.png") for n in names) and len({n.split(".")[0] for n in names}) == jitter["train"]
+    with pytest.raises(ValueError, match="with a render_seed"):
+        O.write_openmoji_shards(str(tmp_path / "copies"), resolution=16, limit=80, renders=2)

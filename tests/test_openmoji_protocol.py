@@ -207,3 +207,39 @@ def test_an_openmoji_config_refuses_a_method_trained_on_other_data_or_on_the_hel
     bad.write_text(yaml.safe_dump({"dataset": "openmoji", "methods": [{"name": "x", "checkpoint": runs["shapes"]}]}))
     assert evaluate.main(["--config", str(bad)]) == 2
     assert "needs data_root" in capsys.readouterr().err
+
+
+def test_a_judge_sharing_a_methods_seed_or_drawn_like_the_methods_data_is_refused(data, tmp_path):
+    def run(name: str, seed: int | None, clip: bool = False, data_args: dict | None = None, config: bool = True) -> str:
+        os.makedirs(tmp_path / name / "checkpoints")
+        path = str(tmp_path / name / "checkpoints" / "last.ckpt")
+        hparams = {"image_tower": {}, "text_tower": {}} if clip else {}
+        torch.save({"hyper_parameters": hparams, "clip_lineage": {"origin": name}}, path)
+        if config:
+            dm = {"class_path": "datamodules.OpenMojiDataModule", "init_args": {"root": data, **(data_args or {})}}
+            (tmp_path / name / "config.yaml").write_text(yaml.safe_dump({"seed_everything": seed, "data": dm}))
+        return path
+
+    gen, rerank_clip, old_clip = run("gen", 0), run("rerank_clip", 1001, clip=True), run("old_clip", 3, clip=True)
+    centred = run("judge_centred", 0, clip=True, data_args={"hold_out": False})
+    jittered = run("judge_jittered", 1001, clip=True, data_args={"hold_out": False, "render_seed": 7, "renders": 4})
+    unknown = run("unknown", None, config=False)
+    methods = [{"name": "gen", "checkpoint": gen},
+               {"name": "rerank", "model": {"class_path": "x.Rerank", "init_args": {"generator": gen, "clip": rerank_clip}}}]
+    cfg = {"dataset": "openmoji", "data_root": data, "methods": methods}
+
+    errors, notes = evaluate.judge_independence_problems({**cfg, "clip": centred})
+    assert len(errors) == 3 and not notes  # gen's seed 0, twice (two methods name it), and the centred drawings
+    assert "seed_everything 0" in errors[0] and "methods[gen]" in errors[0] and "methods[rerank]" in errors[1]
+    assert "render_seed" in errors[2]
+    errors, _ = evaluate.judge_independence_problems({**cfg, "clip": jittered})
+    assert len(errors) == 1 and "seed_everything 1001" in errors[0] and "rerank_clip" in errors[0]  # a CLIP of its seed
+    methods[1]["model"]["init_args"]["clip"] = old_clip
+    assert evaluate.judge_independence_problems({**cfg, "clip": jittered}) == ([], [])
+    errors, notes = evaluate.judge_independence_problems({**cfg, "methods": [{"name": "u", "checkpoint": unknown}],
+                                                          "clip": jittered})  # fmt: skip
+    assert errors == [] and "no run config.yaml" in notes[0]
+    _, notes = evaluate.judge_independence_problems({**cfg, "clip": unknown})
+    assert "seed and data cannot be checked" in notes[0]
+    errors, _ = evaluate.judge_independence_problems({**cfg, "dataset": "shapes", "clip": centred})
+    assert len(errors) == 2  # on shapes, the seed alone (the shapes judge draws its own data_seed)
