@@ -300,7 +300,9 @@ class RealFeatures:
                 self.memory[name] = image_features(extractor, _flat(self.real))
                 if path:
                     os.makedirs(self.directory, exist_ok=True)
-                    torch.save(self.memory[name], path)
+                    partial = f"{path}.{os.getpid()}.partial"  # whole or absent: another evaluation may read it now
+                    torch.save(self.memory[name], partial)
+                    os.replace(partial, path)
         return self.memory[name]
 
 

@@ -546,3 +546,23 @@ def test_the_protocol_reports_the_test_part_and_tunes_on_the_val_part():
         Protocol(part="train")
     v1 = prompts_for(Protocol(data_version=1, part="all", prompts=26))
     assert len(v1["single"]) == 26 and all("orange" not in c and "cyan" not in c for c, _ in v1["counting"])
+
+
+def test_a_cached_real_feature_file_is_whole_or_absent_when_its_writer_dies(tmp_path, monkeypatch):
+    from evaluation import harness
+    from evaluation.harness import Protocol
+
+    protocol = Protocol(prompt_sets=["single"], prompts=2, seeds=1, resolution=16)
+    real = {"single": torch.rand(2, 1, 3, 16, 16)}
+    cache = harness.RealFeatures(protocol, real, str(tmp_path))
+    extractor = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 4))
+
+    def dies_half_way(obj, path):  # the process is killed while it writes
+        with open(path, "wb") as f:
+            f.write(b"PK\x03\x04 half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(harness.torch, "save", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        cache.get("clip", extractor)
+    assert not os.path.exists(cache.path("clip"))  # the next evaluation computes it again, not reads half a file
