@@ -15,11 +15,11 @@ import pytest
 import torch
 import yaml
 from conftest import BLOCK_CAPTIONS, block_images
-from evaluation.wandb_records import history_keys
 
 import evaluate
 from datamodules.shapes import PROMPT_SETS, objects_for, prompt_set, render, score
 from evaluation.metrics import r_precision, r_precision_hits
+from evaluation.wandb_records import history_keys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
