@@ -14,6 +14,7 @@ the generator's.
 from __future__ import annotations
 
 import copy
+import inspect
 import os
 from typing import Literal
 
@@ -24,6 +25,7 @@ from torch import Tensor, nn
 
 from networks.noise import Generators, randn
 from networks.stackgan import ConditioningAugmentation, GeneratorOutput, colour_consistency
+from networks.text_encoders import TextEncoding
 
 from .base import TextToImageModule
 from .ema import ema_decay, ema_update
@@ -103,6 +105,12 @@ class TextToImageGAN(ManualOptimization, TextToImageModule):
         ema_decay: decay of the EMA of the generator (updated at each generator step) and of a
             trainable text encoder (at each discriminator step); ``generate`` and the sample
             grids use the two EMAs together.
+        ortho_weight: BigGAN's orthogonal regularisation of the generator's weight matrices
+            (``networks.stylegan.orthogonal_penalty``; BigGAN: 1e-4; 0 disables).
+
+    A generator with ``uses_tokens`` (``networks.stylegan.StyleGenerator`` with text
+    cross-attention) also gets the caption's tokens and mask (detached, as the pooled vector is);
+    one that takes ``truncation`` gets ``generate(..., truncation=psi)``.
     """
 
     _derived_arguments: tuple[str, ...] = ()  # constructor arguments a subclass computes (not saved)
@@ -127,6 +135,7 @@ class TextToImageGAN(ManualOptimization, TextToImageModule):
         g_clip_norm: float | None = None,
         d_clip_norm: float | None = None,
         ema_decay: float = 0.999,
+        ortho_weight: float = 0.0,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=list(self._derived_arguments))
@@ -145,7 +154,7 @@ class TextToImageGAN(ManualOptimization, TextToImageModule):
         )
         self.loss_kind, self.kl_weight, self.uncond_weight = loss, kl_weight, uncond_weight
         self.colour_weight, self.ma_gp_weight, self.ma_gp_power = colour_weight, ma_gp_weight, ma_gp_power
-        self.d_steps_per_g_step, self.ema_decay = d_steps_per_g_step, ema_decay
+        self.d_steps_per_g_step, self.ema_decay, self.ortho_weight = d_steps_per_g_step, ema_decay, ortho_weight
         self._check_dims()
 
     def _check_dims(self) -> None:
@@ -162,18 +171,29 @@ class TextToImageGAN(ManualOptimization, TextToImageModule):
         return self.generator_net.image_size
 
     # ------------------------------------------------------------------ networks
-    def sentence(self, captions: list[str], ema: bool = False) -> Tensor:
-        """Pooled sentence vectors (b, d); with ``ema``, from the EMA of a trainable text encoder,
-        which goes with the EMA generator."""
+    def encode(self, captions: list[str], ema: bool = False) -> TextEncoding:
+        """The captions' encoding (tokens, mask, pooled); with ``ema``, from the EMA of a trainable
+        text encoder, which goes with the EMA generator."""
         encoder = self.ema_text_encoder if ema and self.ema_text_encoder is not None else self.text_encoder
-        return encoder(list(captions)).pooled
+        return encoder(list(captions))
+
+    def sentence(self, captions: list[str], ema: bool = False) -> Tensor:
+        """Pooled sentence vectors (b, d)."""
+        return self.encode(captions, ema).pooled
 
     def run_generator(
-        self, sentence: Tensor, *, ema: bool = False, generator: Generators = None
-    ) -> GeneratorOutput:
+        self, sentence: Tensor, *, ema: bool = False, generator: Generators = None,
+        context: TextEncoding | None = None, **options,
+    ) -> GeneratorOutput:  # fmt: skip
+        """The generator's output for ``sentence``; a generator that ``uses_tokens`` also gets
+        ``context``'s tokens and mask (detached); ``options`` (e.g. ``truncation``) go to it."""
         net = self.ema_generator if ema else self.generator_net
         z = randn((sentence.shape[0], net.z_dim), generator, device=sentence.device)
-        return net(z, sentence, generator=generator)
+        if getattr(net, "uses_tokens", False):
+            if context is None:
+                raise ValueError("this generator attends to the caption's tokens: pass the encoding as context=")
+            options.update(tokens=context.tokens.detach(), mask=context.mask)
+        return net(z, sentence, generator=generator, **options)
 
     def real_scales(self, image: Tensor, fakes: list[Tensor]) -> list[Tensor]:
         """The real batch at the side of each generated scale."""
@@ -218,9 +238,16 @@ class TextToImageGAN(ManualOptimization, TextToImageModule):
             total = total + generator_loss(cond, self.loss_kind)
             if self.uncond_weight:
                 total = total + self.uncond_weight * generator_loss(uncond, self.loss_kind)
-        kl = ConditioningAugmentation.kl(out.mu, out.logvar)
-        logs["kl"] = kl.detach()
-        total = total + self.kl_weight * kl
+        if out.mu is not None:  # conditioning augmentation's KL term
+            kl = ConditioningAugmentation.kl(out.mu, out.logvar)
+            logs["kl"] = kl.detach()
+            total = total + self.kl_weight * kl
+        if self.ortho_weight:
+            from networks.stylegan import orthogonal_penalty
+
+            ortho = orthogonal_penalty(self.generator_net.parameters(), self.ortho_weight)
+            logs["ortho"] = ortho.detach()
+            total = total + ortho
         if self.colour_weight and len(out.images) > 1:
             colour = sum(colour_consistency(lo, hi) for lo, hi in zip(out.images, out.images[1:]))
             logs["colour"] = colour.detach()
@@ -233,9 +260,10 @@ class TextToImageGAN(ManualOptimization, TextToImageModule):
         captions, image = batch["caption"], batch["image"]
         b = len(captions)
         with self.toggled_optimizer(d_opt):
-            sentence = self.sentence(captions)  # trains a trainable text encoder through the D loss
+            encoding = self.encode(captions)  # trains a trainable text encoder through the D loss
+            sentence = encoding.pooled
             with torch.no_grad():
-                fakes = self.run_generator(sentence.detach()).images
+                fakes = self.run_generator(sentence.detach(), context=encoding).images
             d_loss, logs = self.d_loss(self.real_scales(image, fakes), fakes, sentence)
             self.step_optimizer("d", d_loss)
         if self.ema_text_encoder is not None:  # the encoder trains with the discriminator
@@ -245,7 +273,7 @@ class TextToImageGAN(ManualOptimization, TextToImageModule):
             with self.toggled_optimizer(g_opt):
                 # the D step's encoding, detached: the generator does not train the encoder
                 sentence = sentence.detach()
-                out = self.run_generator(sentence)
+                out = self.run_generator(sentence, context=encoding)
                 g_loss, g_logs = self.g_loss(out, sentence)
                 self.step_optimizer("g", g_loss)
             decay = ema_decay(self.ema_decay, self.steps["g"])
@@ -262,11 +290,12 @@ class TextToImageGAN(ManualOptimization, TextToImageModule):
         rejects mismatched captions and EMA samples (the generator's quality is measured by
         callbacks such as ``ShapesScore`` through ``generate``)."""
         captions, image = batch["caption"], batch["image"]
-        sentence = self.sentence(captions)
-        ema_sentence = sentence if self.ema_text_encoder is None else self.sentence(captions, ema=True)
+        encoding = self.encode(captions)
+        sentence = encoding.pooled
+        ema_encoding = encoding if self.ema_text_encoder is None else self.encode(captions, ema=True)
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(batch_idx)
-            fakes = self.run_generator(ema_sentence, ema=True).images
+            fakes = self.run_generator(ema_encoding.pooled, ema=True, context=ema_encoding).images
         reals = self.real_scales(image, fakes)
         d = self.discriminators[-1]
         h_real = d.features(reals[-1])
@@ -299,14 +328,23 @@ class TextToImageGAN(ManualOptimization, TextToImageModule):
         seed: int | list[int] | None = None,
         use_ema: bool = True,
         all_scales: bool = False,
+        truncation: float = 1.0,
         **unknown,
     ) -> Tensor | list[Tensor]:
         """Images for ``prompts``: (b, 3, s, s) in [-1, 1] at the highest scale (every scale,
         lowest first, with ``all_scales``). ``seed`` (an int, or one per prompt) fixes the noise
-        and the conditioning code. ``use_ema``: the EMA generator and text encoder (default)."""
+        and the conditioning code. ``use_ema``: the EMA generator and text encoder (default).
+        ``truncation``: the truncation trick's psi in [0, 1] (1: none), for a generator that has it."""
         self.check_sampling(unknown)
+        options = {}
+        if truncation != 1.0:
+            if "truncation" not in inspect.signature(self.generator_net.forward).parameters:
+                raise ValueError(f"truncation {truncation}: {type(self.generator_net).__name__} has no truncation trick; "
+                                 "leave it at 1.0 or use networks.stylegan.StyleGenerator")  # fmt: skip
+            options["truncation"] = truncation
+        encoding = self.encode(prompts, ema=use_ema)
         out = self.run_generator(
-            self.sentence(prompts, ema=use_ema), ema=use_ema, generator=self.generator(seed, self.device)
+            encoding.pooled, ema=use_ema, generator=self.generator(seed, self.device), context=encoding, **options
         )
         return [x.clamp(-1, 1) for x in out.images] if all_scales else out.images[-1].clamp(-1, 1)
 
@@ -363,7 +401,7 @@ class StackGANStageII(TextToImageGAN):
         net = self.ema_generator if ema else self.generator_net
         return low_res, net(low_res, sentence, generator=generator)
 
-    def run_generator(self, sentence: Tensor, *, ema: bool = False, generator: Generators = None):
+    def run_generator(self, sentence: Tensor, *, ema: bool = False, generator: Generators = None, **unused):
         return self._stages(sentence, ema, generator)[1]
 
     @torch.no_grad()

@@ -20,8 +20,8 @@ from .noise import Generators, randn
 
 class GeneratorOutput(NamedTuple):
     images: list[Tensor]  # (b, 3, s, s) in [-1, 1], lowest resolution first
-    mu: Tensor  # (b, cond_dim)
-    logvar: Tensor  # (b, cond_dim)
+    mu: Tensor | None  # (b, cond_dim); None for a generator without conditioning augmentation
+    logvar: Tensor | None  # (b, cond_dim)
 
 
 class ConditioningAugmentation(nn.Module):

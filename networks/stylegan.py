@@ -1,8 +1,8 @@
 """Building blocks of a text-conditional StyleGAN with BigGAN's tools (StyleGAN2, StyleGAN-T,
 BigGAN): the mapping network from a latent and a pooled text embedding to a style ``w``,
 modulated and demodulated convolutions, BigGAN's orthogonal regularisation, and the truncation
-trick towards a prompt's mean ``w``. (The generator, the discriminator and their LightningModule
-are not built yet; these parts are tested on their own in ``tests/test_stylegan.py``.)
+trick towards a prompt's mean ``w``, and the generator built from them (``StyleGenerator``),
+trained by ``lightning_modules.gan.TextToImageGAN`` against its matching-aware discriminator.
 """
 
 from __future__ import annotations
@@ -13,6 +13,9 @@ from collections.abc import Iterable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .noise import Generators, randn
+from .stackgan import GeneratorOutput, _log2_steps
 
 
 def normalize_2nd_moment(x: Tensor, eps: float = 1e-8) -> Tensor:
@@ -110,3 +113,125 @@ def truncate(w: Tensor, centre: Tensor, psi: float) -> Tensor:
     if not 0 <= psi <= 1:
         raise ValueError(f"truncation psi must be in [0, 1], got {psi}")
     return torch.lerp(centre, w, psi)
+
+
+class StyledLayer(nn.Module):
+    """A modulated 3x3 convolution, per-pixel noise (its strength per channel learned from 0), a
+    bias and a leaky ReLU: one layer of StyleGAN2's synthesis network."""
+
+    def __init__(self, in_channels: int, out_channels: int, w_dim: int):
+        super().__init__()
+        self.conv = ModulatedConv2d(in_channels, out_channels, 3, w_dim)
+        self.noise_strength = nn.Parameter(torch.zeros(out_channels))
+        self.bias = nn.Parameter(torch.zeros(out_channels))
+
+    def forward(self, x: Tensor, w: Tensor, noise: Tensor) -> Tensor:
+        x = self.conv(x, w) + self.noise_strength[:, None, None] * noise
+        return F.leaky_relu(x + self.bias[:, None, None], 0.2) * math.sqrt(2)
+
+
+class TextCrossAttention(nn.Module):
+    """Image positions attend to the caption's tokens (StyleGAN-T and GigaGAN at low
+    resolutions), added through a gate that starts at 0 (the block starts as the identity)."""
+
+    def __init__(self, channels: int, text_dim: int, heads: int = 4):
+        super().__init__()
+        self.norm = nn.GroupNorm(1, channels)
+        self.attention = nn.MultiheadAttention(channels, heads, kdim=text_dim, vdim=text_dim, batch_first=True)
+        self.gate = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: Tensor, tokens: Tensor, mask: Tensor | None) -> Tensor:
+        b, c, h, w = x.shape
+        query = self.norm(x).flatten(2).transpose(1, 2)  # (b, h*w, c)
+        out, _ = self.attention(query, tokens, tokens, key_padding_mask=None if mask is None else ~mask, need_weights=False)
+        return x + self.gate * out.transpose(1, 2).reshape(b, c, h, w)
+
+
+class StyleGenerator(nn.Module):
+    """A text-conditional StyleGAN2 generator (skip architecture): a learned 4x4 constant, then per
+    resolution up to ``image_size`` a bilinear 2x upsampling and two ``StyledLayer``s, each block
+    adding its RGB to the upsampled RGB so far. ``w`` comes from ``MappingNetwork(z, sentence)``.
+
+    Args:
+        text_dim: the text encoder's pooled (and token) size.
+        image_size: output side (4 times a power of two).
+        z_dim: latent size.
+        w_dim: style size.
+        channels: channels at 4x4, halved per block from 32 px on (at least ``channels // 8``).
+        mapping_layers: depth of the mapping network.
+        attention_resolutions: sides at which the image attends to the caption's tokens
+            (``TextCrossAttention`` after each block of that side); empty: the pooled text alone.
+        heads: attention heads.
+        hierarchical: BigGAN's hierarchical latents: ``z`` is split into a chunk for the mapping
+            network and one per block, whose projection (from 0) is added to that block's ``w``.
+
+    ``forward(z, sentence, generator=rng, tokens=..., mask=..., truncation=psi)`` returns a
+    ``GeneratorOutput`` with one image (``mu``/``logvar`` None: no conditioning augmentation).
+    ``truncation`` (in [0, 1]) pulls ``w`` towards the prompt's mean ``w`` (``mean_w``, over a
+    fixed draw of latents) and scales the hierarchical chunks' contributions and the per-pixel
+    noise by the same factor (their mean is 0), so that ``truncation=0`` draws the prompt's mean
+    image whatever the seed.
+    """
+
+    def __init__(self, text_dim: int, image_size: int = 32, z_dim: int = 64, w_dim: int = 256,
+                 channels: int = 256, mapping_layers: int = 4, attention_resolutions: tuple[int, ...] = (8,),
+                 heads: int = 4, hierarchical: bool = False):  # fmt: skip
+        super().__init__()
+        self.image_size, self.hierarchical = image_size, hierarchical
+        blocks = _log2_steps(image_size, 4, "generator image size")
+        self.chunk = z_dim // (blocks + 1) if hierarchical else 0
+        if hierarchical and self.chunk < 1:
+            raise ValueError(f"hierarchical latents need z_dim >= {blocks + 1} (one chunk per block and one to map)")
+        self.z_dim = z_dim
+        self.mapping = MappingNetwork(z_dim - blocks * self.chunk, text_dim, w_dim, mapping_layers)
+        widths = [max(channels >> max(0, i - 2), channels // 8) for i in range(blocks + 1)]  # 4, 8, 16 px: channels
+        self.const = nn.Parameter(torch.randn(channels, 4, 4))
+        self.first = StyledLayer(channels, widths[0], w_dim)
+        self.first_rgb = ModulatedConv2d(widths[0], 3, 1, w_dim, demodulate=False)
+        self.layers = nn.ModuleList(
+            nn.ModuleList([StyledLayer(a, b, w_dim), StyledLayer(b, b, w_dim)]) for a, b in zip(widths, widths[1:])
+        )
+        self.to_rgb = nn.ModuleList(ModulatedConv2d(b, 3, 1, w_dim, demodulate=False) for b in widths[1:])
+        self.attention = nn.ModuleDict(
+            {str(i): TextCrossAttention(widths[i], text_dim, heads) for i in range(blocks + 1) if 4 << i in attention_resolutions}
+        )  # fmt: skip
+        unknown = set(attention_resolutions) - {4 << i for i in range(blocks + 1)}
+        if unknown:
+            raise ValueError(f"attention_resolutions {sorted(unknown)} are not sides of this generator (4 to {image_size})")
+        self.uses_tokens = bool(self.attention)
+        self.block_latent = nn.ModuleList(nn.Linear(self.chunk, w_dim) for _ in range(blocks if hierarchical else 0))
+        for layer in self.block_latent:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def styles(self, z: Tensor, sentence: Tensor, truncation: float = 1.0) -> list[Tensor]:
+        """The ``w`` of every block (the 4x4 one first), truncated towards the prompt's mean."""
+        mapped = z[:, : self.mapping.z_dim]
+        w = self.mapping(mapped, sentence)
+        if truncation != 1.0:
+            w = truncate(w, mean_w(self.mapping, sentence, generator=torch.Generator(sentence.device).manual_seed(0)), truncation)
+        chunks = z[:, self.mapping.z_dim :].split(self.chunk, dim=1) if self.hierarchical else []
+        return [w] + [w + truncation * proj(c) for proj, c in zip(self.block_latent, chunks)] if chunks else [w] * (1 + len(self.layers))
+
+    def forward(self, z: Tensor, sentence: Tensor, generator: Generators = None, tokens: Tensor | None = None,
+                mask: Tensor | None = None, truncation: float = 1.0) -> GeneratorOutput:  # fmt: skip
+        if self.uses_tokens and tokens is None:
+            raise ValueError("this generator attends to the caption's tokens (attention_resolutions): pass tokens=")
+        ws = self.styles(z, sentence, truncation)
+        b = z.shape[0]
+
+        def noise(side: int) -> Tensor:
+            return truncation * randn((b, 1, side, side), generator, device=z.device, dtype=z.dtype)
+
+        x = self.first(self.const.expand(b, -1, -1, -1), ws[0], noise(4))
+        if "0" in self.attention:
+            x = self.attention["0"](x, tokens, mask)
+        rgb = self.first_rgb(x, ws[0])
+        for i, ((a, c), to_rgb) in enumerate(zip(self.layers, self.to_rgb), start=1):
+            x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+            side = x.shape[-1]
+            x = c(a(x, ws[i], noise(side)), ws[i], noise(side))
+            if str(i) in self.attention:
+                x = self.attention[str(i)](x, tokens, mask)
+            rgb = F.interpolate(rgb, scale_factor=2, mode="bilinear", align_corners=False) + to_rgb(x, ws[i])
+        return GeneratorOutput([torch.tanh(rgb)], None, None)

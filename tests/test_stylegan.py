@@ -1,9 +1,10 @@
-"""The text-conditional StyleGAN's parts: demodulation, orthogonal regularisation, truncation."""
+"""The text-conditional StyleGAN: its parts (demodulation, orthogonal regularisation, truncation)
+and the generator trained by TextToImageGAN (truncation, per-prompt seeds, text cross-attention)."""
 
 import pytest
 import torch
 
-from networks.stylegan import MappingNetwork, ModulatedConv2d, mean_w, orthogonal_penalty, truncate
+from networks.stylegan import MappingNetwork, ModulatedConv2d, StyleGenerator, mean_w, orthogonal_penalty, truncate
 
 
 @pytest.mark.parametrize("demodulate", [True, False])
@@ -63,3 +64,89 @@ def test_truncation_at_zero_gives_the_prompts_mean_style_for_every_latent_and_at
     assert torch.allclose(centre, many, atol=0.05)  # the mean of w over latents
     with pytest.raises(ValueError, match="psi"):
         truncate(ws[0], centre, 1.5)
+
+
+def _gan(ortho_weight: float = 0.0, attention=(4, 8), hierarchical=True, live_noise=True):
+    from lightning_modules.gan import TextToImageGAN
+    from networks.stackgan import MatchingAwareDiscriminator
+    from networks.text_encoders import TransformerTextEncoder
+
+    torch.manual_seed(0)
+    g = StyleGenerator(text_dim=16, image_size=16, z_dim=12, w_dim=16, channels=16, mapping_layers=1,
+                       attention_resolutions=attention, heads=2, hierarchical=hierarchical)  # fmt: skip
+    if live_noise:  # as after training: the noise, the latent chunks and the text attention all matter
+        with torch.no_grad():
+            for name, p in g.named_parameters():
+                if "noise_strength" in name or name.endswith("gate") or "block_latent" in name:
+                    p.normal_(0, 1.0)
+    d = MatchingAwareDiscriminator(text_dim=16, image_size=16, channels=8, cond_dim=8, norm="none")
+    text = TransformerTextEncoder(width=16, depth=1, heads=2, max_length=24, tokenizer="byte")
+    gan = TextToImageGAN(g, [d], text, loss="hinge", ortho_weight=ortho_weight)
+    gan.ema_generator.load_state_dict(g.state_dict())
+    return gan.eval()
+
+
+PROMPTS = ["a red circle", "a blue square", "a green triangle"]
+
+
+def test_truncation_at_zero_gives_the_prompts_mean_image_for_every_seed():
+    gan = _gan()
+    free = gan.generate([PROMPTS[0]] * 3, seed=[1, 2, 3])
+    assert (free[0] - free[1]).abs().max() > 1e-2 and (free[1] - free[2]).abs().max() > 1e-2
+    mean = gan.generate([PROMPTS[0]] * 3, seed=[1, 2, 3], truncation=0.0)
+    assert torch.allclose(mean[0], mean[1], atol=1e-5) and torch.allclose(mean[0], mean[2], atol=1e-5)
+    other = gan.generate([PROMPTS[1]], seed=[1], truncation=0.0)
+    assert (other[0] - mean[0]).abs().max() > 1e-2  # the mean image is the prompt's
+    half = gan.generate([PROMPTS[0]] * 3, seed=[1, 2, 3], truncation=0.5)
+    spread = lambda x: (x - x.mean(0)).square().mean()  # noqa: E731
+    assert spread(mean) < spread(half) < spread(free)  # less diverse as psi falls
+
+
+def test_generate_is_independent_of_the_batch_with_per_prompt_seeds():
+    gan = _gan()
+    batch = gan.generate(PROMPTS, seed=[5, 6, 7])
+    alone = gan.generate(PROMPTS[1:2], seed=[6])
+    assert torch.allclose(batch[1], alone[0], atol=1e-5)
+    assert torch.equal(gan.generate(PROMPTS, seed=[5, 6, 7]), batch)  # a seed repeats the image
+
+
+def test_the_image_attends_to_the_captions_tokens_and_a_closed_gate_is_the_identity():
+    gan = _gan()
+    g, encoding = gan.generator_net, gan.encode(PROMPTS[:2])
+    z = torch.randn(2, g.z_dim)
+    out = g(z, encoding.pooled, generator=torch.Generator().manual_seed(0), tokens=encoding.tokens, mask=encoding.mask)
+    shuffled = g(z, encoding.pooled, generator=torch.Generator().manual_seed(0), tokens=encoding.tokens.flip(0), mask=encoding.mask.flip(0))
+    assert (out.images[0] - shuffled.images[0]).abs().max() > 1e-3  # the tokens, not only the pooled vector, matter
+    with torch.no_grad():
+        for block in g.attention.values():
+            block.gate.zero_()
+    out = g(z, encoding.pooled, generator=torch.Generator().manual_seed(0), tokens=encoding.tokens, mask=encoding.mask)
+    shuffled = g(z, encoding.pooled, generator=torch.Generator().manual_seed(0), tokens=encoding.tokens.flip(0), mask=encoding.mask.flip(0))
+    assert torch.equal(out.images[0], shuffled.images[0])
+    with pytest.raises(ValueError, match="tokens"):
+        g(z, encoding.pooled)
+    with pytest.raises(ValueError, match="attention_resolutions"):
+        StyleGenerator(text_dim=16, image_size=16, attention_resolutions=(32,))
+
+
+def test_the_generator_loss_adds_biggans_orthogonal_penalty_and_no_kl_term():
+    plain, ortho = _gan(), _gan(ortho_weight=1e-3)
+    encoding = plain.encode(PROMPTS)
+    out = plain.run_generator(encoding.pooled, generator=torch.Generator().manual_seed(0), context=encoding)
+    loss, logs = plain.g_loss(out, encoding.pooled)
+    loss_ortho, logs_ortho = ortho.g_loss(out, encoding.pooled)
+    expected = orthogonal_penalty(ortho.generator_net.parameters(), 1e-3)
+    assert torch.allclose(loss_ortho - loss, expected) and "kl" not in logs and torch.isclose(logs_ortho["ortho"], expected)
+
+
+def test_truncation_on_a_generator_without_it_names_the_problem():
+    from lightning_modules.gan import TextToImageGAN
+    from networks.stackgan import MatchingAwareDiscriminator, StageIGenerator
+    from networks.text_encoders import TransformerTextEncoder
+
+    text = TransformerTextEncoder(width=16, depth=1, heads=2, max_length=24, tokenizer="byte")
+    gan = TextToImageGAN(StageIGenerator(text_dim=16, image_size=16, z_dim=8, cond_dim=8, channels=32),
+                         [MatchingAwareDiscriminator(text_dim=16, image_size=16, channels=8, cond_dim=8)], text)  # fmt: skip
+    assert gan.generate(PROMPTS[:1], seed=0).shape == (1, 3, 16, 16)
+    with pytest.raises(ValueError, match="no truncation trick"):
+        gan.generate(PROMPTS[:1], seed=0, truncation=0.5)
