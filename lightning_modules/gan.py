@@ -106,7 +106,8 @@ class TextToImageGAN(ManualOptimization, TextToImageModule):
             trainable text encoder (at each discriminator step); ``generate`` and the sample
             grids use the two EMAs together.
         ortho_weight: BigGAN's orthogonal regularisation of the generator's weight matrices
-            (``networks.stylegan.orthogonal_penalty``; BigGAN: 1e-4; 0 disables).
+            (``networks.stylegan.orthogonal_penalty`` over the generator's ``ortho_weights()``,
+            or all its parameters; BigGAN: 1e-4; 0 disables).
 
     A generator with ``uses_tokens`` (``networks.stylegan.StyleGenerator`` with text
     cross-attention) also gets the caption's tokens and mask (detached, as the pooled vector is);
@@ -245,7 +246,8 @@ class TextToImageGAN(ManualOptimization, TextToImageModule):
         if self.ortho_weight:
             from networks.stylegan import orthogonal_penalty
 
-            ortho = orthogonal_penalty(self.generator_net.parameters(), self.ortho_weight)
+            net = self.generator_net  # its own choice of matrices (e.g. effective weights), else all of them
+            ortho = orthogonal_penalty(getattr(net, "ortho_weights", net.parameters)(), self.ortho_weight)
             logs["ortho"] = ortho.detach()
             total = total + ortho
         if self.colour_weight and len(out.images) > 1:
