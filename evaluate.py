@@ -465,8 +465,12 @@ def judge_independence_problems(cfg: dict) -> tuple[list[str], list[str]]:
     if run is None:
         return [], [f"the judge {judge} has no run config.yaml beside it: its seed and data cannot be checked"]
     errors, notes, seed = [], [], run.get("seed_everything")
+    if seed is None:
+        notes.append(f"the judge {judge}'s run config.yaml records no seed_everything: its seed cannot be checked")
     for spec in cfg["methods"]:
-        for path in dict.fromkeys(_checkpoints_of(spec) + list(clips_used(spec))):
+        named = _checkpoints_of(spec) + list(clips_used(spec))
+        named += [p for path in named for p in _named_in_hparams(path)]  # an autoencoder a prior names
+        for path in dict.fromkeys(named):
             theirs = _run_config(path) if os.path.isfile(path) else None
             if theirs is None:
                 notes.append(f"methods[{spec['name']}]: {path} has no run config.yaml: its seed cannot be checked against the judge's")
@@ -479,6 +483,24 @@ def judge_independence_problems(cfg: dict) -> tuple[list[str], list[str]]:
                       "other drawings of the designs (data.init_args.render_seed: N, renders: K; "
                       "configs/compare/openmoji.yaml's openmoji_clip_judge)")  # fmt: skip
     return errors, notes
+
+
+def _named_in_hparams(path: str) -> list[str]:
+    """The checkpoint files a checkpoint's hyperparameters name (e.g. a prior's autoencoder)."""
+    try:
+        hparams = read_checkpoint(path).get("hyper_parameters") or {}
+    except Exception:  # noqa: BLE001 - not a readable checkpoint: it names nothing
+        return []
+    found, stack = [], [hparams]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            stack.extend(value.values())
+        elif isinstance(value, (list, tuple)):
+            stack.extend(value)
+        elif isinstance(value, str) and value.endswith(".ckpt") and os.path.isfile(value):
+            found.append(value)
+    return found
 
 
 def judge_note(spec: dict) -> str | None:
@@ -701,6 +723,14 @@ def main(argv: list[str] | None = None) -> int:
             if not cfg.get("train"):
                 raise ConfigProblem(f"--train: {args.config} has no train section (see evaluation/retrain.py)")
             retrain.train_all(cfg, log=lambda line: print(line, flush=True))
+        # what the config's files say (the judge's and the methods' runs), before any model is loaded
+        errors, notes = judge_problems(cfg)
+        own_errors, own_notes = judge_independence_problems(cfg)
+        errors = errors + own_errors + selection_problems(cfg)
+        errors += data_version_problems(cfg) if cfg["dataset"] == "shapes" else openmoji_data_problems(cfg)
+        notes = notes + own_notes
+        if errors:
+            raise ConfigProblem("; ".join(errors))
         clip = None
         if cfg.get("clip"):
             from lightning_modules.clip import load_clip
@@ -712,12 +742,8 @@ def main(argv: list[str] | None = None) -> int:
             from networks.perceptual import PerceptualLoss
 
             lpips = PerceptualLoss(cfg["lpips"], option="lpips")
-        errors, notes = sample_problems(protocol, extractors)
-        judge_errors, judge_notes = judge_problems(cfg)
-        own_errors, own_notes = judge_independence_problems(cfg)
-        errors = errors + judge_errors + own_errors + selection_problems(cfg)
-        errors += data_version_problems(cfg) if cfg["dataset"] == "shapes" else openmoji_data_problems(cfg)
-        notes = notes + judge_notes + own_notes
+        errors, sample_notes = sample_problems(protocol, extractors)
+        notes = sample_notes + notes
         if errors:
             raise ConfigProblem("; ".join(errors))
         for note in notes:

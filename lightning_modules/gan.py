@@ -61,6 +61,13 @@ def generator_loss(fake: Tensor, kind: AdversarialLoss) -> Tensor:
     return F.binary_cross_entropy_with_logits(fake, torch.ones_like(fake))  # the non-saturating loss
 
 
+def mode_seeking_loss(a: Tensor, b: Tensor, z_a: Tensor, z_b: Tensor, eps: float = 1e-5) -> Tensor:
+    """MSGAN's mode-seeking term (Mao et al., 2019): ``1 / (mean|a - b| / mean|z_a - z_b| + eps)``
+    for images ``a`` and ``b`` drawn for the same captions from latents ``z_a`` and ``z_b``. It is
+    large when the image ignores the latent (mode collapse) and falls as images spread apart."""
+    return 1 / ((a - b).abs().mean() / (z_a - z_b).abs().mean() + eps)
+
+
 def matching_aware_gradient_penalty(
     discriminator: nn.Module, real: Tensor, sentence: Tensor, power: float = 6.0
 ) -> Tensor:
@@ -105,6 +112,9 @@ class TextToImageGAN(ManualOptimization, TextToImageModule):
         ema_decay: decay of the EMA of the generator (updated at each generator step) and of a
             trainable text encoder (at each discriminator step); ``generate`` and the sample
             grids use the two EMAs together.
+        mode_seeking_weight: weight of MSGAN's mode-seeking term (``mode_seeking_loss``) between
+            two images of half the batch's captions from two latents (0 disables; MSGAN: 1). It
+            costs half a generator pass more per generator step.
         ortho_weight: BigGAN's orthogonal regularisation of the generator's weight matrices
             (``networks.stylegan.orthogonal_penalty`` over the generator's ``ortho_weights()``,
             or all its parameters; BigGAN: 1e-4; 0 disables).
@@ -137,6 +147,7 @@ class TextToImageGAN(ManualOptimization, TextToImageModule):
         d_clip_norm: float | None = None,
         ema_decay: float = 0.999,
         ortho_weight: float = 0.0,
+        mode_seeking_weight: float = 0.0,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=list(self._derived_arguments))
@@ -156,6 +167,7 @@ class TextToImageGAN(ManualOptimization, TextToImageModule):
         self.loss_kind, self.kl_weight, self.uncond_weight = loss, kl_weight, uncond_weight
         self.colour_weight, self.ma_gp_weight, self.ma_gp_power = colour_weight, ma_gp_weight, ma_gp_power
         self.d_steps_per_g_step, self.ema_decay, self.ortho_weight = d_steps_per_g_step, ema_decay, ortho_weight
+        self.mode_seeking_weight = mode_seeking_weight
         self._check_dims()
 
     def _check_dims(self) -> None:
@@ -184,12 +196,14 @@ class TextToImageGAN(ManualOptimization, TextToImageModule):
 
     def run_generator(
         self, sentence: Tensor, *, ema: bool = False, generator: Generators = None,
-        context: TextEncoding | None = None, **options,
+        context: TextEncoding | None = None, z: Tensor | None = None, **options,
     ) -> GeneratorOutput:  # fmt: skip
-        """The generator's output for ``sentence``; a generator that ``uses_tokens`` also gets
-        ``context``'s tokens and mask (detached); ``options`` (e.g. ``truncation``) go to it."""
+        """The generator's output for ``sentence`` (from latents ``z``, drawn when None); a generator
+        that ``uses_tokens`` also gets ``context``'s tokens and mask (detached); ``options`` (e.g.
+        ``truncation``) go to it."""
         net = self.ema_generator if ema else self.generator_net
-        z = randn((sentence.shape[0], net.z_dim), generator, device=sentence.device)
+        if z is None:
+            z = randn((sentence.shape[0], net.z_dim), generator, device=sentence.device)
         if getattr(net, "uses_tokens", False):
             if context is None:
                 raise ValueError("this generator attends to the caption's tokens: pass the encoding as context=")
@@ -275,8 +289,17 @@ class TextToImageGAN(ManualOptimization, TextToImageModule):
             with self.toggled_optimizer(g_opt):
                 # the D step's encoding, detached: the generator does not train the encoder
                 sentence = sentence.detach()
-                out = self.run_generator(sentence, context=encoding)
+                z = randn((b, self.generator_net.z_dim), None, device=sentence.device) if self.mode_seeking_weight else None
+                out = self.run_generator(sentence, context=encoding, z=z)
                 g_loss, g_logs = self.g_loss(out, sentence)
+                if z is not None:  # a second image for half the captions, from another z
+                    h = max(1, b // 2)
+                    z2 = randn((h, z.shape[1]), None, device=z.device)
+                    half = TextEncoding(*(x[:h] for x in encoding))
+                    other = self.run_generator(sentence[:h], context=half, z=z2).images[-1]
+                    seeking = mode_seeking_loss(out.images[-1][:h], other, z[:h], z2)
+                    g_logs["mode_seeking"] = seeking.detach()
+                    g_loss = g_loss + self.mode_seeking_weight * seeking
                 self.step_optimizer("g", g_loss)
             decay = ema_decay(self.ema_decay, self.steps["g"])
             ema_update(self.ema_generator, self.generator_net, decay)

@@ -112,6 +112,9 @@ def test_make_shards_builds_openmoji_from_the_command_line(tmp_path, monkeypatch
     manifest = json.loads((tmp_path / "judge" / "manifest.json").read_text())
     assert (manifest["hold_out"], manifest["render_seed"], manifest["renders"]) == (False, 2, 3)
     assert O.counts(str(tmp_path / "judge"))["train"] == 3 * 60
+    with pytest.raises(SystemExit):  # a judge's data needs other drawings than the methods'
+        convert.main(["openmoji", str(tmp_path / "centred_judge"), "--resolution", "16", "--judge"])
+    assert "--judge needs --render-seed" in capsys.readouterr().err and not (tmp_path / "centred_judge").exists()
 
 
 @pytest.mark.parametrize("resolution", [32, 64])
@@ -241,3 +244,5 @@ def test_a_judges_jittered_data_draws_the_same_designs_k_times_and_says_so_in_it
     assert any(n.endswith("-r1.png") for n in names) and len({n.split(".")[0] for n in names}) == jitter["train"]
     with pytest.raises(ValueError, match="with a render_seed"):
         O.write_openmoji_shards(str(tmp_path / "copies"), resolution=16, limit=80, renders=2)
+    with pytest.raises(ValueError, match="render_seed -1"):
+        O.write_openmoji_shards(str(tmp_path / "negative"), resolution=16, limit=80, render_seed=-1)

@@ -209,7 +209,7 @@ def test_an_openmoji_config_refuses_a_method_trained_on_other_data_or_on_the_hel
     assert "needs data_root" in capsys.readouterr().err
 
 
-def test_a_judge_sharing_a_methods_seed_or_drawn_like_the_methods_data_is_refused(data, tmp_path):
+def test_a_judge_sharing_a_methods_seed_or_drawn_like_the_methods_data_is_refused(data, tmp_path, capsys):
     def run(name: str, seed: int | None, clip: bool = False, data_args: dict | None = None, config: bool = True) -> str:
         os.makedirs(tmp_path / name / "checkpoints")
         path = str(tmp_path / name / "checkpoints" / "last.ckpt")
@@ -243,3 +243,19 @@ def test_a_judge_sharing_a_methods_seed_or_drawn_like_the_methods_data_is_refuse
     assert "seed and data cannot be checked" in notes[0]
     errors, _ = evaluate.judge_independence_problems({**cfg, "dataset": "shapes", "clip": centred})
     assert len(errors) == 2  # on shapes, the seed alone (the shapes judge draws its own data_seed)
+    # an autoencoder named inside a method's checkpoint (a prior's) is checked too
+    autoencoder = run("autoencoder", 1001)
+    prior = str(tmp_path / "prior.ckpt")
+    torch.save({"hyper_parameters": {"autoencoder": autoencoder}}, prior)
+    errors, _ = evaluate.judge_independence_problems({**cfg, "methods": [{"name": "ar", "checkpoint": prior}], "clip": jittered})
+    assert len(errors) == 1 and "autoencoder" in errors[0]
+    no_seed = run("no_seed", None, clip=True, data_args={"render_seed": 7})
+    _, notes = evaluate.judge_independence_problems({**cfg, "methods": [], "clip": no_seed})
+    assert "records no seed_everything" in notes[0]
+    # and evaluate.py refuses before any work, naming the problem
+    config = tmp_path / "refused.yaml"
+    config.write_text(yaml.safe_dump({"dataset": "openmoji", "data_root": data, "output": str(tmp_path / "out"),
+                                      "prompt_sets": ["tone"], "clip": centred, "cache": None, "wandb": {"enabled": False},
+                                      "methods": [{"name": "gen", "checkpoint": gen}]}))  # fmt: skip
+    assert evaluate.main(["--config", str(config)]) == 2
+    assert "render_seed" in capsys.readouterr().err and not (tmp_path / "out" / "results.json").exists()

@@ -151,3 +151,28 @@ def test_truncation_on_a_generator_without_it_names_the_problem():
     assert gan.generate(PROMPTS[:1], seed=0).shape == (1, 3, 16, 16)
     with pytest.raises(ValueError, match="no truncation trick"):
         gan.generate(PROMPTS[:1], seed=0, truncation=0.5)
+
+
+def test_the_mode_seeking_term_is_msgans_ratio_and_punishes_a_generator_that_ignores_z():
+    from lightning_modules.gan import mode_seeking_loss
+
+    a, b = torch.zeros(2, 3, 4, 4), torch.full((2, 3, 4, 4), 0.5)
+    za, zb = torch.zeros(2, 8), torch.full((2, 8), 2.0)
+    assert torch.isclose(mode_seeking_loss(a, b, za, zb, eps=0.0), torch.tensor(2.0 / 0.5))  # 1 / (0.5 / 2)
+    assert mode_seeking_loss(a, a + 1e-4, za, zb) > 1000  # the same image for two latents: collapse
+    assert mode_seeking_loss(a, b + 0.5, za, zb) < mode_seeking_loss(a, b, za, zb)  # images further apart
+
+
+def test_a_generator_step_with_mode_seeking_logs_it_and_trains_the_generator(tmp_path):
+    import lightning as L
+
+    gan = _gan()
+    gan.mode_seeking_weight = 1.0
+    gan.train()
+    batch = {"caption": PROMPTS + PROMPTS[:1], "image": torch.rand(4, 3, 16, 16) * 2 - 1}
+    trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0)  # fmt: skip
+    g_before = [p.detach().clone() for p in gan.generator_net.parameters()]
+    trainer.fit(gan, train_dataloaders=torch.utils.data.DataLoader([batch, batch], batch_size=None))
+    assert "train/mode_seeking" in trainer.callback_metrics
+    assert any(not torch.equal(a, p) for a, p in zip(g_before, gan.generator_net.parameters()))
