@@ -4,7 +4,14 @@ and the generator trained by TextToImageGAN (truncation, per-prompt seeds, text 
 import pytest
 import torch
 
-from networks.stylegan import MappingNetwork, ModulatedConv2d, StyleGenerator, mean_w, orthogonal_penalty, truncate
+from networks.stylegan import (
+    MappingNetwork,
+    ModulatedConv2d,
+    StyleGenerator,
+    mean_w,
+    orthogonal_penalty,
+    truncate,
+)
 
 
 @pytest.mark.parametrize("demodulate", [True, False])
