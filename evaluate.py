@@ -459,14 +459,16 @@ def judge_independence_problems(cfg: dict) -> tuple[list[str], list[str]]:
     from evaluation.lineage import clips_used
 
     judge = cfg.get("clip")
-    if not judge or not os.path.isfile(judge):
-        return [], []
+    if not judge or not os.path.isfile(judge) or not _is_clip(judge):
+        return [], []  # no judge, or not a CLIP: load_clip names that problem
     run = _run_config(judge)
     if run is None:
         return [], [f"the judge {judge} has no run config.yaml beside it: its seed and data cannot be checked"]
     errors, notes, seed = [], [], run.get("seed_everything")
-    if seed is None:
-        notes.append(f"the judge {judge}'s run config.yaml records no seed_everything: its seed cannot be checked")
+    if not isinstance(seed, int) or isinstance(seed, bool):  # absent, or true/false (a random seed)
+        notes.append(f"the judge {judge}'s run config.yaml records no fixed seed_everything ({seed!r}): "
+                     "its seed cannot be checked")  # fmt: skip
+        seed = None
     for spec in cfg["methods"]:
         named = _checkpoints_of(spec) + list(clips_used(spec))
         named += [p for path in named for p in _named_in_hparams(path)]  # an autoencoder a prior names
@@ -483,6 +485,15 @@ def judge_independence_problems(cfg: dict) -> tuple[list[str], list[str]]:
                       "other drawings of the designs (data.init_args.render_seed: N, renders: K; "
                       "configs/compare/openmoji.yaml's openmoji_clip_judge)")  # fmt: skip
     return errors, notes
+
+
+def _is_clip(path: str) -> bool:
+    """Whether a checkpoint is a CLIP's (both towers in its hyperparameters)."""
+    try:
+        hparams = read_checkpoint(path).get("hyper_parameters") or {}
+    except Exception:  # noqa: BLE001 - unreadable: load_clip says why
+        return False
+    return "image_tower" in hparams and "text_tower" in hparams
 
 
 def _named_in_hparams(path: str) -> list[str]:

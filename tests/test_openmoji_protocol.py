@@ -239,7 +239,7 @@ def test_a_judge_sharing_a_methods_seed_or_drawn_like_the_methods_data_is_refuse
     errors, notes = evaluate.judge_independence_problems({**cfg, "methods": [{"name": "u", "checkpoint": unknown}],
                                                           "clip": jittered})  # fmt: skip
     assert errors == [] and "no run config.yaml" in notes[0]
-    _, notes = evaluate.judge_independence_problems({**cfg, "clip": unknown})
+    _, notes = evaluate.judge_independence_problems({**cfg, "clip": run("unknown_clip", None, clip=True, config=False)})
     assert "seed and data cannot be checked" in notes[0]
     errors, _ = evaluate.judge_independence_problems({**cfg, "dataset": "shapes", "clip": centred})
     assert len(errors) == 2  # on shapes, the seed alone (the shapes judge draws its own data_seed)
@@ -251,7 +251,8 @@ def test_a_judge_sharing_a_methods_seed_or_drawn_like_the_methods_data_is_refuse
     assert len(errors) == 1 and "autoencoder" in errors[0]
     no_seed = run("no_seed", None, clip=True, data_args={"render_seed": 7})
     _, notes = evaluate.judge_independence_problems({**cfg, "methods": [], "clip": no_seed})
-    assert "records no seed_everything" in notes[0]
+    assert "records no fixed seed_everything" in notes[0]
+    assert evaluate.judge_independence_problems({**cfg, "clip": gen}) == ([], [])  # not a CLIP: load_clip's error
     # and evaluate.py refuses before any work, naming the problem
     config = tmp_path / "refused.yaml"
     config.write_text(yaml.safe_dump({"dataset": "openmoji", "data_root": data, "output": str(tmp_path / "out"),
