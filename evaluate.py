@@ -56,7 +56,7 @@ from evaluation.harness import (
     sample_problems,
     training_budget,
 )
-from evaluation.lineage import judge_problems, read_checkpoint
+from evaluation.lineage import checkpoints_named, is_clip, judge_problems, read_checkpoint
 
 TOP_KEYS = {
     "dataset": "the data the protocol measures: shapes (default) or openmoji",
@@ -459,7 +459,7 @@ def judge_independence_problems(cfg: dict) -> tuple[list[str], list[str]]:
     from evaluation.lineage import clips_used
 
     judge = cfg.get("clip")
-    if not judge or not os.path.isfile(judge) or not _is_clip(judge):
+    if not judge or not os.path.isfile(judge) or not is_clip(judge):
         return [], []  # no judge, or not a CLIP: load_clip names that problem
     run = _run_config(judge)
     if run is None:
@@ -471,7 +471,7 @@ def judge_independence_problems(cfg: dict) -> tuple[list[str], list[str]]:
         seed = None
     for spec in cfg["methods"]:
         named = _checkpoints_of(spec) + list(clips_used(spec))
-        named += [p for path in named for p in _named_in_hparams(path)]  # an autoencoder a prior names
+        named += [p for path in named for p in checkpoints_named(path)]  # an autoencoder a prior names
         for path in dict.fromkeys(named):
             theirs = _run_config(path) if os.path.isfile(path) else None
             if theirs is None:
@@ -485,33 +485,6 @@ def judge_independence_problems(cfg: dict) -> tuple[list[str], list[str]]:
                       "other drawings of the designs (data.init_args.render_seed: N, renders: K; "
                       "configs/compare/openmoji.yaml's openmoji_clip_judge)")  # fmt: skip
     return errors, notes
-
-
-def _is_clip(path: str) -> bool:
-    """Whether a checkpoint is a CLIP's (both towers in its hyperparameters)."""
-    try:
-        hparams = read_checkpoint(path).get("hyper_parameters") or {}
-    except Exception:  # noqa: BLE001 - unreadable: load_clip says why
-        return False
-    return "image_tower" in hparams and "text_tower" in hparams
-
-
-def _named_in_hparams(path: str) -> list[str]:
-    """The checkpoint files a checkpoint's hyperparameters name (e.g. a prior's autoencoder)."""
-    try:
-        hparams = read_checkpoint(path).get("hyper_parameters") or {}
-    except Exception:  # noqa: BLE001 - not a readable checkpoint: it names nothing
-        return []
-    found, stack = [], [hparams]
-    while stack:
-        value = stack.pop()
-        if isinstance(value, dict):
-            stack.extend(value.values())
-        elif isinstance(value, (list, tuple)):
-            stack.extend(value)
-        elif isinstance(value, str) and value.endswith(".ckpt") and os.path.isfile(value):
-            found.append(value)
-    return found
 
 
 def judge_note(spec: dict) -> str | None:

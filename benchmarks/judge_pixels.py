@@ -36,7 +36,7 @@ def test_designs(root: str, part: str = "test") -> list[tuple[O.Design, str]]:
 
 def drawings(designs: list[O.Design], resolution: int, render_seed: int | None) -> torch.Tensor:
     """(n, 3, s, s) in [-1, 1]: each design drawn centred (``render_seed`` None) or jittered."""
-    font = O.ImageFont.truetype(O.font_path(), int(resolution * O.SUPERSAMPLE * (1 - 2 * O.PADDING) * 0.85))
+    font = O.design_font(resolution)
     images = [np.asarray(O.render(d, resolution, font, O._jitter(render_seed, d, 0)), dtype=np.float32) for d in designs]
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2) / 127.5 - 1
 

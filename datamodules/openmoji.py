@@ -187,6 +187,11 @@ def captions(design: Design) -> list[str]:
     return [t.format(design.en) for t in TEMPLATES["en"]] + [t.format(design.ru) for t in TEMPLATES["ru"]]
 
 
+def design_font(resolution: int) -> ImageFont.FreeTypeFont:
+    """The colour font at the size ``render`` draws a design with at ``resolution``."""
+    return ImageFont.truetype(font_path(), int(resolution * SUPERSAMPLE * (1 - 2 * PADDING) * 0.85))
+
+
 def render(design: Design, resolution: int, font: ImageFont.FreeTypeFont,
            jitter: np.random.Generator | None = None) -> Image.Image:  # fmt: skip
     """The design centred on white at ``resolution`` (drawn 4x larger, then box-filtered). With
@@ -245,7 +250,7 @@ class VariantReader:
     def __init__(self, resolution: int, designs: Sequence[Design] | None = None):
         self.resolution = resolution
         self.designs = list(designs) if designs is not None else catalogue()
-        self.font = ImageFont.truetype(font_path(), int(resolution * SUPERSAMPLE * (1 - 2 * PADDING) * 0.85))
+        self.font = design_font(resolution)
         self.references: dict[str, np.ndarray] = {}
 
     def attribute(self, design: Design) -> str | None:
@@ -320,7 +325,7 @@ def write_openmoji_shards(root: str, resolution: int = 64, seed: int = 0, shard_
         training = [d.key for d in designs if _part(d, held) is None]
         order = np.random.default_rng([seed, 4]).permutation(len(training))
         kept = {training[i] for i in order[: round(train_fraction * len(training))]}
-        font = ImageFont.truetype(font_path(), int(resolution * SUPERSAMPLE * (1 - 2 * PADDING) * 0.85))
+        font = design_font(resolution)
         writers = {s: ShardWriter(os.path.join(folder, s), prefix="openmoji", max_count=shard_size)
                    for s in ("train", "val", "test")}  # fmt: skip
         skipped, lines = [], []

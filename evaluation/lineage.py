@@ -38,24 +38,36 @@ def _hparams(path: str) -> dict:
     return hparams
 
 
+def is_clip(path: str) -> bool:
+    """Whether a file is a CLIP checkpoint (both towers in its hyperparameters)."""
+    return "__clip_lineage__" in _hparams(path)
+
+
+def _strings(value):
+    """Every string in nested dicts, lists and tuples."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _strings(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _strings(v)
+
+
+def checkpoints_named(path: str) -> list[str]:
+    """The checkpoint files a checkpoint's hyperparameters name (e.g. a prior's autoencoder)."""
+    return [v for v in _strings(_hparams(path)) if v.endswith(".ckpt") and os.path.isfile(v)]
+
+
 def clips_used(spec: dict, depth: int = 3) -> dict[str, str | None]:
     """``{path: origin}`` of every CLIP checkpoint a method uses (guidance, reranking, a CLIP text
     encoder), found in its ``model.init_args`` or its checkpoint's hyperparameters, following
     checkpoints that name other checkpoints. The method's own checkpoint is not counted."""
     found: dict[str, str | None] = {}
 
-    def strings(value):
-        if isinstance(value, str):
-            yield value
-        elif isinstance(value, dict):
-            for v in value.values():
-                yield from strings(v)
-        elif isinstance(value, (list, tuple)):
-            for v in value:
-                yield from strings(v)
-
     def follow(values, level):
-        for value in strings(values):
+        for value in _strings(values):
             if level > depth or not value.endswith(".ckpt") or not os.path.isfile(value) or value in found:
                 continue
             hparams = _hparams(value)

@@ -206,7 +206,7 @@ def test_a_config_that_keeps_the_best_by_shapes_score_trains_on_openmoji_and_kee
 
 
 def test_a_jittered_drawing_is_other_pixels_of_the_whole_design_fixed_by_its_seed(designs):
-    font = O.ImageFont.truetype(O.font_path(), int(32 * O.SUPERSAMPLE * (1 - 2 * O.PADDING) * 0.85))
+    font = O.design_font(32)
     picked = [d for d in designs if d.colour == "red" and d.object == "heart"][:1] + [d for d in designs if d.tone][:2]
 
     def ink(image):  # the pixels the design covers, and their mean colour
