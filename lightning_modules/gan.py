@@ -23,11 +23,14 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
+from networks.errors import ConfigError
+from networks.frozen import keep_out_of_checkpoints
 from networks.noise import Generators, randn
 from networks.stackgan import ConditioningAugmentation, GeneratorOutput, colour_consistency
 from networks.text_encoders import TextEncoding
 
 from .base import TextToImageModule
+from .clip import load_clip
 from .ema import ema_decay, ema_update
 from .manual import ManualOptimization
 
@@ -81,6 +84,16 @@ def matching_aware_gradient_penalty(
     return norm.pow(power).mean()
 
 
+def r1_gradient_penalty(discriminator: nn.Module, real: Tensor, sentence: Tensor) -> Tensor:
+    """R1 (Mescheder et al., 2018) of a conditional discriminator: ``mean(||grad_image D(image,
+    sentence)||^2)`` on real, matching pairs (the gradient with respect to the pixels alone, as
+    StyleGAN2 and StyleGAN-T take it; the caller weighs it by ``gamma / 2``)."""
+    image = real.detach().requires_grad_(True)
+    out, _ = discriminator(image, sentence.detach())
+    (grad,) = torch.autograd.grad(out.sum(), image, create_graph=True)
+    return grad.pow(2).flatten(1).sum(1).mean()
+
+
 class TextToImageGAN(ManualOptimization, TextToImageModule):
     """A text-conditional GAN with a matching-aware discriminator per output scale.
 
@@ -118,6 +131,17 @@ class TextToImageGAN(ManualOptimization, TextToImageModule):
         ortho_weight: BigGAN's orthogonal regularisation of the generator's weight matrices
             (``networks.stylegan.orthogonal_penalty`` over the generator's ``ortho_weights()``,
             or all its parameters; BigGAN: 1e-4; 0 disables).
+        r1_weight: gamma of the R1 penalty (``r1_gradient_penalty``), ``gamma / 2 * |grad|^2``, on
+            every scale's discriminator (StyleGAN2 at 32 px: 0.01 to 1; 0 disables).
+        r1_interval: StyleGAN2's lazy regularisation: the penalty on every ``r1_interval``-th
+            discriminator step only, weighted by ``r1_interval``. Which steps is a function of the
+            step count alone, so under DDP every rank regularises at the same steps.
+        accumulate: batches per optimizer step of each network (manual gradient accumulation,
+            ``lightning_modules.manual``; Lightning's ``accumulate_grad_batches`` does not apply).
+        clip: checkpoint of a frozen CLIP for StyleGAN-T's CLIP loss on the generator (never the
+            table's judge); ``clip_weight``: its weight (0 disables). The loss is the squared
+            spherical distance between the CLIP embedding of the generated image (resized to the
+            CLIP's input) and that of its caption.
 
     A generator with ``uses_tokens`` (``networks.stylegan.StyleGenerator`` with text
     cross-attention) also gets the caption's tokens and mask (detached, as the pooled vector is);
@@ -148,15 +172,27 @@ class TextToImageGAN(ManualOptimization, TextToImageModule):
         ema_decay: float = 0.999,
         ortho_weight: float = 0.0,
         mode_seeking_weight: float = 0.0,
+        r1_weight: float = 0.0,
+        r1_interval: int = 1,
+        accumulate: int = 1,
+        clip: str | None = None,
+        clip_weight: float = 0.0,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=list(self._derived_arguments))
         self.init_optimizers(
             {"g": (g_optimizer, g_lr_scheduler), "d": (d_optimizer, d_lr_scheduler)},
             {"g": g_clip_norm, "d": d_clip_norm},
+            accumulate,
         )
         if d_steps_per_g_step < 1:
             raise ValueError(f"d_steps_per_g_step must be at least 1, got {d_steps_per_g_step}")
+        if r1_interval < 1:
+            raise ValueError(f"r1_interval must be at least 1, got {r1_interval}")
+        if clip_weight and clip is None:
+            raise ConfigError("model.init_args.clip_weight > 0 needs model.init_args.clip: a CLIP checkpoint (not the judge's)")
+        self.r1_weight, self.r1_interval, self.clip_weight = r1_weight, r1_interval, clip_weight
+        self.clip = keep_out_of_checkpoints(load_clip(clip, option="model.init_args.clip")) if clip_weight else None
         self.generator_net, self.text_encoder = generator, text_encoder
         self.discriminators = nn.ModuleList(discriminators)
         self.ema_generator = copy.deepcopy(generator).requires_grad_(False).eval()
@@ -221,8 +257,9 @@ class TextToImageGAN(ManualOptimization, TextToImageModule):
                 for f in fakes]  # fmt: skip
 
     # ------------------------------------------------------------------ losses
-    def d_loss(self, reals: list[Tensor], fakes: list[Tensor], sentence: Tensor) -> tuple[Tensor, dict]:
-        """Matching-aware (plus unconditional, plus MA-GP) discriminator loss summed over scales."""
+    def d_loss(self, reals: list[Tensor], fakes: list[Tensor], sentence: Tensor, regularise: bool = False) -> tuple[Tensor, dict]:
+        """Matching-aware (plus unconditional, MA-GP and, with ``regularise``, R1) discriminator
+        loss summed over scales."""
         mismatched = sentence.roll(1, dims=0)
         total, logs = 0.0, {}
         for i, (d, real, fake) in enumerate(zip(self.discriminators, reals, fakes)):
@@ -241,13 +278,40 @@ class TextToImageGAN(ManualOptimization, TextToImageModule):
                 gp = matching_aware_gradient_penalty(d, real, sentence, self.ma_gp_power)
                 loss = loss + self.ma_gp_weight * gp
                 logs[f"ma_gp_{i}"] = gp.detach()
+            if regularise:
+                r1 = r1_gradient_penalty(d, real, sentence)
+                loss = loss + self.r1_weight / 2 * self.r1_interval * r1
+                logs[f"r1_{i}"] = r1.detach()
             total = total + loss
             logs[f"d_real_{i}"] = c_real.detach().mean()
             logs[f"d_fake_{i}"] = c_fake.detach().mean()
         return total, logs
 
-    def g_loss(self, out: GeneratorOutput, sentence: Tensor) -> tuple[Tensor, dict]:
+    def regularise_at(self, d_step: int) -> bool:
+        """Whether the passes of discriminator step ``d_step`` (from 1) take the R1 penalty: the
+        first of every ``r1_interval`` (a function of the step count, so the same on every rank)."""
+        return bool(self.r1_weight) and (d_step - 1) % self.r1_interval == 0
+
+    def clip_loss(self, image: Tensor, captions: list[str]) -> Tensor:
+        """StyleGAN-T's CLIP guidance: mean squared spherical distance between the frozen CLIP's
+        embeddings of the images and of their captions."""
+        from .clip_guided import spherical_distance
+
+        size = self.clip.image_size or image.shape[-1]
+        if image.shape[-1] != size:
+            image = F.interpolate(image, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        with torch.no_grad():
+            text = self.clip.encode_text(list(captions))
+        return spherical_distance(self.clip.encode_image(image), text).mean()
+
+    def g_loss(self, out: GeneratorOutput, sentence: Tensor, captions: list[str] | None = None) -> tuple[Tensor, dict]:
         total, logs = 0.0, {}
+        if self.clip_weight:
+            if captions is None:
+                raise ValueError("the CLIP loss needs the captions: g_loss(out, sentence, captions)")
+            clip = self.clip_loss(out.images[-1], captions)
+            logs["clip"] = clip.detach()
+            total = total + self.clip_weight * clip
         for d, fake in zip(self.discriminators, out.images):
             cond, uncond = d(fake, sentence)
             total = total + generator_loss(cond, self.loss_kind)
@@ -275,23 +339,26 @@ class TextToImageGAN(ManualOptimization, TextToImageModule):
         g_opt, d_opt = self.optimizer("g"), self.optimizer("d")
         captions, image = batch["caption"], batch["image"]
         b = len(captions)
+        d_step = self.steps["d"] + 1  # the discriminator step this batch's pass goes to (from 1)
         with self.toggled_optimizer(d_opt):
             encoding = self.encode(captions)  # trains a trainable text encoder through the D loss
             sentence = encoding.pooled
             with torch.no_grad():
                 fakes = self.run_generator(sentence.detach(), context=encoding).images
-            d_loss, logs = self.d_loss(self.real_scales(image, fakes), fakes, sentence)
-            self.step_optimizer("d", d_loss)
-        if self.ema_text_encoder is not None:  # the encoder trains with the discriminator
+            d_loss, logs = self.d_loss(self.real_scales(image, fakes), fakes, sentence, self.regularise_at(d_step))
+            d_stepped = self.step_optimizer("d", d_loss)
+        if d_stepped and self.ema_text_encoder is not None:  # the encoder trains with the discriminator
             ema_update(self.ema_text_encoder, self.text_encoder, ema_decay(self.ema_decay, self.steps["d"]))
         self.log("train/d_loss", d_loss.detach(), prog_bar=True, batch_size=b)
-        if self.steps["d"] % self.d_steps_per_g_step == 0:
+        # the generator's passes go with the discriminator steps after which it steps (every
+        # d_steps_per_g_step-th), so that with accumulation both step on the same batch
+        if d_step % self.d_steps_per_g_step == 0:
             with self.toggled_optimizer(g_opt):
                 # the D step's encoding, detached: the generator does not train the encoder
                 sentence = sentence.detach()
                 z = randn((b, self.generator_net.z_dim), None, device=sentence.device) if self.mode_seeking_weight else None
                 out = self.run_generator(sentence, context=encoding, z=z)
-                g_loss, g_logs = self.g_loss(out, sentence)
+                g_loss, g_logs = self.g_loss(out, sentence, captions)
                 if z is not None:  # a second image for half the captions, from another z
                     h = max(1, b // 2)
                     z2 = randn((h, z.shape[1]), None, device=z.device)
@@ -300,9 +367,9 @@ class TextToImageGAN(ManualOptimization, TextToImageModule):
                     seeking = mode_seeking_loss(out.images[-1][:h], other, z[:h], z2)
                     g_logs["mode_seeking"] = seeking.detach()
                     g_loss = g_loss + self.mode_seeking_weight * seeking
-                self.step_optimizer("g", g_loss)
-            decay = ema_decay(self.ema_decay, self.steps["g"])
-            ema_update(self.ema_generator, self.generator_net, decay)
+                g_stepped = self.step_optimizer("g", g_loss)
+            if g_stepped:
+                ema_update(self.ema_generator, self.generator_net, ema_decay(self.ema_decay, self.steps["g"]))
             self.log("train/g_loss", g_loss.detach(), prog_bar=True, batch_size=b)
             logs.update(g_logs)
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, batch_size=b)

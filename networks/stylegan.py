@@ -165,9 +165,14 @@ class StyleGenerator(nn.Module):
         heads: attention heads.
         hierarchical: BigGAN's hierarchical latents: ``z`` is split into a chunk for the mapping
             network and one per block, whose projection (from 0) is added to that block's ``w``.
+        output_scales: how many images the generator returns, lowest first: the skip
+            architecture's running RGB at the last ``output_scales`` sides (1: the image alone; 2
+            at 32 px: 16 and 32 px), each for its own discriminator (GigaGAN's multi-scale
+            input-output discriminator, in StackGAN++'s form: one discriminator per side).
 
-    ``forward(z, sentence, generator=rng, tokens=..., mask=..., truncation=psi)`` returns a
-    ``GeneratorOutput`` with one image (``mu``/``logvar`` None: no conditioning augmentation).
+    ``forward(z, sentence, generator=rng, tokens=..., mask=..., truncation=psi, w=None)`` returns a
+    ``GeneratorOutput`` with ``output_scales`` images (``mu``/``logvar`` None: no conditioning
+    augmentation); ``w``, when given, replaces the mapping network's output (CLIP + GAN optimises it).
     ``truncation`` (in [0, 1]) pulls ``w`` towards the prompt's mean ``w`` (``mean_w``, over a
     fixed draw of latents) and scales the hierarchical chunks' contributions and the per-pixel
     noise by the same factor (their mean is 0), so that ``truncation=0`` draws the prompt's mean
@@ -176,10 +181,13 @@ class StyleGenerator(nn.Module):
 
     def __init__(self, text_dim: int, image_size: int = 32, z_dim: int = 64, w_dim: int = 256,
                  channels: int = 256, mapping_layers: int = 4, attention_resolutions: tuple[int, ...] = (8,),
-                 heads: int = 4, hierarchical: bool = False):  # fmt: skip
+                 heads: int = 4, hierarchical: bool = False, output_scales: int = 1):  # fmt: skip
         super().__init__()
         self.image_size, self.hierarchical = image_size, hierarchical
         blocks = _log2_steps(image_size, 4, "generator image size")
+        if not 1 <= output_scales <= blocks:  # the 4 px image is not one: discriminators start at 8 px
+            raise ValueError(f"output_scales must be in [1, {blocks}] for {image_size} px, got {output_scales}")
+        self.output_scales = output_scales
         self.chunk = z_dim // (blocks + 1) if hierarchical else 0
         if hierarchical and self.chunk < 1:
             raise ValueError(f"hierarchical latents need z_dim >= {blocks + 1} (one chunk per block and one to map)")
@@ -214,20 +222,21 @@ class StyleGenerator(nn.Module):
                 yield module.weight * module.scale
         yield from (m.weight for m in self.mapping.modules() if isinstance(m, nn.Linear))
 
-    def styles(self, z: Tensor, sentence: Tensor, truncation: float = 1.0) -> list[Tensor]:
-        """The ``w`` of every block (the 4x4 one first), truncated towards the prompt's mean."""
-        mapped = z[:, : self.mapping.z_dim]
-        w = self.mapping(mapped, sentence)
+    def styles(self, z: Tensor, sentence: Tensor, truncation: float = 1.0, w: Tensor | None = None) -> list[Tensor]:
+        """The ``w`` of every block (the 4x4 one first), truncated towards the prompt's mean;
+        ``w`` given replaces the mapping network's."""
+        if w is None:
+            w = self.mapping(z[:, : self.mapping.z_dim], sentence)
         if truncation != 1.0:
             w = truncate(w, mean_w(self.mapping, sentence, generator=torch.Generator(sentence.device).manual_seed(0)), truncation)
         chunks = z[:, self.mapping.z_dim :].split(self.chunk, dim=1) if self.hierarchical else []
         return [w] + [w + truncation * proj(c) for proj, c in zip(self.block_latent, chunks)] if chunks else [w] * (1 + len(self.layers))
 
     def forward(self, z: Tensor, sentence: Tensor, generator: Generators = None, tokens: Tensor | None = None,
-                mask: Tensor | None = None, truncation: float = 1.0) -> GeneratorOutput:  # fmt: skip
+                mask: Tensor | None = None, truncation: float = 1.0, w: Tensor | None = None) -> GeneratorOutput:  # fmt: skip
         if self.uses_tokens and tokens is None:
             raise ValueError("this generator attends to the caption's tokens (attention_resolutions): pass tokens=")
-        ws = self.styles(z, sentence, truncation)
+        ws = self.styles(z, sentence, truncation, w)
         b = z.shape[0]
 
         def noise(side: int) -> Tensor:
@@ -237,6 +246,7 @@ class StyleGenerator(nn.Module):
         if "0" in self.attention:
             x = self.attention["0"](x, tokens, mask)
         rgb = self.first_rgb(x, ws[0])
+        images = []
         for i, ((a, c), to_rgb) in enumerate(zip(self.layers, self.to_rgb), start=1):
             x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
             side = x.shape[-1]
@@ -244,4 +254,6 @@ class StyleGenerator(nn.Module):
             if str(i) in self.attention:
                 x = self.attention[str(i)](x, tokens, mask)
             rgb = F.interpolate(rgb, scale_factor=2, mode="bilinear", align_corners=False) + to_rgb(x, ws[i])
-        return GeneratorOutput([torch.tanh(rgb)], None, None)
+            if i > len(self.layers) - self.output_scales:
+                images.append(torch.tanh(rgb))
+        return GeneratorOutput(images, None, None)

@@ -153,9 +153,10 @@ class Recording(TextToImageGAN):
 
     def step_optimizer(self, which, loss):
         before = {n: p.detach().clone() for n, p in self.named_parameters()}
-        super().step_optimizer(which, loss)
+        stepped = super().step_optimizer(which, loss)
         changed = {n for n, p in self.named_parameters() if not torch.equal(p, before[n])}
         self.changed.setdefault(which, set()).update(changed)
+        return stepped
 
 
 def _names(module, prefix):
@@ -345,3 +346,156 @@ def test_gan_rejects_unknown_sampling_options_by_naming_its_own(tmp_path):
     ):
         with pytest.raises(TypeError, match="its options are: use_ema, all_scales"):
             callback.setup(None, model, "fit")  # before any training
+
+
+# ----------------------------------------------------------------------------- manual optimization
+
+
+class GradientRecording(TextToImageGAN):
+    """Records, per pass, each network's own gradient of its loss and what the other network's
+    gradients were before and after the pass; and, at each optimizer step, the gradient it used."""
+
+    def step_optimizer(self, which, loss):
+        own = [p for p in self.optimizer_parameters()[which] if p.requires_grad]
+        other = self.optimizer_parameters()["d" if which == "g" else "g"]
+        grads = torch.autograd.grad(loss, own, retain_graph=True, allow_unused=True)  # an unused token embedding: None
+        self.log_passes.append((which, [torch.zeros_like(p) if g is None else g.clone() for g, p in zip(grads, own)]))
+        before = [None if p.grad is None else p.grad.clone() for p in other]
+        opt = self.optimizer(which)
+        original_step = opt.step
+
+        def step(*args, **kwargs):  # the gradient the optimizer steps with
+            self.log_steps.append((which, [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in own]))
+            return original_step(*args, **kwargs)
+
+        opt.step = step
+        try:
+            stepped = super().step_optimizer(which, loss)
+        finally:
+            opt.step = original_step
+        after = [None if p.grad is None else p.grad.clone() for p in other]
+        self.other_untouched.append(all((a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
+                                        for a, b in zip(before, after)))  # fmt: skip
+        return stepped
+
+
+def _recording(**kw):
+    torch.manual_seed(0)
+    g = StageIGenerator(TEXT_DIM, image_size=16, z_dim=16, cond_dim=16, channels=32)
+    d = [MatchingAwareDiscriminator(TEXT_DIM, image_size=16, channels=16, cond_dim=16, norm="none")]
+    model = GradientRecording(g, d, _text_encoder(), **kw)
+    model.log_passes, model.log_steps, model.other_untouched = [], [], []
+    return model
+
+
+@pytest.mark.parametrize("accumulate", [1, 3])
+def test_under_accumulation_each_optimizer_steps_once_per_window_with_the_mean_gradient(accumulate):
+    model = _recording(accumulate=accumulate, r1_weight=1.0)
+    _trainer(4).fit(model, _batches(4 * accumulate // 2, batch=4))  # 2 steps each = 2 windows of batches
+    assert model.steps == {"g": 2, "d": 2} and model.global_step == 4
+    for which in ("d", "g"):
+        passes = [grads for w, grads in model.log_passes if w == which]
+        steps = [grads for w, grads in model.log_steps if w == which]
+        assert len(passes) == 2 * accumulate and len(steps) == 2
+        for k, used in enumerate(steps):  # the step's gradient is the mean over its window's passes
+            window = passes[k * accumulate : (k + 1) * accumulate]
+            for i, grad in enumerate(used):
+                expected = sum(p[i] for p in window) / accumulate
+                assert torch.allclose(grad, expected, rtol=1e-4, atol=1e-7), (which, k, i)
+
+
+def test_the_discriminator_gets_no_gradient_in_the_generators_step_nor_the_generator_in_its():
+    model = _recording(accumulate=2, mode_seeking_weight=1.0, r1_weight=1.0)
+    _trainer(4).fit(model, _batches(4, batch=4))
+    assert len(model.other_untouched) == 8 and all(model.other_untouched)
+
+
+def test_accumulation_below_one_and_lightnings_own_are_refused():
+    with pytest.raises(ValueError, match="accumulate must be at least 1"):
+        _stage1(accumulate=0)
+    with pytest.raises(Exception, match="accumulat"):  # Lightning's own does not apply to manual optimization
+        _trainer(2, accumulate_grad_batches=2).fit(_stage1(), _batches(2))
+
+
+def test_r1_is_the_squared_input_gradient_and_runs_lazily_every_interval():
+    from lightning_modules.gan import r1_gradient_penalty
+
+    class Linear(torch.nn.Module):  # D(x, s) = <a, x> + <b, s>: grad_x = a
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Parameter(torch.randn(3, 4, 4))
+            self.b = torch.nn.Parameter(torch.randn(5))
+
+        def forward(self, image, sentence):
+            return (image * self.a).flatten(1).sum(1) + sentence @ self.b, None
+
+    d = Linear()
+    r1 = r1_gradient_penalty(d, torch.randn(6, 3, 4, 4), torch.randn(6, 5))
+    assert torch.isclose(r1, d.a.detach().square().sum())  # the sentence's gradient is not in it (MA-GP's is)
+    r1.backward()
+    assert torch.allclose(d.a.grad, 2 * d.a.detach())  # it trains the discriminator (create_graph)
+    model = _stage1(r1_weight=1.0, r1_interval=3)
+    assert [s for s in range(1, 10) if model.regularise_at(s)] == [1, 4, 7]
+    assert not any(_stage1().regularise_at(s) for s in range(1, 5))  # r1_weight 0: never
+
+
+def test_the_r1_term_weighs_gamma_over_two_times_the_interval_and_is_logged():
+    model = _stage1(r1_weight=0.5, r1_interval=4)
+    captions = ["a red circle", "a blue square"]
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    sentence = model.sentence(captions)
+    fakes = model.run_generator(sentence).images
+    torch.manual_seed(0)
+    plain, _ = model.d_loss([images], fakes, sentence)
+    torch.manual_seed(0)
+    regularised, logs = model.d_loss([images], fakes, sentence, regularise=True)
+    assert torch.isclose(regularised - plain, 0.5 / 2 * 4 * logs["r1_0"], rtol=1e-4)
+
+
+def test_ddp_ranks_take_the_r1_penalty_at_the_same_steps(tmp_path):
+    import json
+    import os
+    import sys
+
+    from conftest import run_processes
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "ranks.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.path.join(root, "tests")]), "OMP_NUM_THREADS": "1"}
+    proc = run_processes([sys.executable, os.path.join(root, "tests", "ddp_gan_r1_script.py"), str(out)],
+                         timeout=150, retries=1, cwd=str(tmp_path), env=env)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = json.loads(out.read_text())
+    assert len(ranks) == 2
+    assert ranks[0]["r1_steps"] == ranks[1]["r1_steps"] == [1, 3, 5]  # interval 2 over 6 D steps
+    assert ranks[0]["batches"] != ranks[1]["batches"]  # each rank saw its own data
+    assert ranks[0]["d_checksum"] == pytest.approx(ranks[1]["d_checksum"], rel=1e-6)  # gradients synced
+
+
+# ----------------------------------------------------------------------------- the generator's CLIP loss
+
+
+def test_the_generators_clip_loss_is_the_spherical_distance_under_a_frozen_clip_kept_out_of_checkpoints(tiny_methods):
+    from lightning_modules.clip_guided import spherical_distance
+    from networks.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="needs model.init_args.clip"):
+        _stage1(clip_weight=1.0)
+    model = _stage1(clip=tiny_methods["clip"], clip_weight=2.0)
+    captions = ["a red block", "a blue block"]
+    out = model.run_generator(model.sentence(captions))
+    with_clip, logs = model.g_loss(out, model.sentence(captions).detach(), captions)
+    model.clip_weight = 0.0
+    without, _ = model.g_loss(out, model.sentence(captions).detach(), captions)
+    with torch.no_grad():
+        expected = spherical_distance(model.clip.encode_image(out.images[-1]), model.clip.encode_text(captions)).mean()
+    assert torch.isclose(logs["clip"], expected, rtol=1e-5)
+    assert torch.isclose(with_clip - without, 2.0 * expected, rtol=1e-4)
+    model.clip_weight = 2.0
+    clip_before = [p.clone() for p in model.clip.parameters()]
+    _trainer(2).fit(model, _batches(1))
+    assert all(torch.equal(a, b) for a, b in zip(clip_before, model.clip.parameters()))  # frozen
+    assert not model.optimizer_parameters()["g"] or all(
+        p is not q for p in model.optimizer_parameters()["g"] for q in model.clip.parameters()
+    )
+    assert not any(k.startswith("clip.") for k in model.state_dict())  # it comes from its own checkpoint

@@ -183,3 +183,45 @@ def test_a_generator_step_with_mode_seeking_logs_it_and_trains_the_generator(tmp
     trainer.fit(gan, train_dataloaders=torch.utils.data.DataLoader([batch, batch], batch_size=None))
     assert "train/mode_seeking" in trainer.callback_metrics
     assert any(not torch.equal(a, p) for a, p in zip(g_before, gan.generator_net.parameters()))
+
+
+def test_multi_scale_outputs_are_the_running_rgb_at_each_side_each_for_its_own_discriminator():
+    torch.manual_seed(3)
+    one = StyleGenerator(text_dim=16, image_size=16, z_dim=8, w_dim=16, channels=16, mapping_layers=1,
+                         attention_resolutions=(), output_scales=1)  # fmt: skip
+    two = StyleGenerator(text_dim=16, image_size=16, z_dim=8, w_dim=16, channels=16, mapping_layers=1,
+                         attention_resolutions=(), output_scales=2)  # fmt: skip
+    two.load_state_dict(one.state_dict())  # the same networks: only what is returned differs
+    z, text = torch.randn(2, 8), torch.randn(2, 16)
+    a = one(z, text, generator=torch.Generator().manual_seed(0)).images
+    b = two(z, text, generator=torch.Generator().manual_seed(0)).images
+    assert [x.shape[-1] for x in a] == [16] and [x.shape[-1] for x in b] == [8, 16]
+    assert torch.allclose(a[0], b[1], atol=1e-6)
+    with pytest.raises(ValueError, match="output_scales must be in"):
+        StyleGenerator(text_dim=16, image_size=16, attention_resolutions=(), output_scales=3)
+    # with two scales, TextToImageGAN scores each against its discriminator and the real batch's downsampling
+    from lightning_modules.gan import TextToImageGAN
+    from networks.stackgan import MatchingAwareDiscriminator
+    from networks.text_encoders import TransformerTextEncoder
+
+    ds = [MatchingAwareDiscriminator(16, image_size=s, channels=8, cond_dim=8, norm="none") for s in (8, 16)]
+    gan = TextToImageGAN(two, ds, TransformerTextEncoder(width=16, depth=1, heads=2, tokenizer="byte"), loss="hinge")
+    sentence = gan.sentence(PROMPTS[:2])
+    fakes = gan.run_generator(sentence).images
+    loss, logs = gan.d_loss(gan.real_scales(torch.rand(2, 3, 16, 16), fakes), fakes, sentence)
+    assert {"d_real_0", "d_real_1"} <= set(logs) and gan.generate(PROMPTS[:2], seed=0).shape == (2, 3, 16, 16)
+
+
+def test_a_given_w_replaces_the_mapping_networks():
+    gan = _gan(attention=())
+    g = gan.generator_net
+    with torch.no_grad():  # styles that depend on w, as after training (the affines start at 0)
+        for name, p in g.named_parameters():
+            if "affine.weight" in name:
+                p.normal_(0, 0.5)
+    z, text = torch.randn(2, 12), torch.randn(2, 16)
+    w = g.mapping(z[:, : g.mapping.z_dim], text)
+    rng = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    assert torch.allclose(g(z, text, generator=rng(), w=w).images[-1], g(z, text, generator=rng()).images[-1], atol=1e-6)
+    other = g(z, text, generator=rng(), w=w + 1).images[-1]
+    assert (other - g(z, text, generator=rng()).images[-1]).abs().max() > 1e-3
