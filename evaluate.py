@@ -47,6 +47,7 @@ from evaluation.harness import (
     floors,
     generate_images,
     mark_floors,
+    own_r_precision,
     paired,
     paired_diversity,
     parameter_count,
@@ -79,12 +80,13 @@ TOP_KEYS = {
     "paired": "claims to test: [[method a, method b], ...]: a - b per set on the same prompts and seeds, with intervals",
     "fid": "{bootstrap: 50 (rounds of FID's 95% interval over images; 0: none), infinity: false (FID extrapolated to N = infinity)}",
     "wandb": "{project: t2i, enabled: true}",
-    "methods": "the list of methods: name, checkpoint or model, sampling, family",
+    "methods": "the list of methods: name, checkpoint or model, sampling, family, note, own_encoders (the method's "
+               "own CLIP or DAMSM checkpoint: an R-precision under it beside the judge's)",
     "cache": "folder for the real images' features per dataset and extractor (null: no cache)",
     "train": "runs that --train makes first: {name: {config, max_steps | max_time, args}} (evaluation/retrain.py)",
     "train_root": "folder of the --train runs (default runs): <train_root>/<name>/checkpoints/last.ckpt",
 }
-METHOD_KEYS = {"name", "checkpoint", "config", "model", "sampling", "family", "note"}
+METHOD_KEYS = {"name", "checkpoint", "config", "model", "sampling", "family", "note", "own_encoders"}
 COLUMNS = [  # (key, header, format)
     ("method", "method", "{}"),
     ("family", "family", "{}"),
@@ -100,6 +102,7 @@ COLUMNS = [  # (key, header, format)
     ("fid_inf_inception", "FID∞ (Inception)", "{:.2f}"),
     ("clip_score", "CLIP score", "{:.1f}"),
     ("r_precision", "R-prec.", "{:.3f}"),
+    ("r_precision_own", "R-prec. (own encoders)", "{:.3f}"),
     ("diversity", "diversity", "{:.3f}"),
     ("diversity_clip", "diversity (CLIP)", "{:.3f}"),
     ("sharpness", "sharpness", "{:.2f}"),
@@ -337,8 +340,9 @@ def load(spec: dict):
 
 def _checkpoints_of(spec: dict) -> list[str]:
     """The checkpoint files a method names: its ``checkpoint``, and the ``.ckpt`` paths among its
-    model's init_args (a reranked generator, a guided autoencoder)."""
+    model's init_args (a reranked generator, a guided autoencoder), and its own encoders."""
     paths = [spec["checkpoint"]] if "checkpoint" in spec else []
+    paths += [spec["own_encoders"]] if spec.get("own_encoders") else []
     args = (spec.get("model") or {}).get("init_args") or {}
     return paths + [v for v in args.values() if isinstance(v, str) and v.endswith(".ckpt")]
 
@@ -485,6 +489,17 @@ def judge_independence_problems(cfg: dict) -> tuple[list[str], list[str]]:
                       "other drawings of the designs (data.init_args.render_seed: N, renders: K; "
                       "configs/compare/openmoji.yaml's openmoji_clip_judge)")  # fmt: skip
     return errors, notes
+
+
+def load_encoders(path: str, option: str):
+    """A CLIP or a DAMSM checkpoint (by what its hyperparameters hold), frozen."""
+    from lightning_modules.clip import load_clip
+    from lightning_modules.damsm import load_damsm
+
+    if not os.path.isfile(path):
+        raise ConfigProblem(f"{option}: {path!r} not found: give the CLIP or DAMSM checkpoint the method used")
+    hparams = torch.load(path, map_location="cpu", weights_only=False).get("hyper_parameters", {})
+    return load_damsm(path, option=option) if "gamma3" in hparams else load_clip(path, option=option)
 
 
 def judge_note(spec: dict) -> str | None:
@@ -769,6 +784,10 @@ def main(argv: list[str] | None = None) -> int:
                         status=lambda metric, name=name: bar.set_description(f"{name}: {metric}"))  # fmt: skip
             bar.update(1)
             row.update(_scalars(q))
+            if spec.get("own_encoders"):  # the method's own CLIP or DAMSM, beside the judge
+                bar.set_description(f"{name}: own encoders")
+                row.update(own_r_precision(load_encoders(spec["own_encoders"], f"methods[{name}].own_encoders").to(args.device),
+                                           sets, prompts, protocol))  # fmt: skip
             hits[name] = q["shapes_hits"]
             if "diversity_clip_per_prompt" in q:
                 spread[name] = q["diversity_clip_per_prompt"]

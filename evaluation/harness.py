@@ -345,17 +345,12 @@ def quality(
     if clip is not None:
         status("clip score, r-precision")
         row["clip_score"] = clip_score(clip, flat, _captions(prompts, protocol.seeds))
-        hits = []  # (prompts, seeds) per set
-        for name, items in prompts.items():
-            pool, same = r_precision_pool(name, items, protocol)
-            g = torch.Generator().manual_seed(protocol.seed)
-            set_hits = r_precision_hits(clip, images[name].flatten(0, 1), _captions({name: items}, protocol.seeds),
-                                        pool, protocol.distractors, g, same)  # fmt: skip
-            hits.append(np.asarray(set_hits).reshape(len(items), protocol.seeds))
-            if protocol.dataset != "shapes":  # per set too: the judge is all that reads gender and design
+        hits = r_precision_by_set(clip, images, prompts, protocol)
+        if protocol.dataset != "shapes":  # per set too: the judge is all that reads gender and design
+            for name, set_hits in hits.items():
                 key = f"r_precision_{name}"
-                row[key], row[f"{key}_low"], row[f"{key}_high"] = bootstrap_interval(hits[-1], seed=protocol.seed)
-        mean, lo, hi = bootstrap_interval(np.concatenate(hits), seed=protocol.seed)  # over prompts
+                row[key], row[f"{key}_low"], row[f"{key}_high"] = bootstrap_interval(set_hits, seed=protocol.seed)
+        mean, lo, hi = bootstrap_interval(np.concatenate(list(hits.values())), seed=protocol.seed)  # over prompts
         row["r_precision"], row["r_precision_low"], row["r_precision_high"] = mean, lo, hi
     if protocol.seeds >= 2:
         status("diversity")
@@ -367,6 +362,29 @@ def quality(
             row["diversity_clip"], row["diversity_clip_low"], row["diversity_clip_high"] = mean, lo, hi
             row["diversity_clip_per_prompt"] = {n: v.tolist() for n, v in per_prompt.items()}
     return row
+
+
+def r_precision_by_set(encoders: nn.Module, images: dict[str, Tensor], prompts: dict[str, list[tuple[str, dict]]],
+                       protocol: Protocol) -> dict[str, np.ndarray]:
+    """R-precision hits, (prompts, seeds) per set, under any pair of encoders with CLIP's
+    ``encode_image`` and ``encode_text`` (the judge, or a method's own CLIP or DAMSM)."""
+    hits = {}
+    for name, items in prompts.items():
+        pool, same = r_precision_pool(name, items, protocol)
+        g = torch.Generator().manual_seed(protocol.seed)
+        set_hits = r_precision_hits(encoders, images[name].flatten(0, 1), _captions({name: items}, protocol.seeds),
+                                    pool, protocol.distractors, g, same)  # fmt: skip
+        hits[name] = np.asarray(set_hits).reshape(len(items), protocol.seeds)
+    return hits
+
+
+def own_r_precision(encoders: nn.Module, images: dict[str, Tensor], prompts: dict[str, list[tuple[str, dict]]],
+                    protocol: Protocol) -> dict:
+    """A method's own view: R-precision under the encoders it trained against or was guided by
+    (``r_precision_own`` with its interval), reported beside the independent judge's."""
+    hits = r_precision_by_set(encoders, images, prompts, protocol)
+    mean, lo, hi = bootstrap_interval(np.concatenate(list(hits.values())), seed=protocol.seed)
+    return {"r_precision_own": mean, "r_precision_own_low": lo, "r_precision_own_high": hi}
 
 
 def chance(prompts: dict[str, list[tuple[str, dict]]], protocol: Protocol, real: dict[str, Tensor],

@@ -397,6 +397,12 @@ class TextToImageGAN(ManualOptimization, TextToImageModule):
         accuracy = torch.cat([real > 0, mis < 0, fake < 0]).float().mean()
         self.log("val/d_accuracy", accuracy, sync_dist=True, batch_size=len(captions))
 
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.clip is not None:
+            self.clip.eval()  # frozen
+        return self
+
     def optimizer_parameters(self) -> dict:
         return {
             "g": list(self.generator_net.parameters()),
@@ -476,6 +482,7 @@ class StackGANStageII(TextToImageGAN):
             )
         # stage I samples with its EMA generator and the text encoder that goes with it
         text_encoder = stage1.ema_text_encoder if stage1.ema_text_encoder is not None else stage1.text_encoder
+        kwargs = {k: v for k, v in kwargs.items() if not k.startswith("_")}  # the CLI's records (_class_path)
         super().__init__(generator, discriminators, text_encoder, **kwargs)  # frozen with stage I
         self.stage1_generator = stage1.ema_generator
 
@@ -511,3 +518,58 @@ class StackGANStageII(TextToImageGAN):
         low_res, out = self._stages(self.sentence(prompts), use_ema, self.generator(seed, self.device))
         high = out.images[-1]
         return [low_res.clamp(-1, 1), high.clamp(-1, 1)] if all_scales else high.clamp(-1, 1)
+
+
+class AttnGAN(TextToImageGAN):
+    """AttnGAN (Xu et al., 2018): ``networks.attngan.AttnGenerator``, whose later stages attend to
+    the words, trained against one matching-aware discriminator per scale (conditional and
+    unconditional terms, as StackGAN++) plus the DAMSM loss of its last image under a pretrained,
+    frozen DAMSM (``lightning_modules.damsm``), whose text encoder is also the GAN's (words and
+    sentence vector; frozen, as in the paper).
+
+    Args:
+        damsm: a DAMSM checkpoint (``configs/gan/damsm_shapes32.yaml``). It must exist when this
+            module is built, also when one of its checkpoints is loaded (its DAMSM weights are
+            then the ones saved with it).
+        generator: ``networks.attngan.AttnGenerator`` with ``text_dim`` the DAMSM's ``dim``.
+        discriminators: one per generated scale, lowest first, with ``text_dim`` the DAMSM's ``dim``.
+        damsm_weight: lambda, the DAMSM loss's weight in the generator's loss (AttnGAN: 5 on birds,
+            50 on COCO; 0 disables). The smoothing factors and the masking of shared captions are
+            the DAMSM's own.
+        **kwargs: the :class:`TextToImageGAN` options.
+    """
+
+    _derived_arguments = ("text_encoder",)  # the DAMSM's
+
+    def __init__(self, damsm: str, generator: nn.Module, discriminators: list[nn.Module], damsm_weight: float = 5.0,
+                 **kwargs):  # fmt: skip
+        from .damsm import load_damsm
+
+        model = load_damsm(damsm, option="model.init_args.damsm")  # its text encoder's dim is checked as any
+        kwargs = {k: v for k, v in kwargs.items() if not k.startswith("_")}  # the CLI's records (_class_path)
+        super().__init__(generator, discriminators, model.text_encoder, **kwargs)
+        self.damsm_image_encoder = model.image_encoder
+        self.damsm_weight, self.gammas, self.mask_same = damsm_weight, model.gammas, model.mask_same_captions
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.text_encoder.eval()  # frozen: DAMSM's
+        self.damsm_image_encoder.eval()
+        return self
+
+    def g_loss(self, out: GeneratorOutput, sentence: Tensor, captions: list[str] | None = None) -> tuple[Tensor, dict]:
+        total, logs = super().g_loss(out, sentence, captions)
+        if self.damsm_weight:
+            from networks.attngan import damsm_loss, same_captions
+
+            if captions is None:
+                raise ValueError("the DAMSM loss needs the captions: g_loss(out, sentence, captions)")
+            with torch.no_grad():
+                text = self.text_encoder(list(captions))
+            regions, global_image = self.damsm_image_encoder(out.images[-1])
+            same = same_captions(captions).to(sentence.device) if self.mask_same else None
+            word, sent = damsm_loss(text.tokens, text.mask, text.pooled, regions.flatten(2).transpose(1, 2),
+                                    global_image, *self.gammas, same=same)  # fmt: skip
+            logs.update(damsm_word=word.detach(), damsm_sentence=sent.detach())
+            total = total + self.damsm_weight * (word + sent)
+        return total, logs
