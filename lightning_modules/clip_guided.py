@@ -1,7 +1,8 @@
 """Methods that use a trained CLIP at sampling time: reranking any other method's samples
-(DALL-E) and steering a VQGAN's latent by gradient (VQGAN+CLIP). Neither is trained: both are
-used through ``predict``, evaluation and ``generate``. Their CLIP and generator are loaded frozen
-from checkpoint paths and stay out of their own checkpoints.
+(DALL-E) and steering a generator's latent by gradient: a VQGAN's (VQGAN+CLIP) or a trained
+GAN's (CLIP + GAN, as BigSleep and FuseDream), one guidance loop (``CLIPGuidance``) for both.
+None is trained: all are used through ``predict``, evaluation and ``generate``. Their CLIP and
+generator are loaded frozen from checkpoint paths and stay out of their own checkpoints.
 """
 
 from __future__ import annotations
@@ -175,81 +176,57 @@ def spherical_distance(x: Tensor, y: Tensor) -> Tensor:
     return (x - y).norm(dim=-1).div(2).arcsin().pow(2).mul(2)
 
 
-class VQGANCLIP(CLIPScorer, FrozenAutoencoderUser, TextToImageModule):
-    """CLIP-guided generation: a VQGAN latent per prompt, optimised with Adam so that random
-    cutouts of its decoded image move towards the prompt under CLIP.
+class CLIPGuidance(CLIPScorer, TextToImageModule):
+    """CLIP guidance of a frozen generator's latent: Adam on one latent per prompt so that random
+    cutouts of its decoded image move towards the prompt under CLIP. A subclass says what the
+    latent is: :meth:`_initial` (the start, drawn from each prompt's own generator), :meth:`_decode`
+    (latent -> images in [-1, 1], differentiable) and :meth:`_project` (after every step, e.g. a
+    clamp to the latent's range).
 
-    The latent lives in the quantiser's lookup space, starts from random codes, goes through the
-    quantiser straight-through (forward: the nearest code; backward: identity) and is clamped to
-    the codebook's range after every step. Each step scores ``cutouts`` random crops of the image
-    (side between ``cut_min`` of it and all of it, resized to the CLIP's input) after a small
-    random affine map (torchvision v2, uncovered corners filled with the image's border colour) and
-    colour jitter, both on the image mapped to [0, 1] and back, with the spherical-distance loss.
+    Each step scores ``cutouts`` random crops of the image (side between ``cut_min`` of it and all
+    of it, resized to the CLIP's input) after a small random affine map (torchvision v2, uncovered
+    corners filled with the image's border colour) and colour jitter, both on the image mapped to
+    [0, 1] and back, with the spherical-distance loss.
 
     Args:
-        autoencoder: checkpoint of a VQ autoencoder (VQGAN or VQ-VAE).
-        clip: checkpoint of a CLIP.
+        clip: checkpoint of a CLIP (never the table's judge).
         steps, lr: Adam steps and learning rate.
         cutouts, cut_min: crops per step and their smallest side, as a fraction of the image.
         affine_degrees, affine_translate, jitter: strength of the augmentations (0 turns one off).
         cut_noise: Gaussian noise added to each cutout, times a random factor in [0, 1) (the
             notebooks' ``noise_fac``); 0 turns it off.
-        init_colour: start from the codes of a flat image of this RGB colour in [-1, 1] (e.g. the
-            data's background) plus ``init_noise`` times the codebook's spread; None: random codes
-            everywhere (the notebooks' default), which leaves clutter that CLIP does not penalise.
-        init_noise: see ``init_colour``.
 
-    Seeded per prompt: the initial codes and every cutout of a prompt come from its own seed, so
+    Seeded per prompt: the initial latent and every cutout of a prompt come from its own seed, so
     its image does not depend on the batch. ``last_loss_curve`` holds the CLIP loss of every
     step and prompt of the latest ``generate`` call, ``(steps, b)``.
     """
 
-    def __init__(
-        self,
-        autoencoder: str,
-        clip: str,
-        steps: int = 100,
-        lr: float = 0.1,
-        cutouts: int = 16,
-        cut_min: float = 0.6,
-        affine_degrees: float = 5.0,
-        affine_translate: float = 0.05,
-        jitter: float = 0.05,
-        cut_noise: float = 0.0,
-        init_colour: list[float] | None = None,
-        init_noise: float = 0.1,
-    ):
-        super().__init__()
-        self.save_hyperparameters()
-        vq = self.attach_autoencoder(autoencoder, vq=True)
+    def init_guidance(self, clip: str, steps: int, lr: float, cutouts: int, cut_min: float, affine_degrees: float,
+                      affine_translate: float, jitter: float, cut_noise: float) -> None:  # fmt: skip
+        """The loop's options (called by the subclass's ``__init__``)."""
         self.attach_clip(clip)
         if not 0 < cut_min <= 1:
             raise ConfigError(f"model.init_args.cut_min must be in (0, 1], got {cut_min}")
+        if cutouts < 1 or steps < 0:
+            raise ConfigError(f"model.init_args.cutouts must be at least 1 and steps at least 0, got {cutouts}, {steps}")
         self.steps, self.lr, self.cutouts, self.cut_min = steps, lr, cutouts, cut_min
         self.affine_degrees, self.affine_translate, self.jitter = affine_degrees, affine_translate, jitter
         self.cut_noise = cut_noise
-        self.side = vq.image_size // vq.downsample_factor
-        self.init_colour, self.init_noise = init_colour, init_noise
-        if init_colour is not None and len(init_colour) != 3:
-            raise ConfigError(
-                f"model.init_args.init_colour must be three values in [-1, 1] (RGB), got {init_colour}"
-            )
         self.last_loss_curve: Tensor | None = None
 
-    @property
-    def image_size(self) -> int:
-        return self.autoencoder.image_size
+    # ------------------------------------------------------------------ what a subclass defines
+    def _initial(self, prompts: list[str], gens: list[torch.Generator]) -> Tensor:
+        """The latents to start from, one per prompt (drawn from ``gens``, one per prompt)."""
+        raise NotImplementedError
 
-    def _decode(self, z: Tensor) -> Tensor:
-        """Lookup-space latents ``(b, h, w, d)`` -> images, through the straight-through quantiser."""
-        q = self.autoencoder.quantizer
-        codes = q.codes()
-        flat = z.reshape(-1, z.shape[-1])
-        z_q = flat + (codes[q.nearest(flat.detach())] - flat).detach()
-        latents = q.project_out(z_q).view(*z.shape[:3], q.dim).permute(0, 3, 1, 2)
-        x = self.autoencoder.decoder(latents)
-        return x + (x.clamp(-1, 1) - x).detach()  # clamped forward, gradient passes (clamp_with_grad)
+    def _decode(self, latent: Tensor) -> Tensor:
+        """Latents -> images in [-1, 1], differentiable."""
+        raise NotImplementedError
 
+    def _project(self, latent: Tensor) -> None:
+        """In place, after every step (no gradient): keep the latent where the generator was trained."""
+
+    # ------------------------------------------------------------------ the loop
     def _cutouts(self, image: Tensor, generator: torch.Generator) -> Tensor:
         """``cutouts`` random crops of one image ``(3, h, w)``, augmented, at the CLIP's size."""
         size, side = self.clip.image_size or image.shape[-1], image.shape[-1]
@@ -278,20 +255,6 @@ class VQGANCLIP(CLIPScorer, FrozenAutoencoderUser, TextToImageModule):
             cut = colour_jitter(cut, self.jitter, generator)
         return cut
 
-    def _initial(self, codes: Tensor, gens: list[torch.Generator]) -> Tensor:
-        """Lookup-space latents to start from, ``(b, h, w, d)``, one generator per prompt."""
-        shape = (self.side, self.side)
-        if self.init_colour is None:
-            init = torch.stack([torch.randint(0, len(codes), shape, generator=g) for g in gens])
-            return codes[init.to(codes.device)].clone()
-        q, size = self.autoencoder.quantizer, self.autoencoder.image_size
-        flat = torch.tensor(self.init_colour, device=codes.device, dtype=torch.float32).view(1, 3, 1, 1)
-        with torch.no_grad():
-            z = q.project_in(self.autoencoder.encoder(flat.expand(1, 3, size, size)).permute(0, 2, 3, 1))
-        base = codes[q.nearest(z.reshape(-1, z.shape[-1]))].view(1, *shape, -1)
-        noise = torch.stack([torch.randn(*shape, codes.shape[1], generator=g) for g in gens]).to(codes.device)
-        return base + self.init_noise * codes.std(0) * noise
-
     def generate(
         self,
         prompts: list[str],
@@ -307,18 +270,15 @@ class VQGANCLIP(CLIPScorer, FrozenAutoencoderUser, TextToImageModule):
             return self._optimise(list(prompts), seed, self.steps if steps is None else steps, lr or self.lr)
 
     def _optimise(self, prompts: list[str], seed, steps: int, lr: float) -> Tensor:
-        q = self.autoencoder.quantizer
         seeds = per_prompt_seeds(seed, len(prompts))
         gens = [torch.Generator().manual_seed(s) for s in seeds]
-        codes = q.codes().detach()
-        low, high = codes.min(0).values, codes.max(0).values
-        z = self._initial(codes, gens).requires_grad_(True)  # (b, h, w, d)
+        latent = self._initial(prompts, gens).detach().requires_grad_(True)
         with torch.no_grad():
             target = self.clip.encode_text(prompts)  # (b, d)
-        opt = torch.optim.Adam([z], lr=lr)
+        opt = torch.optim.Adam([latent], lr=lr)
         curve = []
         for _ in range(steps):
-            images = self._decode(z)
+            images = self._decode(latent)
             cuts = torch.stack([self._cutouts(img, g) for img, g in zip(images, gens)])  # (b, n, 3, s, s)
             features = self.clip.encode_image(cuts.flatten(0, 1)).view(len(prompts), self.cutouts, -1)
             loss = spherical_distance(features, target[:, None]).mean(1)  # (b,)
@@ -326,8 +286,158 @@ class VQGANCLIP(CLIPScorer, FrozenAutoencoderUser, TextToImageModule):
             loss.sum().backward()  # each prompt's latent sees only its own loss
             opt.step()
             with torch.no_grad():
-                z.copy_(torch.maximum(torch.minimum(z, high), low))
+                self._project(latent)
             curve.append(loss.detach())
         self.last_loss_curve = torch.stack(curve) if curve else None
         with torch.no_grad():
-            return self._decode(z).clamp(-1, 1)
+            return self._decode(latent).clamp(-1, 1)
+
+
+class VQGANCLIP(FrozenAutoencoderUser, CLIPGuidance):
+    """VQGAN+CLIP: :class:`CLIPGuidance` of a VQGAN's latent. The latent lives in the quantiser's
+    lookup space, starts from random codes (or a flat colour), goes through the quantiser
+    straight-through (forward: the nearest code; backward: identity) and is clamped to the
+    codebook's range after every step.
+
+    Args:
+        autoencoder: checkpoint of a VQ autoencoder (VQGAN or VQ-VAE).
+        clip, steps, lr, cutouts, cut_min, affine_degrees, affine_translate, jitter, cut_noise:
+            the guidance loop's (:class:`CLIPGuidance`).
+        init_colour: start from the codes of a flat image of this RGB colour in [-1, 1] (e.g. the
+            data's background) plus ``init_noise`` times the codebook's spread; None: random codes
+            everywhere (the notebooks' default), which leaves clutter that CLIP does not penalise.
+        init_noise: see ``init_colour``.
+    """
+
+    def __init__(
+        self,
+        autoencoder: str,
+        clip: str,
+        steps: int = 100,
+        lr: float = 0.1,
+        cutouts: int = 16,
+        cut_min: float = 0.6,
+        affine_degrees: float = 5.0,
+        affine_translate: float = 0.05,
+        jitter: float = 0.05,
+        cut_noise: float = 0.0,
+        init_colour: list[float] | None = None,
+        init_noise: float = 0.1,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        vq = self.attach_autoencoder(autoencoder, vq=True)
+        self.init_guidance(clip, steps, lr, cutouts, cut_min, affine_degrees, affine_translate, jitter, cut_noise)
+        self.side = vq.image_size // vq.downsample_factor
+        self.init_colour, self.init_noise = init_colour, init_noise
+        if init_colour is not None and len(init_colour) != 3:
+            raise ConfigError(
+                f"model.init_args.init_colour must be three values in [-1, 1] (RGB), got {init_colour}"
+            )
+
+    @property
+    def image_size(self) -> int:
+        return self.autoencoder.image_size
+
+    def _decode(self, z: Tensor) -> Tensor:
+        """Lookup-space latents ``(b, h, w, d)`` -> images, through the straight-through quantiser."""
+        q = self.autoencoder.quantizer
+        codes = q.codes()
+        flat = z.reshape(-1, z.shape[-1])
+        z_q = flat + (codes[q.nearest(flat.detach())] - flat).detach()
+        latents = q.project_out(z_q).view(*z.shape[:3], q.dim).permute(0, 3, 1, 2)
+        x = self.autoencoder.decoder(latents)
+        return x + (x.clamp(-1, 1) - x).detach()  # clamped forward, gradient passes (clamp_with_grad)
+
+    def _project(self, z: Tensor) -> None:
+        codes = self.autoencoder.quantizer.codes()
+        z.copy_(torch.maximum(torch.minimum(z, codes.max(0).values), codes.min(0).values))
+
+    def _initial(self, prompts: list[str], gens: list[torch.Generator]) -> Tensor:
+        """Lookup-space latents to start from, ``(b, h, w, d)``, one generator per prompt."""
+        codes = self.autoencoder.quantizer.codes().detach()
+        shape = (self.side, self.side)
+        if self.init_colour is None:
+            init = torch.stack([torch.randint(0, len(codes), shape, generator=g) for g in gens])
+            return codes[init.to(codes.device)].clone()
+        q, size = self.autoencoder.quantizer, self.autoencoder.image_size
+        flat = torch.tensor(self.init_colour, device=codes.device, dtype=torch.float32).view(1, 3, 1, 1)
+        with torch.no_grad():
+            z = q.project_in(self.autoencoder.encoder(flat.expand(1, 3, size, size)).permute(0, 2, 3, 1))
+        base = codes[q.nearest(z.reshape(-1, z.shape[-1]))].view(1, *shape, -1)
+        noise = torch.stack([torch.randn(*shape, codes.shape[1], generator=g) for g in gens]).to(codes.device)
+        return base + self.init_noise * codes.std(0) * noise
+
+
+class GANCLIP(CLIPGuidance):
+    """CLIP + GAN (BigSleep, FuseDream): :class:`CLIPGuidance` of a trained text-conditional GAN's
+    latent. For a generator with a mapping network (``networks.stylegan.StyleGenerator``) the
+    latent is ``w``, started at ``mapping(z, prompt)``; for any other (the StackGANs, AttnGAN) it is
+    ``z``, started at a draw of N(0, I). The rest of the generator's input stays as the prompt and
+    its seed make it: the caption's encoding (the EMA generator's), the conditioning code, the
+    per-pixel noise and hierarchical chunks are drawn afresh from the prompt's own seed at every
+    step, so only the latent moves.
+
+    Args:
+        generator: checkpoint of a ``TextToImageGAN`` (its EMA generator is used).
+        latent: ``w`` or ``z``; None: ``w`` where the generator has a mapping network, else ``z``.
+        clip, steps, lr, cutouts, cut_min, affine_degrees, affine_translate, jitter, cut_noise:
+            the guidance loop's (:class:`CLIPGuidance`).
+    """
+
+    def __init__(
+        self,
+        generator: str,
+        clip: str,
+        latent: str | None = None,
+        steps: int = 50,
+        lr: float = 0.05,
+        cutouts: int = 16,
+        cut_min: float = 0.6,
+        affine_degrees: float = 5.0,
+        affine_translate: float = 0.05,
+        jitter: float = 0.05,
+        cut_noise: float = 0.0,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        from .gan import TextToImageGAN
+
+        self.method = keep_out_of_checkpoints(load_method(generator, option="model.init_args.generator"))
+        if not isinstance(self.method, TextToImageGAN):
+            raise ConfigError(f"model.init_args.generator: {generator!r} is a {type(self.method).__name__}, "
+                              "not a GAN's checkpoint (TextToImageGAN and its subclasses)")  # fmt: skip
+        has_w = hasattr(self.method.ema_generator, "mapping")
+        self.latent = latent or ("w" if has_w else "z")
+        if self.latent not in ("w", "z") or (self.latent == "w" and not has_w):
+            raise ConfigError(f"model.init_args.latent: {latent!r}: 'z', or 'w' for a generator with a mapping network "
+                              f"({type(self.method.ema_generator).__name__} {'has' if has_w else 'has none'})")  # fmt: skip
+        self.init_guidance(clip, steps, lr, cutouts, cut_min, affine_degrees, affine_translate, jitter, cut_noise)
+        self._fixed: dict = {}
+
+    @property
+    def image_size(self) -> int:
+        return self.method.image_size
+
+    def _noise(self) -> list[torch.Generator]:
+        """The prompts' noise generators, the same at every step."""
+        return [torch.Generator(self.device).manual_seed(s) for s in self._fixed["seeds"]]
+
+    def _initial(self, prompts: list[str], gens: list[torch.Generator]) -> Tensor:
+        encoding = self.method.encode(prompts, ema=True)
+        seeds = [int(torch.randint(0, 2**62, (1,), generator=g)) for g in gens]
+        z = torch.stack([torch.randn(self.method.ema_generator.z_dim, generator=g) for g in gens]).to(self.device)
+        self._fixed = {"encoding": encoding, "seeds": seeds, "z": z}
+        if self.latent == "z":
+            return z.clone()
+        net = self.method.ema_generator
+        return net.mapping(z[:, : net.mapping.z_dim], encoding.pooled)
+
+    def _decode(self, latent: Tensor) -> Tensor:
+        encoding = self._fixed["encoding"]
+        if self.latent == "z":
+            out = self.method.run_generator(encoding.pooled, ema=True, generator=self._noise(), context=encoding, z=latent)
+        else:
+            out = self.method.run_generator(encoding.pooled, ema=True, generator=self._noise(), context=encoding,
+                                            z=self._fixed["z"], w=latent)  # fmt: skip
+        return out.images[-1]

@@ -177,3 +177,74 @@ def test_the_augmentation_keeps_the_image_range_the_background_and_every_gradien
         assert cut.min() >= -1 and cut.max() <= 1
         corners = torch.stack([cut[:, 0, 0], cut[:, 0, -1], cut[:, -1, 0], cut[:, -1, -1]])
         assert torch.allclose(corners, background * 2 - 1, atol=0.02), corners  # never mid-grey (0)
+
+
+# ----------------------------------------------------------------------------- CLIP + GAN
+
+
+@pytest.fixture(scope="module")
+def tiny_stylegan(tmp_path_factory):
+    """A tiny 16 px text-conditional StyleGAN, barely trained on the block images."""
+    from conftest import block_images, fit_and_save
+    from torch.utils.data import DataLoader
+
+    from lightning_modules.gan import TextToImageGAN
+    from networks.stackgan import MatchingAwareDiscriminator
+    from networks.stylegan import StyleGenerator
+    from networks.text_encoders import TransformerTextEncoder
+
+    torch.manual_seed(0)
+    g = StyleGenerator(text_dim=32, image_size=16, z_dim=12, w_dim=16, channels=16, mapping_layers=1,
+                       attention_resolutions=(8,), heads=2, hierarchical=True)  # fmt: skip
+    gan = TextToImageGAN(g, [MatchingAwareDiscriminator(32, image_size=16, channels=8, cond_dim=8, norm="none")],
+                         TransformerTextEncoder(width=32, depth=1, heads=2, max_length=16, tokenizer="byte"), loss="hinge")  # fmt: skip
+    with torch.no_grad():  # styles and noise that matter, as after training
+        for name, p in g.named_parameters():
+            if "affine.weight" in name or "noise_strength" in name or "block_latent" in name:
+                p.normal_(0, 0.5)
+    loader = DataLoader([{"image": block_images(), "caption": list(BLOCK_CAPTIONS)}] * 2, batch_size=None)
+    return fit_and_save(gan, loader, 4, str(tmp_path_factory.mktemp("stylegan") / "stylegan.ckpt"))
+
+
+@pytest.mark.parametrize("which", ["stackgan", "stylegan"])
+def test_clip_guidance_of_a_gan_lowers_the_clip_loss_and_a_seed_repeats_the_image(which, checkpoints, tiny_stylegan):
+    from lightning_modules.clip_guided import GANCLIP
+
+    path = checkpoints["gan"] if which == "stackgan" else tiny_stylegan
+    model = GANCLIP(path, checkpoints["clip"], steps=25, lr=0.1, cutouts=4)
+    assert model.latent == ("z" if which == "stackgan" else "w")
+    prompts = BLOCK_CAPTIONS[:2]
+    images = model.generate(prompts, seed=[1, 2])
+    curve = model.last_loss_curve
+    assert images.shape == (2, 3, 16, 16) and curve.shape == (25, 2)
+    start = model.generate(prompts, seed=[1, 2], steps=0)
+    with torch.no_grad():
+        text = model.clip.encode_text(prompts)
+        before, after = (spherical_distance(model.clip.encode_image(x), text) for x in (start, images))
+    assert (after < before - 0.01).all(), (before, after)
+    assert torch.equal(model.generate(prompts, seed=[1, 2]), images)
+    alone = model.generate(prompts[1:2], seed=[2])
+    assert torch.allclose(alone[0], images[1], atol=1e-4)
+    assert not torch.equal(model.generate(prompts, seed=[1, 3])[1], images[1])
+
+
+def test_gan_clip_predict_config_runs_on_a_tiny_gan(checkpoints, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red block\n")
+    run_cli(["predict", "--config", os.path.join(ROOT, "configs", "clip", "gan_clip.yaml"),
+             "--trainer.default_root_dir", str(tmp_path / "runs"), "--trainer.enable_progress_bar", "false",
+             "--model.init_args.generator", checkpoints["gan"], "--model.init_args.clip", checkpoints["clip"],
+             "--model.init_args.steps", "3", "--model.init_args.cutouts", "2",
+             "--data.init_args.image_size", "16", "--data.init_args.predict_prompts", str(prompts),
+             "--run_name", "gc"], tmp_path)  # fmt: skip
+    out = tmp_path / "runs" / "gc" / "predictions"
+    assert len([f for f in os.listdir(out) if f.startswith("0000_")]) == 1
+
+
+def test_clip_plus_gan_refuses_a_method_that_is_not_a_gan_and_a_w_it_does_not_have(checkpoints):
+    from lightning_modules.clip_guided import GANCLIP
+
+    with pytest.raises(ConfigError, match="not a GAN's checkpoint"):
+        GANCLIP(checkpoints["cvae"], checkpoints["clip"])
+    with pytest.raises(ConfigError, match="'w' for a generator with a mapping network"):
+        GANCLIP(checkpoints["gan"], checkpoints["clip"], latent="w")
