@@ -567,3 +567,36 @@ def test_a_cached_real_feature_file_is_whole_or_absent_when_its_writer_dies(tmp_
     with pytest.raises(KeyboardInterrupt):
         cache.get("clip", extractor)
     assert not os.path.exists(cache.path("clip"))  # the next evaluation computes it again, not reads half a file
+
+
+def test_a_methods_own_encoders_give_an_r_precision_column_beside_the_judges(tiny_methods, tmp_path):
+    from conftest import BLOCK_CAPTIONS, block_images, fit_and_save
+    from torch.utils.data import DataLoader
+
+    from lightning_modules.damsm import DAMSM
+    from networks.attngan import DAMSMImageEncoder
+    from networks.text_encoders import TransformerTextEncoder
+
+    checkpoint = torch.load(tiny_methods["clip"], weights_only=False)  # the judge's weights, another lineage
+    checkpoint["clip_lineage"] = {"origin": "e" * 32, "resumed": []}
+    torch.save(checkpoint, tmp_path / "twin.ckpt")
+    torch.manual_seed(0)
+    damsm = DAMSM(DAMSMImageEncoder(image_size=16, dim=16, channels=8),
+                  TransformerTextEncoder(width=32, depth=1, heads=2, max_length=16, tokenizer="byte"))  # fmt: skip
+    loader = DataLoader([{"image": block_images(), "caption": list(BLOCK_CAPTIONS)}] * 3, batch_size=None)
+    damsm_path = fit_and_save(damsm, loader, 3, str(tmp_path / "damsm.ckpt"))
+    methods = [{"name": "twin", "checkpoint": tiny_methods["gan"], "own_encoders": str(tmp_path / "twin.ckpt")},
+               {"name": "damsm", "checkpoint": tiny_methods["gan"], "own_encoders": damsm_path},
+               {"name": "plain", "checkpoint": tiny_methods["gan"]}]  # fmt: skip
+    config = _config(tmp_path, tiny_methods, methods=methods, extractors=[], wandb={"enabled": False})
+    assert evaluate.main(["--config", config, "--output", str(tmp_path / "out")]) == 0
+    rows = {r["method"]: r for r in json.loads((tmp_path / "out" / "results.json").read_text())["rows"]}
+    assert rows["twin"]["r_precision_own"] == pytest.approx(rows["twin"]["r_precision"])  # same encoders, same number
+    assert 0 <= rows["damsm"]["r_precision_own"] <= 1 and rows["damsm"]["r_precision_own_low"] is not None
+    assert rows["plain"].get("r_precision_own") is None
+    assert "R-prec. (own encoders)" in (tmp_path / "out" / "results.md").read_text()
+    missing = _config(tmp_path, tiny_methods, methods=[{**methods[0], "own_encoders": str(tmp_path / "no.ckpt")}],
+                      extractors=[], wandb={"enabled": False})  # fmt: skip
+    evaluate.main(["--config", missing, "--output", str(tmp_path / "bad")])
+    row = json.loads((tmp_path / "bad" / "results.json").read_text())["rows"][0]
+    assert "own_encoders" in row["error"] and "not found" in row["error"]
