@@ -140,8 +140,8 @@ class TextToImageGAN(ManualOptimization, TextToImageModule):
             ``lightning_modules.manual``; Lightning's ``accumulate_grad_batches`` does not apply).
         clip: checkpoint of a frozen CLIP for StyleGAN-T's CLIP loss on the generator (never the
             table's judge); ``clip_weight``: its weight (0 disables). The loss is the squared
-            spherical distance between the CLIP embedding of the generated image (resized to the
-            CLIP's input) and that of its caption.
+            spherical distance between the CLIP embedding of the generated image (resized by
+            ``encode_image`` to the CLIP's input) and that of its caption.
 
     A generator with ``uses_tokens`` (``networks.stylegan.StyleGenerator`` with text
     cross-attention) also gets the caption's tokens and mask (detached, as the pooled vector is);
@@ -297,9 +297,6 @@ class TextToImageGAN(ManualOptimization, TextToImageModule):
         embeddings of the images and of their captions."""
         from .clip_guided import spherical_distance
 
-        size = self.clip.image_size or image.shape[-1]
-        if image.shape[-1] != size:
-            image = F.interpolate(image, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
         with torch.no_grad():
             text = self.clip.encode_text(list(captions))
         return spherical_distance(self.clip.encode_image(image), text).mean()
