@@ -133,12 +133,15 @@ def test_clip_guidance_lowers_the_clip_loss_and_a_seed_repeats_the_image(checkpo
     assert not torch.equal(model.generate(BLOCK_CAPTIONS[:2], seed=[1, 3])[1], images[1])
 
 
-def test_vqgan_clip_predict_config_runs_on_tiny_checkpoints(checkpoints, tiny_autoencoders, tmp_path):
+@pytest.mark.parametrize("config", ["vqgan_clip.yaml", "gan_clip.yaml"])
+def test_guidance_predict_configs_run_on_tiny_checkpoints(config, checkpoints, tiny_autoencoders, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red block\n")
-    run_cli(["predict", "--config", os.path.join(ROOT, "configs", "clip", "vqgan_clip.yaml"),
+    generator = (["--model.init_args.autoencoder", tiny_autoencoders["vq"]] if config == "vqgan_clip.yaml"
+                 else ["--model.init_args.generator", checkpoints["gan"]])  # fmt: skip
+    run_cli(["predict", "--config", os.path.join(ROOT, "configs", "clip", config),
              "--trainer.default_root_dir", str(tmp_path / "runs"), "--trainer.enable_progress_bar", "false",
-             "--model.init_args.autoencoder", tiny_autoencoders["vq"], "--model.init_args.clip", checkpoints["clip"],
+             *generator, "--model.init_args.clip", checkpoints["clip"],
              "--model.init_args.steps", "3", "--model.init_args.cutouts", "2",
              "--data.init_args.image_size", "16", "--data.init_args.predict_prompts", str(prompts),
              "--run_name", "vc"], tmp_path)  # fmt: skip
@@ -226,19 +229,6 @@ def test_clip_guidance_of_a_gan_lowers_the_clip_loss_and_a_seed_repeats_the_imag
     alone = model.generate(prompts[1:2], seed=[2])
     assert torch.allclose(alone[0], images[1], atol=1e-4)
     assert not torch.equal(model.generate(prompts, seed=[1, 3])[1], images[1])
-
-
-def test_gan_clip_predict_config_runs_on_a_tiny_gan(checkpoints, tmp_path):
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a red block\n")
-    run_cli(["predict", "--config", os.path.join(ROOT, "configs", "clip", "gan_clip.yaml"),
-             "--trainer.default_root_dir", str(tmp_path / "runs"), "--trainer.enable_progress_bar", "false",
-             "--model.init_args.generator", checkpoints["gan"], "--model.init_args.clip", checkpoints["clip"],
-             "--model.init_args.steps", "3", "--model.init_args.cutouts", "2",
-             "--data.init_args.image_size", "16", "--data.init_args.predict_prompts", str(prompts),
-             "--run_name", "gc"], tmp_path)  # fmt: skip
-    out = tmp_path / "runs" / "gc" / "predictions"
-    assert len([f for f in os.listdir(out) if f.startswith("0000_")]) == 1
 
 
 def test_clip_plus_gan_refuses_a_method_that_is_not_a_gan_and_a_w_it_does_not_have(checkpoints):
