@@ -32,29 +32,19 @@ from .text_encoders import TextEncoding
 # ----------------------------------------------------------------------------- DAMSM's scores and loss
 
 
-def word_contexts(words: Tensor, mask: Tensor | None, regions: Tensor, gamma1: float) -> Tensor:
-    """Each word's attention-weighted region context (eq. 8, 9): ``words`` (b, T, d), ``mask``
-    (b, T) true for real words, ``regions`` (b, N, d) -> (b, T, d)."""
-    s = words @ regions.transpose(1, 2)  # (b, T, N)
-    if mask is not None:
-        s = s.masked_fill(~mask[:, :, None], float("-inf"))
-    s = s.softmax(dim=1)  # normalised over the words, for every region
-    alpha = (gamma1 * s).softmax(dim=2)  # each word's attention over the regions
-    return alpha @ regions
-
-
 def word_scores(words: Tensor, mask: Tensor | None, regions: Tensor, gamma1: float, gamma2: float) -> Tensor:
-    """``R(Q_i, D_j)`` at the word level for every image ``i`` and caption ``j``: (images, captions).
-    ``words`` (c, T, d) and ``mask`` (c, T) of the captions; ``regions`` (i, N, d)."""
-    n_img, n_cap = regions.shape[0], words.shape[0]
-    w = words[None].expand(n_img, -1, -1, -1).flatten(0, 1)  # (i*c, T, d): caption j against image i
-    r = regions[:, None].expand(-1, n_cap, -1, -1).flatten(0, 1)
-    m = None if mask is None else mask[None].expand(n_img, -1, -1).flatten(0, 1)
-    context = word_contexts(w, m, r, gamma1)
-    relevance = F.cosine_similarity(context, w, dim=-1)  # (i*c, T)
-    if m is not None:
-        relevance = relevance.masked_fill(~m, float("-inf"))  # padding words count for nothing
-    return (torch.logsumexp(gamma2 * relevance, dim=1) / gamma2).view(n_img, n_cap)
+    """``R(Q_j, D_i)`` at the word level for every image ``i`` and caption ``j``: (images, captions).
+    ``words`` (c, T, d) and ``mask`` (c, T, true for real words) of the captions; ``regions``
+    (i, N, d). Every pair at once, (i, c, T, N), without copies of the words or regions."""
+    s = torch.einsum("jtd,ind->ijtn", words, regions)  # s = e^T v for every pair
+    if mask is not None:
+        s = s.masked_fill(~mask[None, :, :, None], float("-inf"))
+    alpha = (gamma1 * s.softmax(dim=2)).softmax(dim=3)  # normalised over the words (eq. 8), then over the regions (eq. 9)
+    context = torch.einsum("ijtn,ind->ijtd", alpha, regions)  # each word's region context c
+    relevance = F.cosine_similarity(context, words[None].expand_as(context), dim=-1)  # R(c, e): (i, c, T)
+    if mask is not None:
+        relevance = relevance.masked_fill(~mask[None], float("-inf"))  # padding words count for nothing
+    return torch.logsumexp(gamma2 * relevance, dim=2) / gamma2  # eq. 10
 
 
 def sentence_scores(global_image: Tensor, sentence: Tensor) -> Tensor:
