@@ -401,12 +401,13 @@ class GANCLIP(CLIPGuidance):
     ):
         super().__init__()
         self.save_hyperparameters()
-        from .gan import TextToImageGAN
+        from .gan import StackGANStageII, TextToImageGAN
 
         self.method = keep_out_of_checkpoints(load_method(generator, option="model.init_args.generator"))
-        if not isinstance(self.method, TextToImageGAN):
+        if not isinstance(self.method, TextToImageGAN) or isinstance(self.method, StackGANStageII):
             raise ConfigError(f"model.init_args.generator: {generator!r} is a {type(self.method).__name__}, "
-                              "not a GAN's checkpoint (TextToImageGAN and its subclasses)")  # fmt: skip
+                              "not a one-stage GAN's checkpoint (TextToImageGAN, AttnGAN; for StackGAN stage II, "
+                              "whose latent is its stage I's, guide the stage-I checkpoint)")  # fmt: skip
         has_w = hasattr(self.method.ema_generator, "mapping")
         self.latent = latent or ("w" if has_w else "z")
         if self.latent not in ("w", "z") or (self.latent == "w" and not has_w):

@@ -234,7 +234,7 @@ def test_clip_guidance_of_a_gan_lowers_the_clip_loss_and_a_seed_repeats_the_imag
 def test_clip_plus_gan_refuses_a_method_that_is_not_a_gan_and_a_w_it_does_not_have(checkpoints):
     from lightning_modules.clip_guided import GANCLIP
 
-    with pytest.raises(ConfigError, match="not a GAN's checkpoint"):
+    with pytest.raises(ConfigError, match="not a one-stage GAN's checkpoint"):
         GANCLIP(checkpoints["cvae"], checkpoints["clip"])
     with pytest.raises(ConfigError, match="'w' for a generator with a mapping network"):
         GANCLIP(checkpoints["gan"], checkpoints["clip"], latent="w")
