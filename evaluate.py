@@ -775,6 +775,7 @@ def main(argv: list[str] | None = None) -> int:
             model.to(args.device)
             row["family"] = info["family"]
             row["note"] = judge_note(spec)
+            own = load_encoders(spec["own_encoders"], f"methods[{name}].own_encoders") if spec.get("own_encoders") else None
             bar.set_description(f"{name}: generate")
             sets, seconds, n = generate_images(
                 model.generate, prompts, protocol, spec.get("sampling"), bar.update
@@ -784,11 +785,10 @@ def main(argv: list[str] | None = None) -> int:
                         status=lambda metric, name=name: bar.set_description(f"{name}: {metric}"))  # fmt: skip
             bar.update(1)
             row.update(_scalars(q))
-            if spec.get("own_encoders"):  # the method's own CLIP or DAMSM, beside the judge
-                bar.set_description(f"{name}: own encoders")
-                row.update(own_r_precision(load_encoders(spec["own_encoders"], f"methods[{name}].own_encoders").to(args.device),
-                                           sets, prompts, protocol))  # fmt: skip
             hits[name] = q["shapes_hits"]
+            if own is not None:  # the method's own CLIP or DAMSM, beside the judge (on the judge's device)
+                bar.set_description(f"{name}: own encoders")
+                row.update(own_r_precision(own, sets, prompts, protocol))
             if "diversity_clip_per_prompt" in q:
                 spread[name] = q["diversity_clip_per_prompt"]
             row.update(images_per_sec=n / max(seconds, 1e-9), params_m=parameter_count(model) / 1e6,

@@ -139,9 +139,10 @@ class TextToImageGAN(ManualOptimization, TextToImageModule):
         accumulate: batches per optimizer step of each network (manual gradient accumulation,
             ``lightning_modules.manual``; Lightning's ``accumulate_grad_batches`` does not apply).
         clip: checkpoint of a frozen CLIP for StyleGAN-T's CLIP loss on the generator (never the
-            table's judge); ``clip_weight``: its weight (0 disables). The loss is the squared
-            spherical distance between the CLIP embedding of the generated image (resized by
-            ``encode_image`` to the CLIP's input) and that of its caption.
+            table's judge) and ``clip_weight``, its weight (both or neither). The loss is the
+            spherical distance of the VQGAN+CLIP notebooks, half the squared angle between the
+            CLIP embedding of the generated image (resized by ``encode_image`` to the CLIP's input)
+            and that of its caption (StyleGAN-T: the squared angle).
 
     A generator with ``uses_tokens`` (``networks.stylegan.StyleGenerator`` with text
     cross-attention) also gets the caption's tokens and mask (detached, as the pooled vector is);
@@ -189,8 +190,12 @@ class TextToImageGAN(ManualOptimization, TextToImageModule):
             raise ValueError(f"d_steps_per_g_step must be at least 1, got {d_steps_per_g_step}")
         if r1_interval < 1:
             raise ValueError(f"r1_interval must be at least 1, got {r1_interval}")
-        if clip_weight and clip is None:
-            raise ConfigError("model.init_args.clip_weight > 0 needs model.init_args.clip: a CLIP checkpoint (not the judge's)")
+        if bool(clip_weight) != (clip is not None):
+            raise ConfigError("model.init_args.clip and clip_weight go together: a CLIP checkpoint (not the judge's) "
+                              f"with a weight above 0, or neither (got clip {clip!r}, clip_weight {clip_weight})")
+        if r1_weight and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for d in discriminators for m in d.modules()):
+            raise ConfigError("r1_weight > 0 with a batch-norm discriminator: R1 penalises each image's own input gradient, "
+                              "which batch norm couples across the batch; use norm: none in the discriminators")
         self.r1_weight, self.r1_interval, self.clip_weight = r1_weight, r1_interval, clip_weight
         self.clip = keep_out_of_checkpoints(load_clip(clip, option="model.init_args.clip")) if clip_weight else None
         self.generator_net, self.text_encoder = generator, text_encoder
@@ -293,8 +298,8 @@ class TextToImageGAN(ManualOptimization, TextToImageModule):
         return bool(self.r1_weight) and (d_step - 1) % self.r1_interval == 0
 
     def clip_loss(self, image: Tensor, captions: list[str]) -> Tensor:
-        """StyleGAN-T's CLIP guidance: mean squared spherical distance between the frozen CLIP's
-        embeddings of the images and of their captions."""
+        """StyleGAN-T's CLIP guidance: the mean spherical distance (half the squared angle) between
+        the frozen CLIP's embeddings of the images and of their captions."""
         from .clip_guided import spherical_distance
 
         with torch.no_grad():

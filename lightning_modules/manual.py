@@ -43,6 +43,10 @@ class ManualOptimization:
         self.steps = {name: 0 for name in self.factories}
         self.passes = {name: 0 for name in self.factories}  # backward passes since the last step
 
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        self.passes = {name: 0 for name in self.factories}  # a fit that ended inside a window leaves none behind
+
     def optimizer_parameters(self) -> dict[str, list[nn.Parameter]]:
         """name -> the parameters its optimizer updates."""
         raise NotImplementedError

@@ -25,9 +25,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .noise import Generators
-from .stackgan import ConditioningAugmentation, GeneratorOutput, ResBlock, UpBlock, _log2_steps, _Stem, _to_rgb
+from .stackgan import (
+    ConditioningAugmentation,
+    GeneratorOutput,
+    ResBlock,
+    UpBlock,
+    _log2_steps,
+    _Stem,
+    _to_rgb,
+)
 from .text_encoders import TextEncoding
-
 
 # ----------------------------------------------------------------------------- DAMSM's scores and loss
 

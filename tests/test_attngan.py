@@ -6,7 +6,6 @@ checkpoint round-trips); the two configs through the CLI."""
 import math
 import os
 
-import lightning as L
 import pytest
 import torch
 from conftest import BLOCK_CAPTIONS, block_images, fit_and_save

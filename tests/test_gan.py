@@ -15,6 +15,7 @@ from lightning_modules.gan import (
     generator_loss,
     matching_aware_gradient_penalty,
 )
+from networks.errors import ConfigError
 from networks.stackgan import (
     ConditioningAugmentation,
     MatchingAwareDiscriminator,
@@ -34,9 +35,9 @@ def _text_encoder():
     return TransformerTextEncoder(width=TEXT_DIM, depth=1, heads=2, max_length=16, tokenizer="byte")
 
 
-def _stage1(size=16, **kw):
+def _stage1(size=16, d_norm="batch", **kw):
     g = StageIGenerator(TEXT_DIM, image_size=size, z_dim=16, cond_dim=16, channels=64)
-    d = [MatchingAwareDiscriminator(TEXT_DIM, image_size=size, channels=16, cond_dim=16)]
+    d = [MatchingAwareDiscriminator(TEXT_DIM, image_size=size, channels=16, cond_dim=16, norm=d_norm)]
     return TextToImageGAN(g, d, _text_encoder(), **kw)
 
 
@@ -434,13 +435,15 @@ def test_r1_is_the_squared_input_gradient_and_runs_lazily_every_interval():
     assert torch.isclose(r1, d.a.detach().square().sum())  # the sentence's gradient is not in it (MA-GP's is)
     r1.backward()
     assert torch.allclose(d.a.grad, 2 * d.a.detach())  # it trains the discriminator (create_graph)
-    model = _stage1(r1_weight=1.0, r1_interval=3)
+    model = _stage1(r1_weight=1.0, r1_interval=3, d_norm="none")
     assert [s for s in range(1, 10) if model.regularise_at(s)] == [1, 4, 7]
+    with pytest.raises(ConfigError, match="batch-norm discriminator"):
+        _stage1(r1_weight=1.0)
     assert not any(_stage1().regularise_at(s) for s in range(1, 5))  # r1_weight 0: never
 
 
 def test_the_r1_term_weighs_gamma_over_two_times_the_interval_and_is_logged():
-    model = _stage1(r1_weight=0.5, r1_interval=4)
+    model = _stage1(r1_weight=0.5, r1_interval=4, d_norm="none")
     captions = ["a red circle", "a blue square"]
     images = torch.rand(2, 3, 16, 16) * 2 - 1
     sentence = model.sentence(captions)
@@ -477,14 +480,18 @@ def test_ddp_ranks_take_the_r1_penalty_at_the_same_steps(tmp_path):
 
 def test_the_generators_clip_loss_is_the_spherical_distance_under_a_frozen_clip_kept_out_of_checkpoints(tiny_methods):
     from lightning_modules.clip_guided import spherical_distance
-    from networks.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="needs model.init_args.clip"):
+    with pytest.raises(ConfigError, match="clip and clip_weight go together"):
         _stage1(clip_weight=1.0)
+    with pytest.raises(ConfigError, match="clip and clip_weight go together"):
+        _stage1(clip=tiny_methods["clip"])  # a CLIP that nothing would use
     model = _stage1(clip=tiny_methods["clip"], clip_weight=2.0)
     captions = ["a red block", "a blue block"]
     out = model.run_generator(model.sentence(captions))
     with_clip, logs = model.g_loss(out, model.sentence(captions).detach(), captions)
+    grads = torch.autograd.grad(model.clip_loss(out.images[-1], captions), list(model.generator_net.parameters()),
+                                retain_graph=True, allow_unused=True)  # fmt: skip
+    assert sum(g.abs().sum() for g in grads if g is not None) > 0  # it trains the generator through the image
     model.clip_weight = 0.0
     without, _ = model.g_loss(out, model.sentence(captions).detach(), captions)
     with torch.no_grad():
