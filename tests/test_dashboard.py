@@ -5,9 +5,9 @@ import glob
 import os
 
 from test_cli import ROOT, run_cli
-from evaluation.wandb_records import history_keys, records
 
 from callbacks.dashboard import experiment_group, run_tags
+from evaluation.wandb_records import history_keys, records
 
 
 def test_tags_and_groups_name_the_family_method_and_experiment():
