@@ -147,7 +147,10 @@ class RunSummary(Callback):
         use = best or last
         generates = hasattr(trainer.lightning_module, "generate")
         is_clip = hasattr(trainer.lightning_module, "encode_text")
-        if use and is_clip:  # a CLIP: for reranking, guidance, or as a frozen text encoder
+        is_damsm = is_clip and hasattr(trainer.lightning_module, "gammas")
+        if use and is_damsm:  # AttnGAN's encoders
+            lines.append(f"build on it: --model.init_args.damsm {_rel(use)} (configs/gan/attngan_shapes32.yaml)")
+        elif use and is_clip:  # a CLIP: for reranking, guidance, or as a frozen text encoder
             lines.append(f"use it: --model.init_args.clip {_rel(use)} (configs/clip/rerank.yaml, vqgan_clip.yaml), or "
                          f"as a text encoder: lightning_modules.clip.CLIPTextEncoder with path {_rel(use)}")  # fmt: skip
         elif use and not generates and hasattr(trainer.lightning_module, "encode"):  # an autoencoder: the first

@@ -228,11 +228,12 @@ def test_damsm_then_attngan_configs_run_through_the_cli(tmp_path):
             "--data.init_args.num_val", "8", "--data.init_args.shard_size", "20", "--data.init_args.batch_size", "4",
             "--data.init_args.num_workers", "0", "--trainer.default_root_dir", str(runs),
             "--trainer.enable_progress_bar", "false"]  # fmt: skip
-    run_cli(["fit", "--config", os.path.join(ROOT, "configs", "gan", "damsm_shapes32.yaml"), *data,
+    proc = run_cli(["fit", "--config", os.path.join(ROOT, "configs", "gan", "damsm_shapes32.yaml"), *data,
              "--trainer.max_steps", "2", "--trainer.val_check_interval", "null", "--run_name", "damsm",
              "--model.init_args.image_encoder.init_args.channels", "8"], tmp_path)  # fmt: skip
     last = runs / "damsm" / "checkpoints" / "last.ckpt"
     assert last.exists()
+    assert "build on it: --model.init_args.damsm" in proc.stdout and "--model.init_args.clip" not in proc.stdout
     proc = run_cli(["fit", "--config", os.path.join(ROOT, "configs", "gan", "attngan_shapes32.yaml"), *data,
                     "--model.init_args.damsm", str(last), "--trainer.fast_dev_run", "1",
                     "--model.init_args.generator.init_args.channels", "32"], tmp_path)  # fmt: skip
