@@ -33,6 +33,7 @@ from .stackgan import (
     _log2_steps,
     _Stem,
     _to_rgb,
+    tree_widths,
 )
 from .text_encoders import TextEncoding
 
@@ -213,9 +214,7 @@ class AttnGenerator(nn.Module):
         self.z_dim, self.image_size = z_dim, image_size
         self.ca = ConditioningAugmentation(text_dim, cond_dim)
         self.stem = _Stem(z_dim, cond_dim, channels, base)
-        width = [self.stem.out_channels]
-        for _ in range(num_stages - 1):
-            width.append(max(width[-1] // 2, 16))
+        width = tree_widths(self.stem.out_channels, num_stages)
         self.stages = nn.ModuleList(
             _AttentionStage(width[i], text_dim, width[i + 1], num_res_blocks) for i in range(num_stages - 1)
         )

@@ -105,6 +105,14 @@ def _to_rgb(channels: int) -> nn.Module:
     return nn.Sequential(nn.Conv2d(channels, 3, 3, padding=1), nn.Tanh())
 
 
+def tree_widths(first: int, num_stages: int) -> list[int]:
+    """Channels of each stage of a tree of generators: ``first``, halved per stage (at least 16)."""
+    width = [first]
+    for _ in range(num_stages - 1):
+        width.append(max(width[-1] // 2, 16))
+    return width
+
+
 def _channels(base: int, level: int, minimum: int = 16) -> int:
     return max(base // 2**level, minimum)
 
@@ -275,9 +283,7 @@ class TreeGenerator(nn.Module):
         self.z_dim, self.image_size = z_dim, base_size * 2 ** (num_stages - 1)
         self.ca = ConditioningAugmentation(text_dim, cond_dim)
         self.stem = _Stem(z_dim, cond_dim, channels, base_size, modulated)
-        width = [self.stem.out_channels]
-        for _ in range(num_stages - 1):
-            width.append(max(width[-1] // 2, 16))
+        width = tree_widths(self.stem.out_channels, num_stages)
         self.stages = nn.ModuleList(
             _Refine(width[i], cond_dim, width[i + 1], num_res_blocks) for i in range(num_stages - 1)
         )
