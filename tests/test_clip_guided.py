@@ -209,7 +209,7 @@ def tiny_stylegan(tmp_path_factory):
     return fit_and_save(gan, loader, 4, str(tmp_path_factory.mktemp("stylegan") / "stylegan.ckpt"))
 
 
-@pytest.mark.parametrize("which", ["stackgan", "stylegan"])
+@pytest.mark.parametrize("which", ["stackgan", pytest.param("stylegan", marks=pytest.mark.slow)])  # w-space: slow tests
 def test_clip_guidance_of_a_gan_lowers_the_clip_loss_and_a_seed_repeats_the_image(which, checkpoints, tiny_stylegan):
     from lightning_modules.clip_guided import GANCLIP
 
