@@ -306,7 +306,11 @@ class TextToImageGAN(ManualOptimization, TextToImageModule):
             text = self.clip.encode_text(list(captions))
         return spherical_distance(self.clip.encode_image(image), text).mean()
 
-    def g_loss(self, out: GeneratorOutput, sentence: Tensor, captions: list[str] | None = None) -> tuple[Tensor, dict]:
+    def g_loss(self, out: GeneratorOutput, sentence: Tensor, captions: list[str] | None = None,
+               encoding: TextEncoding | None = None) -> tuple[Tensor, dict]:  # fmt: skip
+        """The generator's loss over its scales (plus KL, orthogonal, colour and CLIP terms);
+        ``captions`` for the CLIP loss, ``encoding`` (the captions' encoding, if made) for
+        subclasses that read the words."""
         total, logs = 0.0, {}
         if self.clip_weight:
             if captions is None:
@@ -360,7 +364,7 @@ class TextToImageGAN(ManualOptimization, TextToImageModule):
                 sentence = sentence.detach()
                 z = randn((b, self.generator_net.z_dim), None, device=sentence.device) if self.mode_seeking_weight else None
                 out = self.run_generator(sentence, context=encoding, z=z)
-                g_loss, g_logs = self.g_loss(out, sentence, captions)
+                g_loss, g_logs = self.g_loss(out, sentence, captions, encoding)
                 if z is not None:  # a second image for half the captions, from another z
                     h = max(1, b // 2)
                     z2 = randn((h, z.shape[1]), None, device=z.device)
@@ -559,15 +563,18 @@ class AttnGAN(TextToImageGAN):
         self.damsm_image_encoder.eval()
         return self
 
-    def g_loss(self, out: GeneratorOutput, sentence: Tensor, captions: list[str] | None = None) -> tuple[Tensor, dict]:
-        total, logs = super().g_loss(out, sentence, captions)
+    def g_loss(self, out: GeneratorOutput, sentence: Tensor, captions: list[str] | None = None,
+               encoding: TextEncoding | None = None) -> tuple[Tensor, dict]:  # fmt: skip
+        total, logs = super().g_loss(out, sentence, captions, encoding)
         if self.damsm_weight:
             from networks.attngan import damsm_loss, same_captions
 
             if captions is None:
                 raise ValueError("the DAMSM loss needs the captions: g_loss(out, sentence, captions)")
-            with torch.no_grad():
-                text = self.text_encoder(list(captions))
+            text = encoding  # the discriminator step's, from the same frozen encoder
+            if text is None:
+                with torch.no_grad():
+                    text = self.text_encoder(list(captions))
             regions, global_image = self.damsm_image_encoder(out.images[-1])
             same = same_captions(captions).to(sentence.device) if self.mask_same else None
             word, sent = damsm_loss(text.tokens, text.mask, text.pooled, regions.flatten(2).transpose(1, 2),
