@@ -498,7 +498,7 @@ def load_encoders(path: str, option: str):
 
     if not os.path.isfile(path):
         raise ConfigProblem(f"{option}: {path!r} not found: give the CLIP or DAMSM checkpoint the method used")
-    hparams = torch.load(path, map_location="cpu", weights_only=False).get("hyper_parameters", {})
+    hparams = read_checkpoint(path).get("hyper_parameters", {})  # read once per process (the judge check read it)
     return load_damsm(path, option=option) if "gamma3" in hparams else load_clip(path, option=option)
 
 

@@ -62,7 +62,7 @@ class ManualOptimization:
         opt = self.optimizer(name)
         if self.passes[name] == 0:
             opt.zero_grad(set_to_none=True)
-        self.manual_backward(loss / self.accumulate if self.accumulate > 1 else loss)
+        self.manual_backward(loss / self.accumulate)
         self.passes[name] += 1
         if self.passes[name] < self.accumulate:
             return False
